@@ -1,0 +1,264 @@
+"""The compiled, run-time form of scenarios: what the router and handlers execute.
+
+Scenario files and Python scripts are validated and compiled once, at load, into these immutable objects;
+nothing here parses text per call. The parts that vary per call (matchers, templates) are small objects
+behind the protocols below, so the loader, the matcher and the template engine can evolve apart.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+if TYPE_CHECKING:
+    from virtsvc.descriptors import MethodSpec
+    from virtsvc.sessions import Session
+
+__all__ = [
+    "After",
+    "Call",
+    "CompiledScenario",
+    "Delay",
+    "Fault",
+    "Location",
+    "MatchResult",
+    "Matcher",
+    "MessageTemplate",
+    "Rule",
+    "Status",
+    "Step",
+    "TextTemplate",
+]
+
+After = Literal["repeat_last", "cycle", "fail"]
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    """Where a scenario element was written: ``file:line``."""
+
+    file: str
+    line: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}" if self.line else self.file
+
+
+@dataclass(frozen=True, slots=True)
+class MatchResult:
+    """The outcome of a rule's ``when``: how many conditions held, and why the others did not."""
+
+    ok: bool
+    passed: int = 0
+    total: int = 0
+    failures: tuple[str, ...] = ()  # e.g. 'request.sku: expected "ABC-1", got "XYZ"'
+
+
+MATCHED = MatchResult(True)
+
+
+class Matcher(Protocol):
+    """A compiled ``when`` block."""
+
+    @property
+    def needs_request(self) -> bool:
+        """False when only metadata is inspected, so the request need not be decoded."""
+        ...
+
+    def check(self, call: Call) -> MatchResult: ...
+
+
+class MessageTemplate(Protocol):
+    """A compiled reply body for one output message type."""
+
+    @property
+    def static(self) -> bytes | None:
+        """The serialised message when it has no template (computed once at load)."""
+        ...
+
+    @property
+    def needs_request(self) -> bool: ...
+
+    def render(self, call: Call, index: int) -> bytes: ...
+
+    def render_json(self, call: Call, index: int) -> Any:
+        """The rendered body as proto3 JSON (for the journal and for handlers' dict replies)."""
+        ...
+
+
+class TextTemplate(Protocol):
+    """A compiled string template (status messages, header and trailer values)."""
+
+    @property
+    def static(self) -> str | None: ...
+
+    def render(self, call: Call, index: int) -> str: ...
+
+
+class Fault(enum.Enum):
+    DROP = "drop"  # never answer: the client's deadline decides
+    GARBAGE = "garbage"  # bytes that no protobuf parser accepts
+    RESET = "reset"  # end the call abruptly (RST_STREAM)
+
+
+@dataclass(frozen=True, slots=True)
+class Delay:
+    """A latency model; ``sample`` draws seconds from the session's seeded generator."""
+
+    kind: Literal["fixed", "uniform", "lognormal"]
+    a: float  # fixed: seconds; uniform: low; lognormal: mu of ln(seconds)
+    b: float = 0.0  # uniform: high; lognormal: sigma
+
+    def sample(self, rng: random.Random) -> float:
+        if self.kind == "fixed":
+            return self.a
+        if self.kind == "uniform":
+            return rng.uniform(self.a, self.b)
+        return rng.lognormvariate(self.a, self.b)
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """A final gRPC status; ``details`` are packed ``google.protobuf.Any`` messages (rich errors)."""
+
+    code: grpc.StatusCode
+    message: TextTemplate | None = None
+    details: tuple[bytes, ...] = ()  # serialised google.protobuf.Any, in order
+
+    @property
+    def ok(self) -> bool:
+        return self.code is grpc.StatusCode.OK
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One answer: a reply and/or a status, its latency, metadata and fault.
+
+    For streaming methods ``stream`` lists the messages sent before the final status, and ``each_request``
+    answers every incoming message of a bidi call.
+    """
+
+    location: Location
+    body: MessageTemplate | None = None
+    status: Status | None = None
+    delay: Delay | None = None
+    headers: tuple[tuple[str, TextTemplate], ...] = ()
+    trailers: tuple[tuple[str, TextTemplate], ...] = ()
+    fault: Fault | None = None
+    stream: tuple[Step, ...] | None = None
+    each_request: Step | None = None
+
+
+Handler = Callable[..., Any]
+
+
+@dataclass(frozen=True, eq=False)
+class Rule:
+    """A compiled rule: which calls it answers (method, ``when``, ``times``) and how (steps or handler)."""
+
+    scenario: str
+    key: str  # stable within its scenario; names the rule's counters in session state
+    method: str  # "pkg.Svc/Method"
+    location: Location
+    steps: tuple[Step, ...] = ()  # one for a plain rule, several for a `sequence`
+    after: After = "repeat_last"
+    when: Matcher | None = None
+    times: int | None = None
+    priority: int = 0
+    handler: Handler | None = None
+
+    @property
+    def is_sequence(self) -> bool:
+        return len(self.steps) > 1 or (len(self.steps) == 1 and self.after == "fail")
+
+    @property
+    def needs_request(self) -> bool:
+        return self.when is not None and self.when.needs_request
+
+
+@dataclass(eq=False)
+class CompiledScenario:
+    """A validated scenario. ``rules`` are its own; the registry resolves ``extends`` into method indexes."""
+
+    name: str
+    location: Location
+    rules: tuple[Rule, ...] = ()
+    version: int | str | None = None
+    description: str = ""
+    extends: str | None = None
+    from_script: bool = False  # loaded from a Python script (may hold handlers)
+
+    def methods(self) -> set[str]:
+        return {r.method for r in self.rules}
+
+
+@dataclass(eq=False)
+class Call:
+    """One incoming call as the matchers, templates and journal see it.
+
+    Decoding is lazy: a static reply to a call that no matcher inspects never parses the request.
+    """
+
+    method: MethodSpec
+    scenario: str
+    session: Session
+    metadata: Mapping[str, str]
+    raw_requests: list[bytes] = field(default_factory=list)
+
+    @cached_property
+    def request_messages(self) -> list[Message]:
+        out = []
+        for raw in self.raw_requests:
+            msg = self.method.input_class()
+            msg.ParseFromString(raw)
+            out.append(msg)
+        return out
+
+    @property
+    def request_message(self) -> Message:
+        """The first request (the only one for unary and server-streaming calls)."""
+        msgs = self.request_messages
+        return msgs[0] if msgs else self.method.input_class()
+
+    @cached_property
+    def request_json(self) -> dict[str, Any]:
+        """The first request as proto3 JSON with proto field names, defaults omitted (presence)."""
+        return to_json(self.request_message)
+
+    @cached_property
+    def requests_json(self) -> list[dict[str, Any]]:
+        return [to_json(m) for m in self.request_messages]
+
+    def add_request(self, raw: bytes) -> None:
+        self.raw_requests.append(raw)
+        self.__dict__.pop("request_messages", None)
+        self.__dict__.pop("request_json", None)
+        self.__dict__.pop("requests_json", None)
+
+
+def to_json(message: Message, *, defaults: bool = False) -> dict[str, Any]:
+    """proto3 JSON with proto field names; ``defaults`` adds fields left at their default value."""
+    return json_format.MessageToDict(
+        message,
+        preserving_proto_field_name=True,
+        always_print_fields_with_no_presence=defaults,
+        descriptor_pool=message.DESCRIPTOR.file.pool,
+    )
+
+
+def metadata_dict(pairs: Sequence[tuple[str, str | bytes]] | None) -> dict[str, str]:
+    """Invocation metadata as a dict; binary (``-bin``) values are kept out of text matching."""
+    out: dict[str, str] = {}
+    if pairs:
+        for key, value in pairs:
+            if isinstance(value, str):
+                out[key] = value
+    return out

@@ -1,0 +1,198 @@
+"""Descriptor sets loaded into a private pool: method name -> MethodSpec.
+
+Serving never needs generated modules: message classes come from the descriptors through the message
+factory. The pool is private so that a test process that also imports the user's generated stubs into
+the default pool never sees a conflict.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.descriptor import Descriptor, FileDescriptor, MethodDescriptor
+from google.protobuf.message import DecodeError, Message
+
+from virtsvc.errors import DescriptorError
+
+__all__ = ["Catalog", "MethodKind", "MethodSpec", "method_kind"]
+
+MethodKind = Literal["unary", "server_streaming", "client_streaming", "bidi_streaming"]
+
+
+def method_kind(client_streaming: bool, server_streaming: bool) -> MethodKind:
+    """The gRPC cardinality of a method, in the words the manifest and scenarios use."""
+    if client_streaming and server_streaming:
+        return "bidi_streaming"
+    if client_streaming:
+        return "client_streaming"
+    if server_streaming:
+        return "server_streaming"
+    return "unary"
+
+
+@dataclass(frozen=True, eq=False)
+class MethodSpec:
+    """One RPC method: its names, cardinality and message types."""
+
+    full_name: str  # "shop.v1.Inventory/Reserve", the form scenarios use
+    service: str
+    name: str
+    kind: MethodKind
+    input: Descriptor
+    output: Descriptor
+    input_class: type[Message]
+    output_class: type[Message]
+    descriptor: MethodDescriptor
+
+    @property
+    def path(self) -> str:
+        """The HTTP/2 path gRPC puts on the wire: ``/shop.v1.Inventory/Reserve``."""
+        return "/" + self.full_name
+
+    @property
+    def client_streaming(self) -> bool:
+        return self.kind in ("client_streaming", "bidi_streaming")
+
+    @property
+    def server_streaming(self) -> bool:
+        return self.kind in ("server_streaming", "bidi_streaming")
+
+
+@dataclass(eq=False)
+class Catalog:
+    """Every service and message type of a descriptor set, resolved in a private pool."""
+
+    pool: descriptor_pool.DescriptorPool
+    file_set: descriptor_pb2.FileDescriptorSet
+    methods: dict[str, MethodSpec] = field(default_factory=dict)
+    services: tuple[str, ...] = ()
+
+    @classmethod
+    def from_file_set(
+        cls,
+        file_set: descriptor_pb2.FileDescriptorSet,
+        extra_files: Iterable[FileDescriptor] = (),
+    ) -> Catalog:
+        """Builds a catalog; ``extra_files`` (health, admin...) join the pool but add no virtual services."""
+        pool = descriptor_pool.DescriptorPool()
+        names = set()
+        for proto in file_set.file:
+            if proto.name in names:
+                continue
+            names.add(proto.name)
+            try:
+                pool.Add(proto)
+            except (TypeError, ValueError) as exc:
+                raise DescriptorError(f"descriptor set: cannot add {proto.name}: {exc}") from None
+        _add_with_dependencies(pool, extra_files, names)
+        methods: dict[str, MethodSpec] = {}
+        services: list[str] = []
+        for proto in file_set.file:
+            file_desc = pool.FindFileByName(proto.name)
+            for service in file_desc.services_by_name.values():
+                if service.full_name in services:
+                    continue
+                services.append(service.full_name)
+                for m in service.methods:
+                    full = f"{service.full_name}/{m.name}"
+                    methods[full] = MethodSpec(
+                        full_name=full,
+                        service=service.full_name,
+                        name=m.name,
+                        kind=method_kind(m.client_streaming, m.server_streaming),
+                        input=m.input_type,
+                        output=m.output_type,
+                        input_class=message_factory.GetMessageClass(m.input_type),
+                        output_class=message_factory.GetMessageClass(m.output_type),
+                        descriptor=m,
+                    )
+        return cls(pool=pool, file_set=file_set, methods=methods, services=tuple(services))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, origin: str = "descriptor set") -> Catalog:
+        file_set = descriptor_pb2.FileDescriptorSet()
+        try:
+            file_set.ParseFromString(data)
+        except DecodeError:
+            raise DescriptorError(f"{origin}: not a serialized FileDescriptorSet") from None
+        if not file_set.file:
+            raise DescriptorError(f"{origin}: the descriptor set holds no files")
+        return cls.from_file_set(file_set)
+
+    @classmethod
+    def from_file(cls, path: Path) -> Catalog:
+        """Loads ``descriptors.binpb`` written by ``virtsvc gen``, or any exported FileDescriptorSet."""
+        try:
+            data = Path(path).read_bytes()
+        except FileNotFoundError:
+            raise DescriptorError(f"{path}: no such descriptor set (run `virtsvc gen` first?)") from None
+        except OSError as exc:
+            raise DescriptorError(f"{path}: cannot read: {exc.strerror}") from None
+        return cls.from_bytes(data, origin=str(path))
+
+    @classmethod
+    def from_protos(
+        cls, proto_dir: Path, includes: Sequence[Path] = (), cache_dir: Path | None = None
+    ) -> Catalog:
+        """Compiles a proto tree on the fly (cached by content hash, so a restart does not recompile)."""
+        from virtsvc import _protoc
+
+        return cls.from_bytes(
+            _protoc.compile_descriptor_set(proto_dir, includes, cache_dir=cache_dir), origin=str(proto_dir)
+        )
+
+    def method(self, name: str) -> MethodSpec:
+        """Finds a method by ``pkg.Svc/Method`` (a leading slash or ``pkg.Svc.Method`` also work).
+
+        Raises KeyError with a message naming the closest known methods.
+        """
+        spec = self.methods.get(normalize_method_name(name))
+        if spec is None:
+            raise KeyError(self.unknown_method_message(name))
+        return spec
+
+    def unknown_method_message(self, name: str) -> str:
+        wanted = normalize_method_name(name)
+        close = difflib.get_close_matches(wanted, list(self.methods), n=3, cutoff=0.6)
+        text = f'unknown method "{name}"'
+        if close:
+            text += "; did you mean " + " or ".join(f'"{c}"' for c in close) + "?"
+        elif self.services:
+            text += "; the services here are " + ", ".join(self.services)
+        return text
+
+    def message_class(self, full_name: str) -> type[Message]:
+        return message_factory.GetMessageClass(self.pool.FindMessageTypeByName(full_name))
+
+    def by_service(self) -> Mapping[str, list[MethodSpec]]:
+        out: dict[str, list[MethodSpec]] = {s: [] for s in self.services}
+        for spec in self.methods.values():
+            out[spec.service].append(spec)
+        return out
+
+
+def normalize_method_name(name: str) -> str:
+    """``/pkg.Svc/M`` and ``pkg.Svc.M`` both become ``pkg.Svc/M``."""
+    name = name.strip().lstrip("/")
+    if "/" not in name and name.count(".") >= 1:
+        service, _, method = name.rpartition(".")
+        name = f"{service}/{method}"
+    return name
+
+
+def _add_with_dependencies(
+    pool: descriptor_pool.DescriptorPool, files: Iterable[FileDescriptor], seen: set[str]
+) -> None:
+    for file_desc in files:
+        if file_desc.name in seen:
+            continue
+        _add_with_dependencies(pool, file_desc.dependencies, seen)
+        proto = descriptor_pb2.FileDescriptorProto()
+        file_desc.CopyToProto(proto)
+        pool.Add(proto)
+        seen.add(file_desc.name)

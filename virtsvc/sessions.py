@@ -1,0 +1,148 @@
+"""Per (scenario, session) state behind one Store interface.
+
+A Session holds what makes calls stateful: how often each rule has answered (``times``), where each
+sequence stands, the session's seeded random generator and its user data. The in-memory store is the
+embedded default; a shared store (Redis) implements the same interface so several servers can share state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+__all__ = ["DEFAULT_SESSION", "MemoryStore", "Session", "Store"]
+
+DEFAULT_SESSION = "default"
+
+
+class Session:
+    """The state of one session of one scenario. Thread-safe: calls of one session may run in parallel."""
+
+    __slots__ = ("_counters", "_lock", "calls", "data", "id", "last_used", "rng", "rules", "scenario")
+
+    def __init__(self, scenario: str, session_id: str) -> None:
+        self.scenario = scenario
+        self.id = session_id
+        self.calls = 0
+        self.last_used = time.monotonic()
+        self._counters: dict[str, int] = {}
+        self._lock = threading.Lock()
+        # Seeded from the names so that a rerun of the same test sees the same random values.
+        seed = int.from_bytes(hashlib.blake2b(f"{scenario}\0{session_id}".encode(), digest_size=8).digest())
+        self.rng = random.Random(seed)
+        self.data: dict[str, Any] = {}
+        # Session-scoped rules (admin PutSessionRules, pytest inline rules): method -> rules, best first.
+        self.rules: dict[str, tuple[Any, ...]] = {}
+
+    def touch(self) -> int:
+        """Counts a call; returns its 1-based number within the session."""
+        with self._lock:
+            self.calls += 1
+            self.last_used = time.monotonic()
+            return self.calls
+
+    def take(self, key: str, times: int) -> bool:
+        """Claims one use of a rule limited to ``times`` uses; False once it is used up."""
+        with self._lock:
+            used = self._counters.get(key, 0)
+            if used >= times:
+                return False
+            self._counters[key] = used + 1
+            return True
+
+    def used(self, key: str) -> int:
+        with self._lock:
+            return self._counters.get(key, 0)
+
+    def advance(self, key: str) -> int:
+        """The 0-based position of this call in a sequence, and moves the sequence on."""
+        with self._lock:
+            pos = self._counters.get(key, 0)
+            self._counters[key] = pos + 1
+            return pos
+
+
+class Store(Protocol):
+    """Where sessions live. Lookups cost the same however many sessions exist."""
+
+    def get(self, scenario: str, session_id: str) -> Session: ...
+
+    def find(self, scenario: str, session_id: str) -> Session | None: ...
+
+    def reset(self, scenario: str, session_id: str) -> bool: ...
+
+    def drop_scenario(self, scenario: str) -> int: ...
+
+    def expire(self, now: float | None = None) -> int: ...
+
+    def __iter__(self) -> Iterator[Session]: ...
+
+    def __len__(self) -> int: ...
+
+
+class MemoryStore:
+    """The embedded default: a dict keyed by (scenario, session), idle sessions expiring after ``ttl``."""
+
+    def __init__(
+        self, ttl: float = 3600.0, on_drop: Callable[[Session], None] | None = None
+    ) -> None:
+        self.ttl = ttl
+        self._sessions: dict[tuple[str, str], Session] = {}
+        self._lock = threading.Lock()
+        self._on_drop = on_drop
+        self._next_sweep = time.monotonic() + min(ttl, 60.0)
+
+    def get(self, scenario: str, session_id: str) -> Session:
+        key = (scenario, session_id)
+        session = self._sessions.get(key)
+        if session is None:
+            with self._lock:
+                session = self._sessions.get(key)
+                if session is None:
+                    session = self._sessions[key] = Session(scenario, session_id)
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self.expire(now)
+        return session
+
+    def find(self, scenario: str, session_id: str) -> Session | None:
+        return self._sessions.get((scenario, session_id))
+
+    def reset(self, scenario: str, session_id: str) -> bool:
+        with self._lock:
+            session = self._sessions.pop((scenario, session_id), None)
+        if session is not None and self._on_drop:
+            self._on_drop(session)
+        return session is not None
+
+    def drop_scenario(self, scenario: str) -> int:
+        with self._lock:
+            keys = [k for k in self._sessions if k[0] == scenario]
+            dropped = [self._sessions.pop(k) for k in keys]
+        for session in dropped:
+            if self._on_drop:
+                self._on_drop(session)
+        return len(dropped)
+
+    def expire(self, now: float | None = None) -> int:
+        """Drops sessions idle for longer than the TTL; runs at most once a minute from ``get``."""
+        now = time.monotonic() if now is None else now
+        self._next_sweep = now + min(self.ttl, 60.0)
+        limit = now - self.ttl
+        with self._lock:
+            stale = [k for k, s in self._sessions.items() if s.last_used < limit]
+            dropped = [self._sessions.pop(k) for k in stale]
+        for session in dropped:
+            if self._on_drop:
+                self._on_drop(session)
+        return len(dropped)
+
+    def __iter__(self) -> Iterator[Session]:
+        return iter(list(self._sessions.values()))
+
+    def __len__(self) -> int:
+        return len(self._sessions)
