@@ -89,7 +89,7 @@ class Catalog:
                 pool.Add(proto)
             except (TypeError, ValueError) as exc:
                 raise DescriptorError(f"descriptor set: cannot add {proto.name}: {exc}") from None
-        _add_with_dependencies(pool, extra_files, names)
+        _add_with_dependencies(pool, [*_standard_files(), *extra_files], names)
         methods: dict[str, MethodSpec] = {}
         services: list[str] = []
         for proto in file_set.file:
@@ -183,6 +183,18 @@ def normalize_method_name(name: str) -> str:
         service, _, method = name.rpartition(".")
         name = f"{service}/{method}"
     return name
+
+
+def _standard_files() -> list[FileDescriptor]:
+    """Files every virtual server resolves, whatever the user's protos import.
+
+    Health (so grpcurl can describe it), and google.rpc's Status and error details (so rich error
+    details in scenarios can be packed, and decoded by clients through reflection).
+    """
+    from google.rpc import error_details_pb2, status_pb2
+    from grpc_health.v1 import health_pb2
+
+    return [status_pb2.DESCRIPTOR, error_details_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR]
 
 
 def _add_with_dependencies(

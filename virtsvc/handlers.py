@@ -1,0 +1,535 @@
+"""Generic grpc handlers for the four cardinalities, built from descriptors and driven by the router.
+
+Requests and replies cross grpc as raw bytes (no (de)serialisers registered): a static reply is sent as the
+bytes serialised at load, and a request is parsed only when a matcher, template or handler needs it.
+Everything that can go wrong with a call is answered here with a status and a message that says why;
+gRPC would turn an exception raised while looking up a handler into an opaque UNKNOWN.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import grpc
+import structlog
+from google.protobuf import any_pb2, json_format
+from google.protobuf.message import Message
+from google.rpc import status_pb2
+
+from virtsvc._model import Call, Fault, Rule, Step
+from virtsvc.descriptors import Catalog, MethodSpec
+from virtsvc.journal import Entry, Journal
+from virtsvc.router import NO_SCENARIO, SCENARIO_HEADER, RouteError, Router, sequence_key
+from virtsvc.sessions import DEFAULT_SESSION, Session
+
+__all__ = ["Dispatcher", "current_session"]
+
+log = structlog.get_logger("virtsvc.calls")
+
+# A truncated varint (field 1, continuation bit set, no next byte): every protobuf parser rejects it,
+# whereas some accept a truncated length-delimited field.
+GARBAGE = b"\x08\x80"
+MAX_JOURNALED_MESSAGES = 100  # per call, so a long stream cannot blow up the journal
+
+_current: contextvars.ContextVar[Session | None] = contextvars.ContextVar("virtsvc_session", default=None)
+
+
+def current_session() -> dict[str, Any]:
+    """The per-session dict a Python scenario handler may keep state in (``virtsvc.session()``)."""
+    session = _current.get()
+    if session is None:
+        raise RuntimeError("virtsvc.session() is only available inside a scenario handler")
+    return session.data
+
+
+class _Answered(Exception):
+    """Raised after the call has been ended with a status (abort); carries it for the journal."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class _Cancelled(Exception):
+    """The client went away (cancelled, deadline) while we were waiting."""
+
+
+class HandlerContext:
+    """The context handed to Python scenario handlers: grpc's own, plus ``session`` (a per-session dict)."""
+
+    def __init__(self, context: grpc.ServicerContext, session: Session) -> None:
+        self._context = context
+        self.session = session.data
+        self.aborted = False
+
+    def abort(self, code: grpc.StatusCode, details: str = "") -> None:
+        self.aborted = True
+        self._context.abort(code, details)
+
+    def abort_with_status(self, status: grpc.Status) -> None:
+        self.aborted = True
+        self._context.abort_with_status(status)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+class Dispatcher(grpc.GenericRpcHandler):
+    """One generic handler serving every method of the catalog through the router."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        router: Router,
+        journal: Journal,
+        *,
+        stopping: threading.Event | None = None,
+    ) -> None:
+        self.catalog = catalog
+        self.router = router
+        self.journal = journal
+        self.stopping = stopping or threading.Event()
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {
+            spec.path: self._make_handler(spec) for spec in catalog.methods.values()
+        }
+
+    # -- grpc.GenericRpcHandler ------------------------------------------------------------------
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        return self._handlers.get(handler_call_details.method)  # type: ignore[attr-defined]
+
+    def unknown_method_handler(self) -> grpc.GenericRpcHandler:
+        """A last-resort handler answering UNIMPLEMENTED with the method's name and the services here."""
+        services = ", ".join(self.catalog.services) or "none"
+
+        def answer(method: str) -> grpc.RpcMethodHandler:
+            message = (
+                f"unknown method {method}: this virtual server does not serve it; its services are: {services}"
+            )
+
+            def behaviour(request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+                context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
+                yield b""  # pragma: no cover - abort raises
+
+            return grpc.stream_stream_rpc_method_handler(behaviour)
+
+        class _Unknown(grpc.GenericRpcHandler):
+            def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+                return answer(details.method)  # type: ignore[attr-defined]
+
+        return _Unknown()
+
+    # -- handlers per cardinality --------------------------------------------------------------
+
+    def _make_handler(self, spec: MethodSpec) -> grpc.RpcMethodHandler:
+        if spec.kind == "unary":
+            return grpc.unary_unary_rpc_method_handler(lambda raw, ctx: self._unary(spec, raw, ctx))
+        if spec.kind == "server_streaming":
+            return grpc.unary_stream_rpc_method_handler(lambda raw, ctx: self._streaming(spec, [raw], ctx))
+        if spec.kind == "client_streaming":
+            return grpc.stream_unary_rpc_method_handler(lambda it, ctx: self._client_streaming(spec, it, ctx))
+        return grpc.stream_stream_rpc_method_handler(lambda it, ctx: self._bidi(spec, it, ctx))
+
+    def _begin(self, spec: MethodSpec, context: grpc.ServicerContext, raws: list[bytes]) -> tuple[Call, Entry]:
+        pairs = context.invocation_metadata()
+        metadata = {k: v for k, v in pairs if isinstance(v, str)}
+        try:
+            scenario, session = self.router.route(metadata)
+        except RouteError as exc:
+            scenario_name = metadata.get(SCENARIO_HEADER, NO_SCENARIO)
+            session_id = metadata.get("x-virtsvc-session") or DEFAULT_SESSION
+            entry = Entry(scenario_name, session_id, spec, tuple(metadata.items()), time.time(), list(raws))
+            entry.near_miss = exc.message
+            self._finish(entry, exc.code, exc.message, time.perf_counter())
+            context.abort(exc.code, exc.message)
+        session.touch()
+        call = Call(spec, scenario, session, metadata, raws)
+        entry = Entry(scenario, session.id, spec, tuple(metadata.items()), time.time(), raws)
+        scenario_obj = self.router.registry.get(scenario)
+        entry.scenario_version = scenario_obj.version if scenario_obj else None
+        return call, entry
+
+    def _select(self, call: Call, entry: Entry, context: grpc.ServicerContext, t0: float) -> Rule:
+        selection = self.router.select(call)
+        if selection.rule is None:
+            entry.near_miss = selection.near_miss
+            self._end(entry, context, grpc.StatusCode.UNIMPLEMENTED, selection.near_miss or "no rule", t0)
+        assert selection.rule is not None
+        entry.rule = str(selection.rule.location)
+        return selection.rule
+
+    def _unary(self, spec: MethodSpec, raw: bytes, context: grpc.ServicerContext) -> bytes | None:
+        t0 = time.perf_counter()
+        call, entry = self._begin(spec, context, [raw])
+        try:
+            rule = self._select(call, entry, context, t0)
+            if rule.handler is not None:
+                reply = self._run_unary_handler(rule, call, context, call.request_message)
+            else:
+                step, index = self._step(rule, call, entry, context, t0)
+                reply = self._single_reply(step, call, index, context, entry, t0)
+        except _Cancelled:
+            self._finish(entry, grpc.StatusCode.CANCELLED, "the client went away", t0)
+            return None
+        except _Garbage:
+            return GARBAGE
+        if reply is not None:
+            entry.raw_replies.append(reply)
+        self._finish(entry, grpc.StatusCode.OK, "", t0)
+        return reply
+
+    def _client_streaming(
+        self, spec: MethodSpec, request_iterator: Iterator[bytes], context: grpc.ServicerContext
+    ) -> bytes | None:
+        t0 = time.perf_counter()
+        raws: list[bytes] = []
+        call, entry = self._begin(spec, context, raws)
+        try:
+            rule_candidates = self._candidates(call)
+            if any(r.handler is not None for r in rule_candidates):
+                # Handlers consume the stream themselves; pick the rule on what is known up front.
+                rule = self._select(call, entry, context, t0)
+                if rule.handler is not None:
+                    reply = self._run_unary_handler(rule, call, context, self._decoded(call, request_iterator))
+                    if reply is not None:
+                        entry.raw_replies.append(reply)
+                    self._finish(entry, grpc.StatusCode.OK, "", t0)
+                    return reply
+            for raw in request_iterator:
+                call.add_request(raw)
+            rule = self._select(call, entry, context, t0)
+            if rule.handler is not None:
+                reply = self._run_unary_handler(rule, call, context, iter(call.request_messages))
+            else:
+                step, index = self._step(rule, call, entry, context, t0)
+                reply = self._single_reply(step, call, index, context, entry, t0)
+        except _Cancelled:
+            self._finish(entry, grpc.StatusCode.CANCELLED, "the client went away", t0)
+            return None
+        except _Garbage:
+            return GARBAGE
+        if reply is not None:
+            entry.raw_replies.append(reply)
+        self._finish(entry, grpc.StatusCode.OK, "", t0)
+        return reply
+
+    def _streaming(self, spec: MethodSpec, raws: list[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        t0 = time.perf_counter()
+        call, entry = self._begin(spec, context, raws)
+        try:
+            rule = self._select(call, entry, context, t0)
+            if rule.handler is not None:
+                yield from self._run_stream_handler(rule, call, context, call.request_message, entry)
+            else:
+                step, index = self._step(rule, call, entry, context, t0)
+                yield from self._stream_reply(step, call, index, context, entry, t0, None)
+        except _Cancelled:
+            self._finish(entry, grpc.StatusCode.CANCELLED, "the client went away", t0)
+            return
+        except _Garbage:
+            yield GARBAGE
+            return
+        self._finish(entry, grpc.StatusCode.OK, "", t0)
+
+    def _bidi(
+        self, spec: MethodSpec, request_iterator: Iterator[bytes], context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
+        t0 = time.perf_counter()
+        raws: list[bytes] = []
+        call, entry = self._begin(spec, context, raws)
+        try:
+            candidates = self._candidates(call)
+            # Read the first message only when some rule must see it: a server that speaks first
+            # must not wait for the client.
+            if any(r.needs_request for r in candidates):
+                first = next(request_iterator, None)
+                if first is not None:
+                    call.add_request(first)
+            rule = self._select(call, entry, context, t0)
+            if rule.handler is not None:
+                requests = self._decoded(call, _chain(call.raw_requests[:], request_iterator))
+                call.raw_requests.clear()
+                yield from self._run_stream_handler(rule, call, context, requests, entry)
+            else:
+                step, index = self._step(rule, call, entry, context, t0)
+                yield from self._stream_reply(step, call, index, context, entry, t0, request_iterator)
+        except _Cancelled:
+            self._finish(entry, grpc.StatusCode.CANCELLED, "the client went away", t0)
+            return
+        except _Garbage:
+            yield GARBAGE
+            return
+        self._finish(entry, grpc.StatusCode.OK, "", t0)
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def _candidates(self, call: Call) -> Sequence[Rule]:
+        method = call.method.full_name
+        return (*call.session.rules.get(method, ()), *self.router.registry.rules_for(call.scenario, method))
+
+    def _step(
+        self, rule: Rule, call: Call, entry: Entry, context: grpc.ServicerContext, t0: float
+    ) -> tuple[Step, int]:
+        steps = rule.steps
+        if not rule.is_sequence:
+            return steps[0], 0
+        pos = call.session.advance(sequence_key(rule))
+        n = len(steps)
+        if pos < n:
+            return steps[pos], pos
+        if rule.after == "cycle":
+            return steps[pos % n], pos % n
+        if rule.after == "fail":
+            self._end(
+                entry,
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the sequence of the rule at {rule.location} is exhausted: it had {n} steps and this is "
+                f"call {pos + 1} (after: fail)",
+                t0,
+            )
+        return steps[-1], n - 1
+
+    def _prelude(self, step: Step, call: Call, index: int, context: grpc.ServicerContext,
+                 entry: Entry, t0: float) -> None:
+        """Delay, fault and initial metadata: what happens before any reply."""
+        if step.delay is not None:
+            self._wait(step.delay.sample(call.session.rng), context)
+        if step.fault is not None:
+            self._fault(step.fault, context, entry, t0)
+        if step.headers:
+            context.send_initial_metadata([(k, v.render(call, index)) for k, v in step.headers])
+
+    def _single_reply(
+        self, step: Step, call: Call, index: int, context: grpc.ServicerContext, entry: Entry, t0: float
+    ) -> bytes:
+        self._prelude(step, call, index, context, entry, t0)
+        if step.status is not None and not step.status.ok:
+            self._fail(step, call, index, context, entry, t0)
+        body = b""
+        if step.body is not None:
+            body = step.body.static if step.body.static is not None else self._render(step, call, index,
+                                                                                     context, entry, t0)
+        if step.trailers:
+            context.set_trailing_metadata([(k, v.render(call, index)) for k, v in step.trailers])
+        return body
+
+    def _stream_reply(
+        self,
+        step: Step,
+        call: Call,
+        index: int,
+        context: grpc.ServicerContext,
+        entry: Entry,
+        t0: float,
+        request_iterator: Iterator[bytes] | None,
+    ) -> Iterator[bytes]:
+        self._prelude(step, call, index, context, entry, t0)
+        if step.each_request is not None and request_iterator is not None:
+            each = step.each_request
+            for position, raw in enumerate(_incoming(call, request_iterator)):
+                one = Call(call.method, call.scenario, call.session, call.metadata, [raw])
+                if each.delay is not None:
+                    self._wait(each.delay.sample(call.session.rng), context)
+                if each.status is not None and not each.status.ok:
+                    self._fail(each, one, position, context, entry, t0)
+                if each.body is not None:
+                    out = each.body.static if each.body.static is not None else self._render(
+                        each, one, position, context, entry, t0)
+                    self._journal_reply(entry, out)
+                    yield out
+        elif step.stream is not None:
+            for i, item in enumerate(step.stream):
+                if item.delay is not None:
+                    self._wait(item.delay.sample(call.session.rng), context)
+                if item.fault is not None:
+                    self._fault(item.fault, context, entry, t0)
+                if item.body is not None:
+                    out = item.body.static if item.body.static is not None else self._render(
+                        item, call, i, context, entry, t0)
+                    self._journal_reply(entry, out)
+                    yield out
+        elif step.body is not None:
+            out = step.body.static if step.body.static is not None else self._render(step, call, index,
+                                                                                    context, entry, t0)
+            self._journal_reply(entry, out)
+            yield out
+        if request_iterator is not None and step.each_request is None:
+            # Let the client finish sending before the final status, as a real server would.
+            for raw in request_iterator:
+                if len(call.raw_requests) < MAX_JOURNALED_MESSAGES:
+                    call.add_request(raw)
+        if step.status is not None and not step.status.ok:
+            self._fail(step, call, index, context, entry, t0)
+        if step.trailers:
+            context.set_trailing_metadata([(k, v.render(call, index)) for k, v in step.trailers])
+
+    def _render(self, step: Step, call: Call, index: int, context: grpc.ServicerContext, entry: Entry,
+                t0: float) -> bytes:
+        assert step.body is not None
+        try:
+            return step.body.render(call, index)
+        except Exception as exc:  # a template failing at run time: say which and why
+            self._end(entry, context, grpc.StatusCode.INTERNAL,
+                      f"the reply template of the rule at {step.location} failed: {exc}", t0)
+            raise  # pragma: no cover - _end raises
+
+    def _fail(self, step: Step, call: Call, index: int, context: grpc.ServicerContext, entry: Entry,
+              t0: float) -> None:
+        status = step.status
+        assert status is not None
+        message = status.message.render(call, index) if status.message is not None else ""
+        trailers = [(k, v.render(call, index)) for k, v in step.trailers]
+        if status.details:
+            rich = status_pb2.Status(code=status.code.value[0], message=message,
+                                     details=[any_pb2.Any.FromString(d) for d in status.details])
+            trailers.append(("grpc-status-details-bin", rich.SerializeToString()))
+        if trailers:
+            context.set_trailing_metadata(trailers)
+        self._end(entry, context, status.code, message, t0)
+
+    def _fault(self, fault: Fault, context: grpc.ServicerContext, entry: Entry, t0: float) -> None:
+        if fault is Fault.DROP:
+            # Never answer: wait for the client's deadline or cancellation (or the server to stop).
+            self._wait(None, context)
+        elif fault is Fault.RESET:
+            self._finish(entry, grpc.StatusCode.CANCELLED, "fault: reset", t0)
+            context.cancel()  # type: ignore[attr-defined]  # RST_STREAM: the call ends abruptly
+            raise _Cancelled
+        elif fault is Fault.GARBAGE:
+            self._finish(entry, grpc.StatusCode.OK, "fault: garbage", t0)
+            raise _Garbage
+
+    def _wait(self, seconds: float | None, context: grpc.ServicerContext) -> None:
+        """Sleeps for a delay, waking at once when the call ends (cancel, deadline, server stop)."""
+        done = threading.Event()
+        if not context.add_callback(done.set):
+            raise _Cancelled
+        if seconds is None:
+            while not done.wait(1.0):
+                if self.stopping.is_set():
+                    break
+        elif seconds > 0:
+            done.wait(seconds)
+        if done.is_set() or not context.is_active():
+            raise _Cancelled
+
+    # -- python handlers -----------------------------------------------------------------------
+
+    def _decoded(self, call: Call, raws: Iterable[bytes]) -> Iterator[Message]:
+        for raw in raws:
+            if len(call.raw_requests) < MAX_JOURNALED_MESSAGES:
+                call.raw_requests.append(raw)
+            msg = call.method.input_class()
+            msg.ParseFromString(raw)
+            yield msg
+
+    def _run_unary_handler(self, rule: Rule, call: Call, context: grpc.ServicerContext, arg: Any) -> bytes:
+        hctx = HandlerContext(context, call.session)
+        token = _current.set(call.session)
+        try:
+            result = rule.handler(arg, hctx)  # type: ignore[misc]
+            return _encode(call.method, result, rule)
+        except Exception as exc:
+            self._handler_failed(rule, hctx, exc)
+            raise
+        finally:
+            _current.reset(token)
+
+    def _run_stream_handler(
+        self, rule: Rule, call: Call, context: grpc.ServicerContext, arg: Any, entry: Entry
+    ) -> Iterator[bytes]:
+        hctx = HandlerContext(context, call.session)
+        token = _current.set(call.session)
+        try:
+            result = rule.handler(arg, hctx)  # type: ignore[misc]
+            if result is None:
+                return
+            if isinstance(result, (Message, dict)):
+                result = [result]
+            for item in result:
+                out = _encode(call.method, item, rule)
+                self._journal_reply(entry, out)
+                yield out
+        except Exception as exc:
+            self._handler_failed(rule, hctx, exc)
+            raise
+        finally:
+            try:
+                _current.reset(token)
+            except ValueError:  # generator resumed in another context
+                pass
+
+    def _handler_failed(self, rule: Rule, hctx: HandlerContext, exc: Exception) -> None:
+        if hctx.aborted or isinstance(exc, (_Answered, _Cancelled)):
+            return
+        name = getattr(rule.handler, "__qualname__", "handler")
+        hctx.aborted = True
+        hctx._context.abort(
+            grpc.StatusCode.INTERNAL,
+            f"the scenario handler {name} (rule at {rule.location}) raised {type(exc).__name__}: {exc}",
+        )
+
+    # -- ending calls --------------------------------------------------------------------------
+
+    def _journal_reply(self, entry: Entry, raw: bytes) -> None:
+        if len(entry.raw_replies) < MAX_JOURNALED_MESSAGES:
+            entry.raw_replies.append(raw)
+
+    def _end(self, entry: Entry, context: grpc.ServicerContext, code: grpc.StatusCode, message: str,
+             t0: float) -> None:
+        self._finish(entry, code, message, t0)
+        context.abort(code, message)
+
+    def _finish(self, entry: Entry, code: grpc.StatusCode, message: str, t0: float) -> None:
+        if entry.duration:  # already journaled (a fault ended the call)
+            return
+        entry.code = code
+        entry.message = message
+        entry.duration = time.perf_counter() - t0 or 1e-9
+        self.journal.record(entry)
+
+
+class _Garbage(Exception):
+    pass
+
+
+def _chain(first: list[bytes], rest: Iterator[bytes]) -> Iterator[bytes]:
+    yield from first
+    yield from rest
+
+
+def _incoming(call: Call, request_iterator: Iterator[bytes]) -> Iterator[bytes]:
+    """The messages already read for matching, then the rest of the stream (journaled as they come)."""
+    yield from list(call.raw_requests)
+    for raw in request_iterator:
+        if len(call.raw_requests) < MAX_JOURNALED_MESSAGES:
+            call.add_request(raw)
+        yield raw
+
+
+def _encode(spec: MethodSpec, result: Any, rule: Rule) -> bytes:
+    if result is None:
+        return b""
+    if isinstance(result, Message):
+        if result.DESCRIPTOR.full_name != spec.output.full_name:
+            raise TypeError(
+                f"returned a {result.DESCRIPTOR.full_name} but {spec.full_name} answers {spec.output.full_name}"
+            )
+        return result.SerializeToString()
+    if isinstance(result, bytes):
+        return result
+    if isinstance(result, dict):
+        msg = spec.output_class()
+        try:
+            json_format.ParseDict(result, msg, descriptor_pool=spec.output.file.pool)
+        except json_format.ParseError as exc:
+            raise ValueError(f"its reply does not fit {spec.output.full_name}: {exc}") from None
+        return msg.SerializeToString()
+    raise TypeError(f"returned {type(result).__name__}; return a dict (proto3 JSON) or a {spec.output.full_name}")
+

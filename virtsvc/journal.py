@@ -1,0 +1,173 @@
+"""The journal: a bounded record of every call, per (scenario, session).
+
+Entries keep the raw request and reply bytes and decode them only when read, so recording costs almost
+nothing on the hot path. Other readers (metrics, reports, a dashboard, record-and-replay) subscribe to the
+stream of entries instead of polling.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+
+from virtsvc._model import to_json
+
+if TYPE_CHECKING:
+    from virtsvc.descriptors import MethodSpec
+
+__all__ = ["Entry", "Journal"]
+
+_SEQ = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Entry:
+    """One call as the journal saw it. ``to_dict()`` is its public, JSON-ready form."""
+
+    scenario: str
+    session: str
+    spec: MethodSpec
+    metadata: tuple[tuple[str, str], ...]
+    started_at: float  # wall clock, seconds since the epoch
+    raw_requests: list[bytes] = field(default_factory=list)
+    raw_replies: list[bytes] = field(default_factory=list)
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    message: str = ""
+    rule: str | None = None  # file:line of the rule that answered
+    near_miss: str | None = None  # why no rule answered
+    duration: float = 0.0  # seconds
+    scenario_version: int | str | None = None
+    seq: int = field(default_factory=lambda: next(_SEQ))
+
+    @property
+    def method(self) -> str:
+        return self.spec.full_name
+
+    @property
+    def matched(self) -> bool:
+        return self.near_miss is None
+
+    def requests(self) -> list[Any]:
+        return [_decode(self.spec.input_class, raw) for raw in self.raw_requests]
+
+    def replies(self) -> list[Any]:
+        return [_decode(self.spec.output_class, raw) for raw in self.raw_replies]
+
+    def to_dict(self) -> dict[str, Any]:
+        requests = self.requests()
+        replies = self.replies()
+        return {
+            "seq": self.seq,
+            "scenario": self.scenario,
+            "scenario_version": self.scenario_version,
+            "session": self.session,
+            "method": self.method,
+            "kind": self.spec.kind,
+            "metadata": dict(self.metadata),
+            "request": requests[0] if requests else None,
+            "requests": requests,
+            "reply": replies[0] if replies else None,
+            "replies": replies,
+            "code": self.code.name,
+            "message": self.message,
+            "rule": self.rule,
+            "near_miss": self.near_miss,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self.started_at))
+            + f".{int(self.started_at % 1 * 1e6):06d}Z",
+            "duration_ms": round(self.duration * 1000, 3),
+        }
+
+
+def _decode(cls: type[Message], raw: bytes) -> Any:
+    msg = cls()
+    try:
+        msg.ParseFromString(raw)
+    except DecodeError:
+        return {"@undecodable": base64.b64encode(raw).decode()}
+    return to_json(msg)
+
+
+Subscriber = Callable[[Entry], None]
+
+
+class Journal:
+    """Ring buffers of entries keyed by (scenario, session); ``size`` entries each at most."""
+
+    def __init__(self, size: int = 500) -> None:
+        if size < 1:
+            raise ValueError("journal size must be at least 1")
+        self.size = size
+        self._rings: dict[tuple[str, str], deque[Entry]] = {}
+        self._lock = threading.Lock()
+        self._subscribers: list[Subscriber] = []
+
+    def record(self, entry: Entry) -> None:
+        key = (entry.scenario, entry.session)
+        ring = self._rings.get(key)
+        if ring is None:
+            with self._lock:
+                ring = self._rings.setdefault(key, deque(maxlen=self.size))
+        ring.append(entry)  # deque.append is atomic under the GIL
+        for subscriber in self._subscribers:
+            subscriber(entry)
+
+    def entries(
+        self,
+        scenario: str | None = None,
+        session: str | None = None,
+        method: str | None = None,
+        limit: int | None = None,
+    ) -> list[Entry]:
+        """Entries oldest first; each filter narrows; ``limit`` keeps the newest ones."""
+        if scenario is not None and session is not None:
+            rings: Iterable[deque[Entry]] = [self._rings.get((scenario, session), deque())]
+        else:
+            rings = [
+                r
+                for (sc, se), r in list(self._rings.items())
+                if (scenario is None or sc == scenario) and (session is None or se == session)
+            ]
+        out = [e for ring in rings for e in list(ring)]
+        if method is not None:
+            wanted = method.lstrip("/")
+            out = [e for e in out if e.method == wanted]
+        out.sort(key=lambda e: e.seq)
+        if limit is not None and limit > 0:
+            out = out[-limit:]
+        return out
+
+    def clear(self, scenario: str, session: str) -> None:
+        with self._lock:
+            self._rings.pop((scenario, session), None)
+
+    def drop_scenario(self, scenario: str) -> None:
+        with self._lock:
+            for key in [k for k in self._rings if k[0] == scenario]:
+                del self._rings[key]
+
+    def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
+        """Calls ``subscriber`` with every new entry (on the serving thread: keep it quick)."""
+        self._subscribers = [*self._subscribers, subscriber]
+
+        def unsubscribe() -> None:
+            self._subscribers = [s for s in self._subscribers if s is not subscriber]
+
+        return unsubscribe
+
+    def __iter__(self) -> Iterator[Entry]:
+        return iter(self.entries())
+
+    def __len__(self) -> int:
+        return sum(len(r) for r in list(self._rings.values()))
+
+    def session_count(self) -> int:
+        return len(self._rings)

@@ -1,0 +1,157 @@
+"""The virtual server: router + health + reflection + admin on one grpc server.
+
+Start, drain and stop. Health reports SERVING only once the server accepts calls and NOT_SERVING while it
+drains, so orchestrators and test fixtures can wait on it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from concurrent import futures
+from typing import Any
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from virtsvc._model import CompiledScenario
+from virtsvc._reflection import add_reflection
+from virtsvc.descriptors import Catalog
+from virtsvc.errors import ConfigError
+from virtsvc.handlers import Dispatcher
+from virtsvc.journal import Journal
+from virtsvc.router import Registry, Router
+from virtsvc.sessions import MemoryStore, Store
+
+__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "VirtualServer"]
+
+log = structlog.get_logger("virtsvc.server")
+
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # gRPC's own default
+
+
+class VirtualServer:
+    """Virtual services for every service of ``catalog``, answering from ``scenarios``."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        scenarios: Iterable[CompiledScenario] = (),
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        default_scenario: str | None = None,
+        max_workers: int = 64,
+        journal_size: int = 500,
+        session_ttl: float = 3600.0,
+        store: Store | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        admin: bool = False,
+        admin_token: str | None = None,
+        credentials: grpc.ServerCredentials | None = None,
+    ) -> None:
+        self.catalog = catalog
+        self.host = host
+        self.requested_port = port
+        self.port = 0
+        self.journal = Journal(journal_size)
+        self.store: Store = store or MemoryStore(
+            ttl=session_ttl, on_drop=lambda s: self.journal.clear(s.scenario, s.id)
+        )
+        self.registry = Registry(scenarios)
+        if default_scenario is not None and default_scenario not in self.registry:
+            raise ConfigError(
+                f'default scenario "{default_scenario}" is not loaded; loaded scenarios: '
+                + (", ".join(self.registry.names()) or "none")
+            )
+        self.router = Router(self.registry, self.store, default_scenario)
+        self.stopping = threading.Event()
+        self.dispatcher = Dispatcher(catalog, self.router, self.journal, stopping=self.stopping)
+        self.health = health.HealthServicer()
+        self._max_workers = max_workers
+        self._max_message_bytes = max_message_bytes
+        self._admin = admin
+        self._admin_token = admin_token
+        self._credentials = credentials
+        self._server: grpc.Server | None = None
+
+    @property
+    def address(self) -> str:
+        """``host:port`` to dial (brackets around IPv6 hosts)."""
+        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def default_scenario(self) -> str | None:
+        return self.router.default_scenario
+
+    def start(self) -> VirtualServer:
+        options = [
+            ("grpc.so_reuseport", 0),  # an occupied port is an error, not a silently shared socket
+            ("grpc.max_receive_message_length", self._max_message_bytes),
+            ("grpc.max_send_message_length", self._max_message_bytes),
+        ]
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=self._max_workers, thread_name_prefix="virtsvc"),
+            handlers=[self.dispatcher],
+            options=options,
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        services = [*self.catalog.services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+        if self._admin:
+            from virtsvc.admin import add_admin
+
+            services.append(add_admin(server, self))
+        add_reflection(server, services, self.catalog.pool)
+        server.add_generic_rpc_handlers([self.dispatcher.unknown_method_handler()])
+        target = f"{self.host}:{self.requested_port}"
+        try:
+            if self._credentials is not None:
+                port = server.add_secure_port(target, self._credentials)
+            else:
+                port = server.add_insecure_port(target)
+        except RuntimeError:
+            port = 0
+        if not port:
+            server.stop(None)
+            raise ConfigError(f"cannot listen on {target}: the address is in use or not available here")
+        self.port = port
+        server.start()
+        self._server = server
+        for name in ["", *services]:
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.debug("server.started", address=self.address)
+        return self
+
+    def stop(self, grace: float | None = 5.0) -> None:
+        """Drains: health NOT_SERVING, no new calls, in-flight calls get ``grace`` seconds to finish."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        self.health.enter_graceful_shutdown()
+        event = server.stop(grace)
+        # Delays and dropped calls still waiting when the grace runs out end now.
+        timer = threading.Timer(grace or 0.0, self.stopping.set)
+        timer.daemon = True
+        timer.start()
+        event.wait()
+        timer.cancel()
+        self.stopping.set()
+        log.debug("server.stopped", address=self.address)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        server = self._server
+        return True if server is None else server.wait_for_termination(timeout)
+
+    def reload(self, scenarios: Iterable[CompiledScenario]) -> None:
+        """Swaps in a new set of scenarios; calls in flight finish with the rules they started with."""
+        self.registry.replace_all(scenarios)
+
+    def __enter__(self) -> VirtualServer:
+        if self._server is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop(0)
