@@ -359,9 +359,16 @@ def _load_previous(out: Path) -> tuple[dict[str, Any], dict[str, descriptor_pb2.
         return None
     if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
         return None
-    if not isinstance(manifest.get("files"), dict) or not isinstance(manifest.get("dependencies"), dict):
+    files, dependencies = manifest.get("files"), manifest.get("dependencies")
+    if not isinstance(files, dict) or not isinstance(dependencies, dict):
         return None
-    return manifest, {f.name: f for f in fds.file}
+    if not all(isinstance(e, dict) and isinstance(e.get("imports"), list) for e in files.values()):
+        return None
+    pool = {f.name: f for f in fds.file}
+    # unchanged files keep these descriptors, so the set must hold every file and everything it imports
+    if any(name not in pool for name in files) or any(d not in pool for f in fds.file for d in f.dependency):
+        return None
+    return manifest, pool
 
 
 def _to_compile(
@@ -374,10 +381,8 @@ def _to_compile(
     """Tree files whose outputs must be regenerated: changed ones and all their (transitive) importers."""
     if previous is None or previous[0].get("options_sha256") != options:
         return set(tree.files)
-    manifest, pool = previous
+    manifest = previous[0]
     old_files: dict[str, Any] = manifest["files"]
-    if any(name not in pool for name in old_files):
-        return set(tree.files)
     # an import path is "changed" when what it resolves to now differs from what was compiled last time
     changed = {n for n in tree.files if old_files.get(n, {}).get("sha256") != tree.hashes[n]}
     changed |= set(old_files) - set(tree.files)
@@ -417,6 +422,11 @@ def _replace(dest: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _inside(rel: object) -> bool:
+    """Whether a manifest entry names a file inside OUT (the manifest is only trusted that far)."""
+    return isinstance(rel, str) and not Path(rel).is_absolute() and ".." not in Path(rel).parts
 
 
 def _prune_empty_dirs(out: Path, rel: str) -> None:
@@ -497,11 +507,9 @@ def generate(proto_dir: Path, out: Path, includes: Sequence[Path] = ()) -> GenRe
 
     written = [rel for rel, data in desired.items() if _read(out_abs / rel) != data]
     old_outputs = set(previous[0].get("outputs", [])) if previous is not None else set()
-    removed = sorted(
-        rel for rel in old_outputs - set(outputs) if not Path(rel).is_absolute() and (out_abs / rel).is_file()
-    )
+    removed = sorted(rel for rel in old_outputs - set(outputs) if _inside(rel) and (out_abs / rel).is_file())
     # the manifest goes last: if anything above fails, the old manifest makes the next run redo the work
-    for rel in sorted(written, key=lambda r: r == MANIFEST_NAME):
+    for rel in written:
         if rel != MANIFEST_NAME:
             _replace(out_abs / rel, desired[rel])
     for rel in removed:

@@ -85,11 +85,14 @@ def _cmd_gen(args: argparse.Namespace, settings: Settings) -> int:
     result = generate(settings.protos, settings.generated, [Path(p) for p in args.include])
     out = _shown_dir(settings.generated)
     protos = len(result.manifest["files"])
-    if not result.written and not result.removed:
+    written, removed = len(result.written), len(result.removed)
+    if not written and not removed:
         print(f"{out} is up to date ({protos} protos)")
-    else:
-        removed = f", removed {len(result.removed)}" if result.removed else ""
-        print(f"generated {len(result.written)} files from {len(result.compiled)} protos into {out}{removed}")
+    elif result.compiled:
+        also = f", removed {removed}" if removed else ""
+        print(f"generated {written} files from {len(result.compiled)} protos into {out}{also}")
+    else:  # only deletions: nothing to compile, the descriptor set and manifest shrink
+        print(f"updated {out}: {written} files written, {removed} removed")
     return 0
 
 
@@ -168,6 +171,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args, settings))
     except VirtsvcError as exc:
         _print_error(exc, sys.stderr)
+        return 1
+    except OSError as exc:  # unwritable output directory, full disk...: the user's to fix, not a bug
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"{PROG}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
