@@ -14,7 +14,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 import structlog
 
@@ -27,18 +27,22 @@ PROG = "virtsvc"
 LOG_FORMATS = ("json", "console")
 
 
-class _StderrLoggerFactory:
-    """PrintLoggers on whatever ``sys.stderr`` is *now* (test runners and redirections swap it)."""
+class _StreamLoggerFactory:
+    """PrintLoggers on whatever ``sys.stderr``/``sys.stdout`` is *now* (test runners swap them)."""
+
+    def __init__(self, stream: str = "stderr") -> None:
+        self.stream = stream
 
     def __call__(self, *args: Any) -> structlog.PrintLogger:
-        return structlog.PrintLogger(sys.stderr)
+        return structlog.PrintLogger(getattr(sys, self.stream))
 
 
-def configure_logging(fmt: str | None, level: int = logging.INFO) -> None:
+def configure_logging(fmt: str | None, level: int = logging.INFO, stream: str = "stderr") -> None:
     """Set up structlog: ``json`` lines or a ``console`` rendering, written to stderr.
 
     ``fmt=None`` picks json when stdout is not a terminal (piped, CI, containers) and console otherwise.
-    stderr keeps stdout free for the commands' own output.
+    stderr keeps stdout free for the commands' own output; ``serve``, whose output *is* its event
+    stream, logs to stdout as a service in a container should.
     """
     if fmt is None:
         fmt = "console" if sys.stdout.isatty() else "json"
@@ -57,7 +61,7 @@ def configure_logging(fmt: str | None, level: int = logging.INFO) -> None:
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=_StderrLoggerFactory(),
+        logger_factory=_StreamLoggerFactory(stream),
         # not cached: a cached logger would keep writing to a stderr that has since been replaced
         cache_logger_on_first_use=False,
     )
@@ -96,12 +100,76 @@ def _cmd_gen(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _catalog_from(args: argparse.Namespace, settings: Settings) -> Any:
+    """The descriptors named by --protos/--descriptors, else [tool.virtsvc] protos, else generated/."""
+    from virtsvc._serving import load_catalog
+
+    includes = [Path(p) for p in getattr(args, "include", [])]
+    if args.descriptors is not None:
+        return load_catalog(descriptors=args.descriptors)
+    protos = args.protos or settings.protos
+    if protos is not None:
+        return load_catalog(protos=protos, includes=includes)
+    generated = settings.generated / "descriptors.binpb"
+    if generated.exists():
+        return load_catalog(descriptors=generated)
+    raise ConfigError(
+        "no descriptors: give --protos DIR or --descriptors FILE, or set protos in [tool.virtsvc]"
+    )
+
+
+def _scenario_paths(args: argparse.Namespace, settings: Settings) -> list[Path]:
+    paths = [Path(p) for p in args.scenarios] if args.scenarios else list(settings.scenarios)
+    for path in paths:
+        if not path.exists():
+            raise ConfigError(f"{path}: no such scenario file or directory")
+    return paths
+
+
+def _cmd_check(args: argparse.Namespace, settings: Settings) -> int:
+    """virtsvc check: validate scenario files against the descriptors without serving."""
+    from virtsvc._loader import check_paths
+
+    catalog = _catalog_from(args, settings)
+    paths = _scenario_paths(args, settings)
+    if not paths:
+        raise ConfigError("check: no SCENARIO_PATH given and no [tool.virtsvc] scenarios in ./pyproject.toml")
+    problems = check_paths(paths, catalog)
+    if problems:
+        for problem in problems:
+            print(str(problem), file=sys.stderr)
+        return 1
+    print(f"ok: {', '.join(str(p) for p in paths)} valid against {len(catalog.methods)} methods")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    """virtsvc serve: the sidecar. Runs until SIGTERM/SIGINT, then drains and exits 0."""
+    from virtsvc._sidecar import run_sidecar
+
+    return run_sidecar(
+        catalog=_catalog_from(args, settings),
+        scenario_paths=_scenario_paths(args, settings),
+        host=args.host or settings.host,
+        port=settings.port if args.port is None else args.port,
+        default_scenario=args.default_scenario or settings.default_scenario,
+        options=args,
+    )
+
+
 # -------------------------------------------------------------------------------------------------- parsing
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (the full usage is one --help away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of every subcommand; each subparser sets ``handler`` to its ``_cmd_<name>``."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Service virtualisation for gRPC. Defaults come from [tool.virtsvc] in ./pyproject.toml.",
     )
@@ -145,7 +213,88 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.set_defaults(handler=_cmd_gen)
 
+    check = commands.add_parser(
+        "check",
+        help="validate scenario files against the descriptors without serving",
+        description="Validate scenarios: exit 0 when valid, else 1 with one file:line: message per problem.",
+    )
+    _descriptor_flags(check)
+    check.add_argument("scenarios", metavar="SCENARIO_PATH", nargs="*", type=Path,
+                       help="files or directories (default: [tool.virtsvc] scenarios)")
+    check.set_defaults(handler=_cmd_check)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve virtual services (the sidecar)",
+        description=(
+            "Serve every service of the descriptors through the scenario router, with health, reflection and "
+            "the admin API, on one port. Stops on SIGTERM/SIGINT after in-flight calls finish."
+        ),
+    )
+    _descriptor_flags(serve)
+    serve.add_argument("--scenarios", metavar="PATH", nargs="+", action="extend", type=Path,
+                       help="scenario files or directories, repeatable (default: [tool.virtsvc] scenarios)")
+    serve.add_argument("--host", help="address to bind (default: [tool.virtsvc] host, else 127.0.0.1)")
+    serve.add_argument("--port", type=_port, help="port (default: [tool.virtsvc] port, else 50051; 0 picks one)")
+    serve.add_argument("--default-scenario", metavar="NAME", help="scenario for calls that name none")
+    serve.add_argument("--watch", action="store_true", help="reload changed scenario files without a restart")
+    serve.add_argument("--log-format", choices=LOG_FORMATS, default=argparse.SUPPRESS,
+                       help="json (default when stdout is not a terminal) or console")
+    serve.add_argument("--grace", type=_seconds, default=10.0, metavar="SECONDS",
+                       help="how long in-flight calls may take to finish on shutdown (default 10)")
+    serve.add_argument("--journal-size", type=_positive, default=500, metavar="N",
+                       help="journal entries kept per session (default 500)")
+    serve.add_argument("--session-ttl", type=_seconds, default=3600.0, metavar="SECONDS",
+                       help="idle sessions expire after this long (default 3600)")
+    serve.add_argument("--max-workers", type=_positive, default=64, metavar="N",
+                       help="threads serving calls (default 64)")
+    serve.add_argument("--max-message-bytes", type=_positive, default=4 * 1024 * 1024, metavar="N",
+                       help="largest message accepted or sent (default 4 MiB, gRPC's own)")
+    serve.add_argument("--admin-token", metavar="TOKEN",
+                       help="admin calls must send 'authorization: Bearer TOKEN' (required off loopback)")
+    serve.set_defaults(handler=_cmd_serve)
+
     return parser
+
+
+def _descriptor_flags(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--protos", metavar="DIR", type=Path,
+                        help="a .proto tree, compiled on the fly (cached) (default: [tool.virtsvc] protos)")
+    source.add_argument("--descriptors", metavar="FILE", type=Path,
+                        help="a FileDescriptorSet, e.g. generated/descriptors.binpb")
+    parser.add_argument("-I", "--include", metavar="INCLUDE", action="append", default=[], type=Path,
+                        help="extra import root for --protos (repeatable)")
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be between 0 and 65535, not {port}")
+    return port
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text.removesuffix("s"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, not {value}")
+    return value
 
 
 def _print_error(exc: BaseException, stream: TextIO) -> None:
@@ -165,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits for --help (0) and usage errors (2)
         return exc.code if isinstance(exc.code, int) else 2
-    configure_logging(args.log_format)
+    configure_logging(args.log_format, stream="stdout" if args.command == "serve" else "stderr")
     try:
         settings = load_settings()
         return int(args.handler(args, settings))

@@ -6,6 +6,7 @@ drains, so orchestrators and test fixtures can wait on it.
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 from collections.abc import Iterable
 from concurrent import futures
@@ -29,6 +30,16 @@ __all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "VirtualServer"]
 log = structlog.get_logger("virtsvc.server")
 
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # gRPC's own default
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` can only be reached from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class VirtualServer:

@@ -1,0 +1,133 @@
+"""`virtsvc serve`: the long-running sidecar around a VirtualServer.
+
+Ready event, scenario hot reload (``--watch``), and a graceful stop on SIGTERM/SIGINT: health turns
+NOT_SERVING, no new calls are accepted, in-flight calls get ``--grace`` seconds, then exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+
+from virtsvc._serving import load_scenarios
+from virtsvc.descriptors import Catalog
+from virtsvc.errors import ConfigError, ScenarioError
+from virtsvc.server import VirtualServer
+
+__all__ = ["ScenarioWatcher", "run_sidecar"]
+
+log = structlog.get_logger("virtsvc")
+
+_SCENARIO_SUFFIXES = {".yaml", ".yml", ".json", ".py"}
+
+
+def run_sidecar(
+    *,
+    catalog: Catalog,
+    scenario_paths: Sequence[Path],
+    host: str,
+    port: int,
+    default_scenario: str | None,
+    options: argparse.Namespace,
+) -> int:
+    scenarios = load_scenarios(scenario_paths, catalog)
+    admin_token = options.admin_token or os.environ.get("VIRTSVC_ADMIN_TOKEN") or None
+    server = VirtualServer(
+        catalog,
+        scenarios,
+        host=host,
+        port=port,
+        default_scenario=default_scenario,
+        max_workers=options.max_workers,
+        journal_size=options.journal_size,
+        session_ttl=options.session_ttl,
+        max_message_bytes=options.max_message_bytes,
+        admin=True,
+        admin_token=admin_token,
+    )
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        log.info("stopping", signal=signal.Signals(signum).name, grace=options.grace)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.start()
+    watcher = None
+    if options.watch:
+        watcher = ScenarioWatcher(server, scenario_paths)
+        watcher.start()
+    log.info(
+        "serving",
+        host=host,
+        port=server.port,
+        address=server.address,
+        services=list(catalog.services),
+        scenarios=server.registry.names(),
+        default_scenario=default_scenario,
+        watch=bool(options.watch),
+    )
+    while not stop.wait(0.5):
+        pass
+    if watcher is not None:
+        watcher.stop()
+    server.stop(options.grace)
+    log.info("stopped")
+    return 0
+
+
+class ScenarioWatcher(threading.Thread):
+    """Polls the scenario paths and reloads on change; a reload that fails validation keeps the old ones."""
+
+    def __init__(self, server: VirtualServer, paths: Sequence[Path], interval: float = 0.3) -> None:
+        super().__init__(name="virtsvc-watch", daemon=True)
+        self.server = server
+        self.paths = list(paths)
+        self.interval = interval
+        self._stop = threading.Event()
+        self._seen = self._snapshot()
+
+    def _snapshot(self) -> dict[str, tuple[int, int]]:
+        seen: dict[str, tuple[int, int]] = {}
+        for root in self.paths:
+            files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix in _SCENARIO_SUFFIXES)
+            for path in files:
+                try:
+                    st = path.stat()
+                except OSError:
+                    continue
+                seen[str(path)] = (st.st_mtime_ns, st.st_size)
+        return seen
+
+    def run(self) -> None:
+        while not self._stop.wait(self.interval):
+            current = self._snapshot()
+            if current != self._seen:
+                self._seen = current
+                self.reload()
+
+    def reload(self) -> bool:
+        try:
+            scenarios = load_scenarios(self.paths, self.server.catalog)
+        except ScenarioError as exc:
+            log.error("scenarios.reload_failed", problems=[str(p) for p in exc.problems], kept=self.server.registry.names())
+            return False
+        except ConfigError as exc:
+            log.error("scenarios.reload_failed", problems=[str(exc)], kept=self.server.registry.names())
+            return False
+        # Scenarios put through the admin API are not files: they survive a reload of the files.
+        kept = [s for s in self.server.registry.scenarios() if s.location.file.startswith("<")]
+        names = {s.name for s in scenarios}
+        self.server.reload([*scenarios, *(s for s in kept if s.name not in names)])
+        log.info("scenarios.reloaded", scenarios=self.server.registry.names())
+        return True
+
+    def stop(self) -> None:
+        self._stop.set()
