@@ -100,7 +100,7 @@ def test_unknown_method_names_it(channel: grpc.Channel) -> None:
     assert info.value.code() is grpc.StatusCode.UNIMPLEMENTED
     assert info.value.details() == (
         "unknown method /shop.v1.Inventory/Nope: this virtual server does not serve it; "
-        "its services are: shop.v1.Payments, shop.v1.Inventory, shop.v1.Orders"
+        "its services are: shop.v1.Inventory, shop.v1.Orders, shop.v1.Payments"
     )
 
 

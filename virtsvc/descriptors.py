@@ -111,7 +111,7 @@ class Catalog:
                         output_class=message_factory.GetMessageClass(m.output_type),
                         descriptor=m,
                     )
-        return cls(pool=pool, file_set=file_set, methods=methods, services=tuple(services))
+        return cls(pool=pool, file_set=file_set, methods=methods, services=tuple(sorted(services)))
 
     @classmethod
     def from_bytes(cls, data: bytes, *, origin: str = "descriptor set") -> Catalog:

@@ -58,7 +58,7 @@ class VirtualServer:
         session_ttl: float = 3600.0,
         store: Store | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        admin: bool = False,
+        admin: bool = True,
         admin_token: str | None = None,
         credentials: grpc.ServerCredentials | None = None,
     ) -> None:
@@ -113,7 +113,7 @@ class VirtualServer:
         if self._admin:
             from virtsvc.admin import add_admin
 
-            services.append(add_admin(server, self))
+            services.append(add_admin(server, self, token=self._admin_token))
         add_reflection(server, services, self.catalog.pool)
         server.add_generic_rpc_handlers([self.dispatcher.unknown_method_handler()])
         target = f"{self.host}:{self.requested_port}"

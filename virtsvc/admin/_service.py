@@ -1,0 +1,421 @@
+"""The admin service: scenarios, sessions, session rules and the journal of a running VirtualServer.
+
+Its messages come from ``v1/admin.binpb`` loaded into a private descriptor pool (no generated ``_pb2``
+modules, which would pin the protobuf runtime). Handlers are generic grpc handlers on the virtual server's
+own grpc server. Every refusal is a status with a message for a person: INVALID_ARGUMENT, NOT_FOUND,
+FAILED_PRECONDITION or UNAUTHENTICATED, never UNKNOWN.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import hmac
+import itertools
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import structlog
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.descriptor import FileDescriptor
+from google.protobuf.message import Message
+
+from virtsvc._model import Rule
+from virtsvc.descriptors import normalize_method_name
+from virtsvc.errors import ConfigError, VirtsvcError
+from virtsvc.journal import Entry
+from virtsvc.sessions import DEFAULT_SESSION
+
+if TYPE_CHECKING:
+    from virtsvc.server import VirtualServer
+
+__all__ = [
+    "ADMIN_SERVICE",
+    "METHODS",
+    "ORIGIN",
+    "AdminClient",
+    "add_admin",
+    "admin_file_descriptor",
+    "message_class",
+    "messages",
+]
+
+log = structlog.get_logger("virtsvc.admin")
+
+ADMIN_SERVICE = "virtsvc.admin.v1.Admin"
+PROTO_NAME = "virtsvc/admin/v1/admin.proto"
+ORIGIN = "<admin>"  # the "file" of scenarios and rules put through the API, in located messages
+AUTH_MESSAGE = "admin calls need authorization: Bearer <token>"
+_BINPB = Path(__file__).resolve().parent / "v1" / "admin.binpb"
+
+
+def _load() -> tuple[descriptor_pb2.FileDescriptorSet, descriptor_pool.DescriptorPool]:
+    file_set = descriptor_pb2.FileDescriptorSet.FromString(_BINPB.read_bytes())
+    # Private: the user's own copies of the well-known types in the default pool can never conflict.
+    pool = descriptor_pool.DescriptorPool()
+    for proto in file_set.file:  # protoc --include_imports lists dependencies first
+        pool.Add(proto)
+    return file_set, pool
+
+
+_FILE_SET, _POOL = _load()
+
+
+def admin_file_descriptor() -> FileDescriptor:
+    """The FileDescriptor of ``virtsvc/admin/v1/admin.proto`` (its dependencies reachable from it)."""
+    return _POOL.FindFileByName(PROTO_NAME)
+
+
+@functools.cache
+def message_class(name: str) -> type[Message]:
+    """An admin message class by short (``PutScenarioRequest``) or full name."""
+    full = name if "." in name else f"virtsvc.admin.v1.{name}"
+    return message_factory.GetMessageClass(_POOL.FindMessageTypeByName(full))
+
+
+class _Messages:
+    """The admin message classes as attributes: ``messages.PutScenarioRequest(text=...)``."""
+
+    def __getattr__(self, name: str) -> type[Message]:
+        try:
+            return message_class(name)
+        except KeyError:
+            raise AttributeError(f"virtsvc.admin.v1 has no message {name}") from None
+
+    def __dir__(self) -> list[str]:
+        return sorted(m.name for m in admin_file_descriptor().message_types_by_name.values())
+
+
+messages = _Messages()
+
+#: method name -> (request class, response class)
+METHODS: Mapping[str, tuple[type[Message], type[Message]]] = {
+    m.name: (message_class(m.input_type.full_name), message_class(m.output_type.full_name))
+    for m in admin_file_descriptor().services_by_name["Admin"].methods
+}
+
+
+def add_to_pool(pool: descriptor_pool.DescriptorPool) -> None:
+    """Adds the admin file and those of its imports that ``pool`` lacks (so reflection can describe it)."""
+    for proto in _FILE_SET.file:
+        try:
+            pool.FindFileByName(proto.name)
+        except KeyError:
+            pool.Add(proto)
+
+
+class _Refused(Exception):
+    """Ends an admin call with ``code`` and a message for a person."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+Behaviour = Callable[[Any], Message]
+GrpcBehaviour = Callable[[Any, grpc.ServicerContext], Message]
+
+
+class AdminService:
+    """The behaviour of each admin method, on one VirtualServer."""
+
+    def __init__(self, vserver: VirtualServer) -> None:
+        self.vserver = vserver
+        # Serialises admin changes, so a put and a delete never interleave their read-modify-write.
+        self._lock = threading.Lock()
+        self._puts = itertools.count(1)
+
+    # -- scenarios -----------------------------------------------------------------------------
+
+    def ListScenarios(self, request: Any) -> Message:
+        registry = self.vserver.registry
+        reply = messages.ListScenariosResponse()
+        for scenario in registry.scenarios():  # sorted by name
+            reply.scenarios.add(
+                name=scenario.name,
+                version="" if scenario.version is None else str(scenario.version),
+                description=scenario.description,
+                extends=scenario.extends or "",
+                source=str(scenario.location),
+                methods=registry.methods_of(scenario.name),
+                rule_count=len(scenario.rules),
+                from_script=scenario.from_script,
+            )
+        return reply
+
+    def PutScenario(self, request: Any) -> Message:
+        from virtsvc._loader import compile_text
+
+        registry = self.vserver.registry
+        with self._lock:
+            loaded = {s.name: s for s in registry.scenarios()}
+            # Names with their extends, so that a cycle through loaded scenarios is refused too.
+            known = {name: s.extends for name, s in loaded.items()}
+            compiled = compile_text(request.text, self.vserver.catalog, origin=ORIGIN, known=known)
+            if not compiled:  # pragma: no cover - the loader reports an empty text itself
+                raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{ORIGIN}: the text holds no scenario")
+            replaced = [s.name for s in compiled if s.name in loaded]
+            if len(compiled) == 1:
+                registry.put(compiled[0])
+            else:
+                loaded.update((s.name, s) for s in compiled)
+                registry.replace_all(loaded.values())  # one swap: a call sees all of them or none
+        names = [s.name for s in compiled]
+        log.info("admin.scenario.put", names=names, replaced=replaced)
+        return messages.PutScenarioResponse(names=names, replaced=replaced)
+
+    def DeleteScenario(self, request: Any) -> Message:
+        name = request.name
+        registry = self.vserver.registry
+        with self._lock:
+            if not name:
+                raise _Refused(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "give the name of the scenario to delete; " + self._loaded(),
+                )
+            if name not in registry:
+                raise _Refused(grpc.StatusCode.NOT_FOUND, self._unknown_scenario(name))
+            dependents = sorted(s.name for s in registry.scenarios() if s.extends == name)
+            if dependents:
+                raise _Refused(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f'scenario "{name}" is extended by '
+                    + ", ".join(f'"{d}"' for d in dependents)
+                    + ": delete them or change their extends first",
+                )
+            registry.delete(name)
+            dropped = self.vserver.store.drop_scenario(name)
+            self.vserver.journal.drop_scenario(name)
+        log.info("admin.scenario.deleted", name=name, sessions=dropped)
+        return messages.DeleteScenarioResponse(sessions_dropped=dropped)
+
+    # -- sessions ------------------------------------------------------------------------------
+
+    def ResetSession(self, request: Any) -> Message:
+        scenario, session_id = request.scenario, request.session or DEFAULT_SESSION
+        store = self.vserver.store
+        if store.find(scenario, session_id) is None:
+            self._require_scenario(scenario)  # a typo must not pass for "nothing to reset"
+        existed = store.reset(scenario, session_id)
+        # The store drops the journal with the session; entries of calls refused before any session
+        # existed (routing errors) go too.
+        self.vserver.journal.clear(scenario, session_id)
+        log.info("admin.session.reset", scenario=scenario, session=session_id, existed=existed)
+        return messages.ResetSessionResponse(existed=existed)
+
+    def PutSessionRules(self, request: Any) -> Message:
+        from virtsvc._loader import compile_rules
+
+        scenario, session_id = request.scenario, request.session or DEFAULT_SESSION
+        with self._lock:
+            self._require_scenario(scenario)
+            # A fresh key prefix per put: the new rules' times/sequence counters start from zero.
+            rules = compile_rules(
+                request.text,
+                self.vserver.catalog,
+                scenario=scenario,
+                origin=ORIGIN,
+                key_prefix=f"session:{next(self._puts)}:",
+            )
+            by_method: dict[str, list[Rule]] = {}
+            for rule in rules:
+                by_method.setdefault(rule.method, []).append(rule)
+            session = self.vserver.store.get(scenario, session_id)
+            # One assignment: a call in flight sees either the old rules or the new ones, never a mix.
+            # Higher priority first; ties keep the text's order (sorted is stable).
+            session.rules = {m: tuple(sorted(rs, key=lambda r: -r.priority)) for m, rs in by_method.items()}
+        log.info("admin.session.rules", scenario=scenario, session=session_id, rules=len(rules))
+        return messages.PutSessionRulesResponse(rule_count=len(rules))
+
+    def ClearSessionRules(self, request: Any) -> Message:
+        scenario, session_id = request.scenario, request.session or DEFAULT_SESSION
+        with self._lock:
+            session = self.vserver.store.find(scenario, session_id)
+            if session is None:
+                self._require_scenario(scenario)
+                return messages.ClearSessionRulesResponse(rule_count=0)
+            removed = sum(len(rs) for rs in session.rules.values())
+            session.rules = {}
+        log.info("admin.session.rules.cleared", scenario=scenario, session=session_id, rules=removed)
+        return messages.ClearSessionRulesResponse(rule_count=removed)
+
+    # -- journal -------------------------------------------------------------------------------
+
+    def GetJournal(self, request: Any) -> Message:
+        method: str | None = None
+        if request.method:
+            method = normalize_method_name(request.method)
+            if method not in self.vserver.catalog.methods:
+                raise _Refused(
+                    grpc.StatusCode.NOT_FOUND, self.vserver.catalog.unknown_method_message(request.method)
+                )
+        # Scenario names are not checked: calls naming an unknown scenario are journaled under that name.
+        entries = self.vserver.journal.entries(
+            scenario=request.scenario or None,
+            session=request.session or None,
+            method=method,
+            limit=request.limit or None,
+        )
+        reply = messages.GetJournalResponse()
+        for entry in entries:
+            _fill_entry(reply.entries.add(), entry)
+        return reply
+
+    # -- messages ------------------------------------------------------------------------------
+
+    def _require_scenario(self, name: str) -> None:
+        if name and name not in self.vserver.registry:
+            raise _Refused(grpc.StatusCode.NOT_FOUND, self._unknown_scenario(name))
+
+    def _loaded(self) -> str:
+        return "loaded scenarios: " + (", ".join(self.vserver.registry.names()) or "none")
+
+    def _unknown_scenario(self, name: str) -> str:
+        # The same words as the router's answer to a call naming an unknown scenario.
+        text = f'unknown scenario "{name}"'
+        close = difflib.get_close_matches(name, self.vserver.registry.names(), n=3, cutoff=0.5)
+        if close:
+            text += "; did you mean " + " or ".join(f'"{c}"' for c in close) + "?"
+        return f"{text}; {self._loaded()}"
+
+
+def _fill_entry(out: Any, entry: Entry) -> None:
+    out.seq = entry.seq
+    out.scenario = entry.scenario
+    out.scenario_version = "" if entry.scenario_version is None else str(entry.scenario_version)
+    out.session = entry.session
+    out.method = entry.method
+    out.kind = entry.spec.kind
+    out.metadata.update(dict(entry.metadata))
+    requests = entry.requests()
+    replies = entry.replies()
+    for item in requests:
+        out.requests.add().update(_as_object(item))
+    for item in replies:
+        out.replies.add().update(_as_object(item))
+    if requests:
+        out.request.CopyFrom(out.requests[0])
+    if replies:
+        out.reply.CopyFrom(out.replies[0])
+    out.code = entry.code.name
+    out.message = entry.message
+    out.rule = entry.rule or ""
+    out.near_miss = entry.near_miss or ""
+    out.started_at.FromNanoseconds(int(entry.started_at * 1e9))
+    out.duration.FromNanoseconds(round(entry.duration * 1e9))
+    out.matched = entry.matched
+
+
+def _as_object(value: Any) -> dict[str, Any]:
+    # A method taking or returning a well-known type (Timestamp, StringValue...) has a JSON form that is
+    # not an object; a Struct holds it under "@value".
+    return value if isinstance(value, dict) else {"@value": value}
+
+
+# -- grpc wiring -------------------------------------------------------------------------------------
+
+
+def _authorized(context: grpc.ServicerContext, token: str) -> bool:
+    expected = token.encode()
+    ok = False
+    for key, value in context.invocation_metadata() or ():
+        if key != "authorization" or not isinstance(value, str):
+            continue
+        scheme, _, credentials = value.strip().partition(" ")
+        # Compare every candidate in constant time; the scheme name is case-insensitive (RFC 6750).
+        ok |= scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(), expected)
+    return ok
+
+
+def _guarded(name: str, behaviour: Behaviour, token: str | None, closed: str | None = None) -> GrpcBehaviour:
+    def handle(request: Any, context: grpc.ServicerContext) -> Message:
+        if closed is not None:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, closed)
+        if token is not None and not _authorized(context, token):
+            log.warning("admin.unauthenticated", method=name, peer=context.peer())
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, AUTH_MESSAGE)
+        try:
+            return behaviour(request)
+        except _Refused as exc:
+            code, message = exc.code, exc.message
+        except VirtsvcError as exc:  # ScenarioError: one located "<admin>:LINE: message" line per problem
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        except Exception as exc:  # a bug: say where rather than let grpc answer an opaque UNKNOWN
+            log.exception("admin.failed", method=name)
+            code, message = grpc.StatusCode.INTERNAL, f"admin {name} failed: {type(exc).__name__}: {exc}"
+        if code is not grpc.StatusCode.INTERNAL:
+            log.info("admin.refused", method=name, code=code.name, message=message)
+        context.abort(code, message)
+        raise AssertionError("unreachable")  # pragma: no cover - abort raises
+
+    return handle
+
+
+def add_admin(server: grpc.Server, vserver: VirtualServer, token: str | None = None) -> str:
+    """Serves the admin API for ``vserver`` on ``server``; returns its full service name.
+
+    With a ``token`` (default: the server's ``admin_token``), every call must carry the metadata
+    ``authorization: Bearer <token>``. Also adds the admin proto to the catalog's pool for reflection.
+    """
+    if token is None:
+        # Secure by default: a server configured with a token never serves an open admin API.
+        token = getattr(vserver, "admin_token", None) or getattr(vserver, "_admin_token", None)
+    if token is not None and not token.strip():
+        raise ConfigError("the admin token is empty: give a non-empty token, or none to leave admin open")
+    from virtsvc.server import is_loopback
+
+    closed = None
+    host = getattr(vserver, "host", "127.0.0.1")
+    if token is None and not is_loopback(host):
+        # Scenario text over the network is an attack surface: off loopback, only with a token.
+        closed = (
+            f"the admin API is closed: this server listens on {host}, reachable from other machines; "
+            "start it with --admin-token (or VIRTSVC_ADMIN_TOKEN) to open it"
+        )
+    service = AdminService(vserver)
+    handlers = {}
+    for name, (request_class, response_class) in METHODS.items():
+        handlers[name] = grpc.unary_unary_rpc_method_handler(
+            _guarded(name, getattr(service, name), token, closed),
+            request_deserializer=request_class.FromString,
+            response_serializer=response_class.SerializeToString,
+        )
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(ADMIN_SERVICE, handlers)])
+    add_to_pool(vserver.catalog.pool)
+    return ADMIN_SERVICE
+
+
+class AdminClient:
+    """A small client: ``AdminClient(channel, token).call("PutScenario", text=...)`` returns the reply.
+
+    Refusals raise ``grpc.RpcError`` (``.code()``, ``.details()``).
+    """
+
+    def __init__(self, channel: grpc.Channel, token: str | None = None, timeout: float | None = 10.0) -> None:
+        self._channel = channel
+        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
+        self._timeout = timeout
+        self._stubs: dict[str, grpc.UnaryUnaryMultiCallable] = {}
+
+    def call(self, method: str, request: Message | None = None, /, **fields: Any) -> Any:
+        """Calls ``method`` with ``request``, or with a request built from ``fields``."""
+        try:
+            request_class, response_class = METHODS[method]
+        except KeyError:
+            raise ValueError(f"unknown admin method {method}; they are: {', '.join(METHODS)}") from None
+        stub = self._stubs.get(method)
+        if stub is None:
+            stub = self._stubs[method] = self._channel.unary_unary(
+                f"/{ADMIN_SERVICE}/{method}",
+                request_serializer=request_class.SerializeToString,
+                response_deserializer=response_class.FromString,
+            )
+        return stub(
+            request if request is not None else request_class(**fields),
+            metadata=self._metadata,
+            timeout=self._timeout,
+        )
