@@ -445,7 +445,12 @@ def test_empty_and_missing_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 def test_usage_errors_exit_2(capsys) -> None:
     assert main([]) == 2
     assert main(["gen", "--bogus"]) == 2
-    assert "usage:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # One line per usage error, pointing at --help rather than repeating the whole usage.
+    assert err.splitlines() == [
+        "virtsvc: error: the following arguments are required: COMMAND (see 'virtsvc --help')",
+        "virtsvc: error: unrecognized arguments: --bogus (see 'virtsvc --help')",
+    ]
 
 
 def test_googleapis_imports_resolve_automatically(protos: Path, tmp_path: Path) -> None:
