@@ -32,7 +32,9 @@ class Session:
         self._counters: dict[str, int] = {}
         self._lock = threading.Lock()
         # Seeded from the names so that a rerun of the same test sees the same random values.
-        seed = int.from_bytes(hashlib.blake2b(f"{scenario}\0{session_id}".encode(), digest_size=8).digest())
+        seed = int.from_bytes(
+            hashlib.blake2b(f"{scenario}\0{session_id}".encode(), digest_size=8).digest(), "big"
+        )
         self.rng = random.Random(seed)
         self.data: dict[str, Any] = {}
         # Session-scoped rules (admin PutSessionRules, pytest inline rules): method -> rules, best first.

@@ -1,0 +1,708 @@
+"""Compiled ``when`` conditions: which calls a rule answers.
+
+``when: {request: {...}, metadata: {...}}`` is validated against the method's input type at load and compiled
+into flat *leaves*: a path into the request's proto3 JSON (or a metadata key) and a small test closure. A
+check walks the leaves and nothing else: no parsing of conditions, no regex compilation, no descriptor
+lookups. Literals are canonicalised at load into the exact proto3 JSON form the request takes (enum
+names, int64 as text, normalised timestamps and durations, nested defaults dropped), so equality is ``==``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+
+from virtsvc._located import Site
+from virtsvc._model import Call, Matcher, MatchResult, to_json
+from virtsvc.descriptors import MethodSpec
+from virtsvc.templates import (
+    DURATION,
+    INT64_TYPES,
+    JSON_TYPES,
+    TIMESTAMP,
+    WRAPPERS,
+    ConversionError,
+    element_default,
+    is_map,
+    json_default,
+    map_key,
+    message_class,
+    message_info,
+    set_field,
+    show,
+    special_type,
+    suggest,
+    type_name,
+    unknown_field_message,
+)
+
+__all__ = ["MAX_REGEX", "MAX_REGEX_INPUT", "OPERATORS", "compile_when"]
+
+OPERATORS = ("$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$regex", "$contains", "$exists")
+WHEN_KEYS = ("request", "metadata")
+# Python's re backtracks: a pattern like (a+)+$ can take exponential time. Patterns are bounded at load and
+# applied to at most the first 64 KiB of a value, which keeps a bad pattern's cost bounded per check.
+MAX_REGEX = 1000
+MAX_REGEX_INPUT = 64 * 1024
+
+_ORDER_SYMBOLS = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
+_ORDER_TESTS: dict[str, Callable[[Any, Any], bool]] = {
+    "$gt": lambda a, b: a > b,
+    "$gte": lambda a, b: a >= b,
+    "$lt": lambda a, b: a < b,
+    "$lte": lambda a, b: a <= b,
+}
+_MISSING = object()
+
+Test = Callable[[bool, Any], "str | None"]  # (present, value or default) -> failure text or None
+
+
+@dataclass(frozen=True, slots=True)
+class _Leaf:
+    """One condition: where its value is, what it is when absent, and the test."""
+
+    keys: tuple[str, ...]
+    default: Any
+    test: Test
+
+
+class _When:
+    """A compiled ``when``: leaves over ``call.request_json`` and over ``call.metadata``."""
+
+    __slots__ = ("_metadata", "_request", "_total")
+
+    def __init__(self, request: tuple[_Leaf, ...], metadata: tuple[_Leaf, ...]) -> None:
+        self._request = request
+        self._metadata = metadata
+        self._total = len(request) + len(metadata)
+
+    @property
+    def needs_request(self) -> bool:
+        return bool(self._request)
+
+    def check(self, call: Call) -> MatchResult:
+        # Every leaf is checked, even after a failure: passed/total rank the near misses.
+        failures: list[str] = []
+        if self._request:
+            root = call.request_json
+            for leaf in self._request:
+                present, value = _lookup(root, leaf.keys)
+                failure = leaf.test(present, value if present else leaf.default)
+                if failure is not None:
+                    failures.append(failure)
+        if self._metadata:
+            md = call.metadata
+            for leaf in self._metadata:
+                value = md.get(leaf.keys[0], _MISSING)
+                present = value is not _MISSING
+                failure = leaf.test(present, value if present else None)
+                if failure is not None:
+                    failures.append(failure)
+        return MatchResult(not failures, self._total - len(failures), self._total, tuple(failures))
+
+
+def _lookup(root: Any, keys: tuple[str, ...]) -> tuple[bool, Any]:
+    cur = root
+    for k in keys:
+        if not isinstance(cur, dict):
+            return False, None
+        cur = cur.get(k, _MISSING)
+        if cur is _MISSING:
+            return False, None
+    return True, cur
+
+
+def compile_when(
+    node: Mapping[str, Any], method: MethodSpec, site: Site, path: str = "when"
+) -> Matcher | None:
+    """Compiles a ``when`` block for ``method``; None (every problem reported on ``site``) if it is wrong."""
+    before = len(site.problems.items)
+    compiler = _Compiler(site)
+    if not isinstance(node, Mapping):
+        site.error(
+            node, None, f"{path}: expected a mapping of conditions (request:, metadata:), got {show(node)}"
+        )
+        return None
+    for key, value in node.items():
+        kpath = f"{path}.{key}"
+        if key == "request":
+            if isinstance(value, Mapping) and not _is_ops(value):
+                compiler.message(method.input, value, (), "request", kpath)
+            else:
+                site.error(node, key, f"{kpath}: expected a mapping of request fields, got {show(value)}")
+        elif key == "metadata":
+            if isinstance(value, Mapping):
+                compiler.metadata(value, kpath)
+            else:
+                site.error(node, key, f"{kpath}: expected a mapping of metadata keys, got {show(value)}")
+        else:
+            hint = suggest(str(key), WHEN_KEYS) or "; the keys are request and metadata"
+            site.error(node, key, f'{kpath}: unknown key "{key}"{hint}')
+    if len(site.problems.items) > before:
+        return None
+    return _When(tuple(compiler.request), tuple(compiler.metadata_leaves))
+
+
+def _is_ops(value: Any) -> bool:
+    return (
+        isinstance(value, Mapping)
+        and bool(value)
+        and all(isinstance(k, str) and k.startswith("$") for k in value)
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# kinds: how the values at one path compare
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """What the values at a path are, as far as conditions are concerned."""
+
+    name: str  # for messages: "int32", "repeated string", "common.v1.Region"...
+    literal: Callable[[Any], Any]  # a literal (validated) as the canonical proto3 JSON value; ConversionError
+    shape: str  # "scalar" | "list" | "map" | "message" | "json"
+    order: str | None = None  # "int" | "float" | "time" | "duration" | "string": how $gt & co compare
+    element: Callable[[Any], Any] | None = None  # lists: canonical form of one element ($contains)
+    int64: bool = False  # JSON text that is shown and compared as a number
+    textual: bool = True  # $regex applies
+
+
+def _show_as(kind: _Kind, value: Any) -> str:
+    """A value for a failure text: JSON-style, int64 bare like other numbers."""
+    if kind.int64:
+        value = _int64_display(value)
+    if kind.shape == "map" and isinstance(value, dict):
+        value = dict(sorted(value.items()))  # map order on the wire is arbitrary; texts should be stable
+    return show(value)
+
+
+def _int64_display(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            return value
+    if isinstance(value, list):
+        return [_int64_display(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _int64_display(v) for k, v in value.items()}
+    return value
+
+
+def _canonical(field: FieldDescriptor, *, element: bool = False) -> Callable[[Any], Any]:
+    """Canonicalises literals for ``field`` by setting them on a scratch message and reading its JSON back."""
+    cls = message_class(field.containing_type)
+    name = field.name
+
+    def literal(value: Any) -> Any:
+        msg = cls()
+        if element:
+            try:
+                set_field(msg, field, [value], True, "")
+            except ConversionError as exc:
+                # the literal is one element: drop the "[0]" of the scratch list from the path
+                raise ConversionError(exc.path.removeprefix("[0]"), exc.message) from None
+            return to_json(msg)[name][0]
+        set_field(msg, field, value, True, "")
+        return to_json(msg).get(name, json_default(field))
+
+    return literal
+
+
+def _field_kind(field: FieldDescriptor, *, element: bool = False) -> _Kind:
+    """The kind of a field's values (``element``: of one item of a repeated field)."""
+    tname = type_name(field, element=element)
+    if is_map(field) and not element:
+        return _Kind(tname, _canonical(field), "map", textual=False)
+    if field.is_repeated and not element:
+        inner = _field_kind(field, element=True)
+        return _Kind(
+            tname,
+            _canonical(field),
+            "list",
+            element=_canonical(field, element=True),
+            int64=inner.int64,
+            textual=False,
+        )
+    literal = _canonical(field, element=True) if element else _canonical(field)
+    special = special_type(field)
+    if field.message_type is not None:
+        if special == TIMESTAMP:
+            return _Kind(tname, literal, "scalar", order="time")
+        if special == DURATION:
+            return _Kind(tname, literal, "scalar", order="duration")
+        if special in WRAPPERS:
+            inner = _field_kind(field.message_type.fields_by_name["value"])
+            return _Kind(
+                tname, literal, "scalar", order=inner.order, int64=inner.int64, textual=inner.textual
+            )
+        if special in JSON_TYPES:
+            return _Kind(tname, literal, "json", textual=False)
+        return _Kind(tname, literal, "message", textual=False)
+    if field.enum_type is not None:
+        return _Kind(tname, literal, "scalar")
+    t = field.type
+    if t in INT64_TYPES:
+        return _Kind(tname, literal, "scalar", order="int", int64=True)
+    if t in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
+        return _Kind(tname, literal, "scalar", order="float")
+    if t == FieldDescriptor.TYPE_BOOL:
+        return _Kind(tname, literal, "scalar")
+    if t == FieldDescriptor.TYPE_STRING:
+        return _Kind(tname, literal, "scalar", order="string")
+    if t == FieldDescriptor.TYPE_BYTES:
+        return _Kind(tname, literal, "scalar")
+    return _Kind(tname, literal, "scalar", order="int")
+
+
+def _json_literal(value: Any) -> Any:
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, list):
+        return [_json_literal(v) for v in value]
+    if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+        return {k: _json_literal(v) for k, v in value.items()}
+    raise ConversionError("", f"expected a JSON value, got {show(value)}")
+
+
+_JSON_KIND = _Kind("JSON value", _json_literal, "json", textual=False)
+
+
+def _metadata_literal(value: Any) -> Any:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, str):
+        return value
+    raise ConversionError("", f"expected text, got {show(value)}")
+
+
+_METADATA_KIND = _Kind("metadata value", _metadata_literal, "scalar", order="string")
+
+
+# --------------------------------------------------------------------------------------------------------
+# the compiler
+
+
+class _Compiler:
+    def __init__(self, site: Site) -> None:
+        self.site = site
+        self.request: list[_Leaf] = []
+        self.metadata_leaves: list[_Leaf] = []
+
+    def message(
+        self, desc: Descriptor, node: Mapping[Any, Any], keys: tuple[str, ...], label: str, path: str
+    ) -> None:
+        """Subset match: every field named must match."""
+        info = message_info(desc)
+        seen: dict[str, Any] = {}
+        for key, value in node.items():
+            kpath = f"{path}.{key}"
+            field = info.fields.get(key) if isinstance(key, str) else None
+            if field is None:
+                self.site.error(node, key, f"{kpath}: {unknown_field_message(desc, key)}")
+                continue
+            if field.name in seen:
+                self.site.error(node, key, f'{kpath}: "{seen[field.name]}" and "{key}" name the same field')
+                continue
+            seen[field.name] = key
+            self.field(field, value, node, key, (*keys, field.name), f"{label}.{key}", kpath)
+
+    def field(
+        self,
+        field: FieldDescriptor,
+        value: Any,
+        node: Any,
+        key: Any,
+        keys: tuple[str, ...],
+        label: str,
+        path: str,
+    ) -> None:
+        kind = _field_kind(field)
+        default = json_default(field)
+        if self._mixed(value, node, key, path):
+            return
+        if _is_ops(value):
+            self.operators(kind, value, keys, default, label, path, self.request)
+        elif kind.shape == "map" and isinstance(value, Mapping):
+            self.map_entries(field, value, keys, label, path)
+        elif kind.shape == "message" and isinstance(value, Mapping):
+            self.message(field.message_type, value, keys, label, path)
+        elif (
+            kind.shape == "json"
+            and isinstance(value, Mapping)
+            and special_type(field) != "google.protobuf.Value"
+        ):
+            self.json_subset(value, keys, label, path)
+        else:
+            self.literal(kind, value, node, key, keys, default, label, path)
+
+    def map_entries(
+        self, field: FieldDescriptor, node: Mapping[Any, Any], keys: tuple[str, ...], label: str, path: str
+    ) -> None:
+        """Subset of a map's entries; each entry's value is a literal, operators or (messages) a subset."""
+        kf = field.message_type.fields_by_name["key"]
+        vf = field.message_type.fields_by_name["value"]
+        kind = _field_kind(vf)
+        for mk, mv in node.items():
+            epath = f"{path}.{mk}"
+            try:
+                # JSON renders every map key as text: true, 7, "eu"
+                k = _map_key_text(kf, mk, epath)
+            except ConversionError as exc:
+                self.site.error(node, mk, str(exc))
+                continue
+            ekeys, elabel = (*keys, k), f"{label}.{mk}"
+            if self._mixed(mv, node, mk, epath):
+                continue
+            if _is_ops(mv):
+                self.operators(kind, mv, ekeys, element_default(vf), elabel, epath, self.request)
+            elif kind.shape == "message" and isinstance(mv, Mapping):
+                self.message(vf.message_type, mv, ekeys, elabel, epath)
+            else:
+                self.literal(kind, mv, node, mk, ekeys, element_default(vf), elabel, epath)
+
+    def json_subset(self, node: Mapping[Any, Any], keys: tuple[str, ...], label: str, path: str) -> None:
+        """Struct and Any: every key named must match (nested mappings match as subsets too)."""
+        for k, v in node.items():
+            kpath, klabel = f"{path}.{k}", f"{label}.{k}"
+            if not isinstance(k, str):
+                self.site.error(node, k, f"{kpath}: keys of a JSON object are text, got {show(k)}")
+                continue
+            if self._mixed(v, node, k, kpath):
+                continue
+            if _is_ops(v):
+                self.operators(_JSON_KIND, v, (*keys, k), None, klabel, kpath, self.request)
+            elif isinstance(v, Mapping) and v:
+                self.json_subset(v, (*keys, k), klabel, kpath)
+            else:
+                self.literal(_JSON_KIND, v, node, k, (*keys, k), None, klabel, kpath)
+
+    def metadata(self, node: Mapping[Any, Any], path: str) -> None:
+        for key, value in node.items():
+            if not isinstance(key, str):
+                self.site.error(node, key, f"{path}.{key}: metadata keys are text, got {show(key)}")
+                continue
+            name = key.lower()  # gRPC metadata keys are case-insensitive and arrive in lower case
+            kpath, label = f"{path}.{key}", f"metadata.{name}"
+            if self._mixed(value, node, key, kpath):
+                continue
+            if _is_ops(value):
+                self.operators(_METADATA_KIND, value, (name,), None, label, kpath, self.metadata_leaves)
+            else:
+                self.literal(
+                    _METADATA_KIND, value, node, key, (name,), None, label, kpath, self.metadata_leaves
+                )
+
+    def _mixed(self, value: Any, node: Any, key: Any, path: str) -> bool:
+        if isinstance(value, Mapping) and value and not _is_ops(value):
+            ops = [k for k in value if isinstance(k, str) and k.startswith("$")]
+            if ops:
+                others = [str(k) for k in value if k not in ops]
+                self.site.error(
+                    node,
+                    key,
+                    f"{path}: mixes operators ({', '.join(ops)}) and field names ({', '.join(others)}); "
+                    "use one or the other",
+                )
+                return True
+        return False
+
+    def literal(
+        self,
+        kind: _Kind,
+        value: Any,
+        node: Any,
+        key: Any,
+        keys: tuple[str, ...],
+        default: Any,
+        label: str,
+        path: str,
+        out: list[_Leaf] | None = None,
+    ) -> None:
+        try:
+            expected = kind.literal(value)
+        except ConversionError as exc:
+            self.site.error(node, key, f"{path}{exc.path}: {exc.message}")
+            return
+        (self.request if out is None else out).append(_Leaf(keys, default, _equal(kind, expected, label)))
+
+    def operators(
+        self,
+        kind: _Kind,
+        ops: Mapping[str, Any],
+        keys: tuple[str, ...],
+        default: Any,
+        label: str,
+        path: str,
+        out: list[_Leaf],
+    ) -> None:
+        for op, operand in ops.items():
+            opath = f"{path}.{op}"
+            if op not in OPERATORS:
+                hint = suggest(op, OPERATORS) or "; the operators are " + ", ".join(OPERATORS)
+                self.site.error(ops, op, f'{opath}: unknown operator "{op}"{hint}')
+                continue
+            try:
+                test = _operator(kind, op, operand, label)
+            except ConversionError as exc:
+                self.site.error(ops, op, f"{opath}{exc.path}: {exc.message}")
+                continue
+            out.append(_Leaf(keys, default, test))
+
+
+def _map_key_text(field: FieldDescriptor, key: Any, path: str) -> str:
+    k = map_key(field, key, path)
+    if isinstance(k, bool):
+        return "true" if k else "false"
+    return str(k)
+
+
+# --------------------------------------------------------------------------------------------------------
+# tests: each returns None when the condition holds, else the failure text
+
+
+def _equal(kind: _Kind, expected: Any, label: str) -> Test:
+    want = f"{label}: expected {_show_as(kind, expected)}, got "
+
+    def test(present: bool, value: Any) -> str | None:
+        if value == expected:
+            return None
+        return want + (_show_as(kind, value) if present else "nothing")
+
+    return test
+
+
+def _operator(kind: _Kind, op: str, operand: Any, label: str) -> Test:
+    """Compiles one operator; raises ConversionError (message only) for an unusable operand."""
+    if op == "$eq":
+        return _equal(kind, kind.literal(operand), label)
+    if op == "$ne":
+        unwanted = kind.literal(operand)
+        want = f"{label}: expected not {_show_as(kind, unwanted)}, got "
+
+        def ne(present: bool, value: Any) -> str | None:
+            return None if value != unwanted else want + (_show_as(kind, value) if present else "nothing")
+
+        return ne
+    if op == "$in":
+        if not isinstance(operand, list):
+            raise ConversionError("", f"expected a list of values, got {show(operand)}")
+        choices = [kind.literal(v) for v in operand]
+        want = f"{label}: expected one of {_show_as(kind, choices)}, got "
+
+        def in_(present: bool, value: Any) -> str | None:
+            return None if value in choices else want + (_show_as(kind, value) if present else "nothing")
+
+        return in_
+    if op == "$exists":
+        if not isinstance(operand, bool):
+            raise ConversionError("", f"expected true or false, got {show(operand)}")
+        if operand:
+            failure = f"{label}: expected to be present, got nothing"
+            return lambda present, value: None if present else failure
+        absent = f"{label}: expected to be absent, got "
+        return lambda present, value: absent + _show_as(kind, value) if present else None
+    if op == "$regex":
+        return _regex(kind, operand, label)
+    if op == "$contains":
+        return _contains(kind, operand, label)
+    return _order(kind, op, operand, label)
+
+
+def _regex(kind: _Kind, operand: Any, label: str) -> Test:
+    if not kind.textual and kind.shape != "json":
+        raise ConversionError("", f"$regex matches text, not {kind.name}")
+    if not isinstance(operand, str):
+        raise ConversionError("", f"expected a regular expression (text), got {show(operand)}")
+    if len(operand) > MAX_REGEX:
+        raise ConversionError("", f"regular expression longer than {MAX_REGEX} characters")
+    try:
+        rx = re.compile(operand)
+    except re.error as exc:
+        raise ConversionError("", f"invalid regular expression: {exc}") from None
+    search = rx.search
+    want = f"{label}: expected to match /{operand}/, got "
+
+    def test(present: bool, value: Any) -> str | None:
+        text = _text(value)
+        if text is not None and search(text, 0, MAX_REGEX_INPUT):
+            return None
+        return want + (_show_as(kind, value) if present else "nothing")
+
+    return test
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    return None
+
+
+def _contains(kind: _Kind, operand: Any, label: str) -> Test:
+    want = f"{label}: expected to contain {show(operand)}, got "
+    if kind.shape == "list":
+        assert kind.element is not None
+        element = kind.element(operand)
+        want = f"{label}: expected to contain {_show_as(kind, element)}, got "
+
+        def in_list(present: bool, value: Any) -> str | None:
+            return None if element in value else want + (_show_as(kind, value) if present else "nothing")
+
+        return in_list
+    if kind.shape == "map":
+        if not isinstance(operand, (str, int)) or isinstance(operand, bool):
+            raise ConversionError("", f"expected a map key, got {show(operand)}")
+        key = str(operand)
+
+        def has_key(present: bool, value: Any) -> str | None:
+            return None if key in value else want + (_show_as(kind, value) if present else "nothing")
+
+        return has_key
+    if kind.order == "string" or kind.shape == "json":
+        if not isinstance(operand, str):
+            raise ConversionError("", f"expected text to look for, got {show(operand)}")
+
+        def substring(present: bool, value: Any) -> str | None:
+            if isinstance(value, str) and operand in value:
+                return None
+            if kind.shape == "json" and isinstance(value, list) and operand in value:
+                return None
+            return want + (_show_as(kind, value) if present else "nothing")
+
+        return substring
+    raise ConversionError("", f"$contains applies to repeated fields, maps and strings, not {kind.name}")
+
+
+def _order(kind: _Kind, op: str, operand: Any, label: str) -> Test:
+    compare = _ORDER_TESTS[op]
+    symbol = _ORDER_SYMBOLS[op]
+    order = kind.order
+    if kind.shape == "json":
+        order = "string" if isinstance(operand, str) else "float"
+    if order is None:
+        raise ConversionError("", f"{op} compares numbers, text, timestamps and durations, not {kind.name}")
+    number: Callable[[Any], Any]
+    if order in ("int", "float") or (order == "string" and _is_number(operand)):
+        if not _is_number(operand) and not (order == "int" and _is_int_text(operand)):
+            raise ConversionError("", f"expected a number, got {show(operand)}")
+        bound: Any = int(operand) if isinstance(operand, str) else operand
+        number = _as_number
+    elif order == "string":
+        if not isinstance(operand, str):
+            raise ConversionError("", f"expected text or a number, got {show(operand)}")
+        bound = operand
+        number = _as_str
+    elif order == "time":
+        bound = _timestamp_nanos(operand)
+        number = _time_nanos
+    else:
+        bound = _duration_nanos(operand)
+        number = _dur_nanos
+    want = f"{label}: expected {symbol} {show(operand)}, got "
+
+    def test(present: bool, value: Any) -> str | None:
+        actual = number(value)
+        try:
+            if actual is not None and compare(actual, bound):
+                return None
+        except TypeError:
+            pass
+        # the value compared is shown, defaults included: "expected > 0, got 0"
+        return want + (_show_as(kind, value) if present or value is not None else "nothing")
+
+    return test
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _is_int_text(value: Any) -> bool:
+    try:
+        int(value)
+    except (TypeError, ValueError):
+        return False
+    return isinstance(value, str)
+
+
+def _as_number(value: Any) -> float | int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value)  # int64 arrives as text; exact, unlike float
+        except ValueError:
+            try:
+                return float(value)  # "NaN", "Infinity", "1.5"
+            except ValueError:
+                return None
+    return None
+
+
+def _as_str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _timestamp_nanos(operand: Any) -> int:
+    ts = timestamp_pb2.Timestamp()
+    try:
+        if isinstance(operand, _dt.datetime):
+            ts.FromDatetime(operand if operand.tzinfo else operand.replace(tzinfo=_dt.timezone.utc))
+        elif isinstance(operand, str):
+            ts.FromJsonString(operand)
+        else:
+            raise ValueError
+    except ValueError:
+        raise ConversionError(
+            "", f'expected an RFC 3339 timestamp such as "2024-05-01T12:00:00Z", got {show(operand)}'
+        ) from None
+    return int(ts.ToNanoseconds())
+
+
+def _duration_nanos(operand: Any) -> int:
+    if _is_number(operand):
+        return round(operand * 1e9)
+    d = duration_pb2.Duration()
+    try:
+        d.FromJsonString(operand)
+    except (ValueError, TypeError, AttributeError):
+        raise ConversionError("", f'expected a duration such as "1.5s", got {show(operand)}') from None
+    return int(d.ToNanoseconds())
+
+
+def _time_nanos(value: Any) -> int | None:
+    if not isinstance(value, str):
+        return None
+    ts = timestamp_pb2.Timestamp()
+    try:
+        ts.FromJsonString(value)
+    except ValueError:
+        return None
+    return int(ts.ToNanoseconds())
+
+
+def _dur_nanos(value: Any) -> int | None:
+    if not isinstance(value, str):
+        return None
+    d = duration_pb2.Duration()
+    try:
+        d.FromJsonString(value)
+    except ValueError:
+        return None
+    return int(d.ToNanoseconds())

@@ -1,0 +1,1554 @@
+"""Reply bodies and text templates: validated and compiled at load, rendered per call in a sandbox.
+
+A reply body is written as proto3 JSON whose string values may be Jinja2 templates. At load the whole body
+is validated against the output message type (field names, value types, enum names, oneofs, well-known
+types) and split into a *skeleton* (every static part, already serialised) and *leaves* (the templated
+values). A render parses the skeleton, evaluates only the leaves and sets them by direct field access:
+for a three-field reply that build step measured ~3 us against ~65 us with ``json_format.ParseDict``.
+
+Templates run in an immutable Jinja2 sandbox, tightened further: output, string and list sizes are bounded,
+``range`` is bounded, and every loop iteration and call draws on a per-render step budget, so a template
+cannot hang a server or exhaust its memory by the usual means. The module also holds the proto3-JSON
+field helpers (name resolution, value conversion) that ``virtsvc.matching`` shares.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as _dt
+import difflib
+import json
+import math
+import re
+import string
+import threading
+import uuid as _uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from google.protobuf import json_format, message_factory
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
+from jinja2 import nodes, pass_environment, pass_eval_context
+from jinja2.compiler import CodeGenerator, Frame
+from jinja2.environment import Environment, Template
+from jinja2.exceptions import SecurityError, TemplateSyntaxError
+from jinja2.exceptions import TemplateError as JinjaError
+from jinja2.filters import FILTERS
+from jinja2.meta import find_undeclared_variables
+from jinja2.nodes import EvalContext
+from jinja2.runtime import Context, StrictUndefined, Undefined
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from virtsvc._located import Site
+from virtsvc._model import Call, MessageTemplate, TextTemplate, to_json
+
+__all__ = [
+    "MAX_RANGE",
+    "MAX_STEPS",
+    "MAX_TEXT",
+    "ConversionError",
+    "TemplateError",
+    "compile_message",
+    "compile_text",
+    "is_template",
+    "now",
+    "static_text",
+]
+
+MAX_TEXT = 1 << 20  # a rendered string (and any string built while rendering) is at most 1 MiB
+MAX_RANGE = 100_000  # range() length, like jinja2.sandbox.MAX_RANGE
+MAX_STEPS = 1_000_000  # loop iterations + calls per render: bounds the time a render can take
+MAX_INT_BITS = 1 << 16  # integers built by * and ** (Python would happily start on 2 ** 1000000000)
+
+CONTEXT_NAMES = frozenset({"request", "requests", "metadata", "session", "index", "uuid", "now", "randint"})
+_REQUEST_NAMES = frozenset({"request", "requests"})
+
+
+class TemplateError(Exception):
+    """A template failed while rendering; the message starts with the template's path (``reply.qty: ...``)."""
+
+
+class ConversionError(ValueError):
+    """A value that does not fit its field; ``str()`` is ``path: message``."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}" if path else message)
+        self.path = path
+        self.message = message
+
+
+def now() -> str:
+    """The current UTC time as RFC 3339 text; templates read the clock only here (virtual time hooks in)."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def is_template(value: Any) -> bool:
+    """Whether a string holds Jinja2 syntax (anything else is a literal)."""
+    return isinstance(value, str) and ("{{" in value or "{%" in value or "{#" in value)
+
+
+# --------------------------------------------------------------------------------------------------------
+# proto3 JSON field helpers (shared with virtsvc.matching)
+
+TIMESTAMP = "google.protobuf.Timestamp"
+DURATION = "google.protobuf.Duration"
+STRUCT = "google.protobuf.Struct"
+VALUE = "google.protobuf.Value"
+LIST_VALUE = "google.protobuf.ListValue"
+ANY = "google.protobuf.Any"
+FIELD_MASK = "google.protobuf.FieldMask"
+EMPTY = "google.protobuf.Empty"
+WRAPPERS = frozenset(
+    f"google.protobuf.{n}Value"
+    for n in ("Double", "Float", "Int64", "UInt64", "Int32", "UInt32", "Bool", "String", "Bytes")
+)
+JSON_TYPES = frozenset({STRUCT, VALUE, LIST_VALUE, ANY})  # any JSON tree inside
+SPECIAL_TYPES = frozenset({TIMESTAMP, DURATION, FIELD_MASK, EMPTY}) | JSON_TYPES | WRAPPERS
+
+F = FieldDescriptor
+_INT_RANGES: dict[int, tuple[int, int, str]] = {
+    F.TYPE_INT32: (-(2**31), 2**31 - 1, "int32"),
+    F.TYPE_SINT32: (-(2**31), 2**31 - 1, "sint32"),
+    F.TYPE_SFIXED32: (-(2**31), 2**31 - 1, "sfixed32"),
+    F.TYPE_UINT32: (0, 2**32 - 1, "uint32"),
+    F.TYPE_FIXED32: (0, 2**32 - 1, "fixed32"),
+    F.TYPE_INT64: (-(2**63), 2**63 - 1, "int64"),
+    F.TYPE_SINT64: (-(2**63), 2**63 - 1, "sint64"),
+    F.TYPE_SFIXED64: (-(2**63), 2**63 - 1, "sfixed64"),
+    F.TYPE_UINT64: (0, 2**64 - 1, "uint64"),
+    F.TYPE_FIXED64: (0, 2**64 - 1, "fixed64"),
+}
+INT64_TYPES = frozenset({F.TYPE_INT64, F.TYPE_SINT64, F.TYPE_SFIXED64, F.TYPE_UINT64, F.TYPE_FIXED64})
+FLOAT_TYPES = frozenset({F.TYPE_DOUBLE, F.TYPE_FLOAT})
+_FLOAT_MAX = 3.4028234663852886e38
+_JSON_FLOATS = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+@dataclass(frozen=True)
+class MessageInfo:
+    """Per message type: fields by proto and JSON name, and the names to suggest."""
+
+    descriptor: Descriptor
+    fields: Mapping[str, FieldDescriptor]  # proto names and JSON names
+    names: tuple[str, ...]  # proto names, declaration order
+    view_plan: tuple[tuple[str, Callable[[Any], Any]], ...]  # request view: fields whose JSON needs reshaping
+    view_defaults: Mapping[str, Any]  # request view: values of fields absent even with defaults=True
+
+
+@lru_cache(maxsize=4096)
+def message_info(desc: Descriptor) -> MessageInfo:
+    fields: dict[str, FieldDescriptor] = {}
+    for f in desc.fields:
+        fields[f.name] = f
+        fields.setdefault(f.json_name, f)
+    plan = []
+    defaults: dict[str, Any] = {}
+    for f in desc.fields:
+        shaper = _view_shaper(f)
+        if shaper is not None:
+            plan.append((f.name, shaper))
+        defaults[f.name] = None if (f.message_type is not None and not f.is_repeated) else _view_default(f)
+    return MessageInfo(desc, fields, tuple(f.name for f in desc.fields), tuple(plan), defaults)
+
+
+@lru_cache(maxsize=4096)
+def message_class(desc: Descriptor) -> type[Message]:
+    return message_factory.GetMessageClass(desc)
+
+
+def is_map(field: FieldDescriptor) -> bool:
+    mt = field.message_type
+    return bool(field.is_repeated and mt is not None and mt.GetOptions().map_entry)
+
+
+def special_type(field: FieldDescriptor) -> str | None:
+    """The full name of a well-known type with a special JSON form, else None."""
+    mt = field.message_type
+    if mt is not None and mt.full_name in SPECIAL_TYPES:
+        return str(mt.full_name)
+    return None
+
+
+def type_name(field: FieldDescriptor, *, element: bool = False) -> str:
+    """How a field's type reads in messages: ``int32``, ``repeated string``, ``map<string, int64>``."""
+    if is_map(field) and not element:
+        k, v = field.message_type.fields_by_name["key"], field.message_type.fields_by_name["value"]
+        return f"map<{type_name(k)}, {type_name(v)}>"
+    if field.message_type is not None:
+        base = str(field.message_type.full_name)
+    elif field.enum_type is not None:
+        base = str(field.enum_type.full_name)
+    elif field.type in _INT_RANGES:
+        base = _INT_RANGES[field.type][2]
+    else:
+        base = {
+            F.TYPE_DOUBLE: "double",
+            F.TYPE_FLOAT: "float",
+            F.TYPE_BOOL: "bool",
+            F.TYPE_STRING: "string",
+        }.get(field.type, "bytes")
+    return f"repeated {base}" if field.is_repeated and not element else base
+
+
+def suggest(word: str, candidates: Iterable[str]) -> str:
+    """``; did you mean "x"?`` (or empty) for an unknown name."""
+    close = difflib.get_close_matches(word, list(dict.fromkeys(candidates)), n=3, cutoff=0.6)
+    if not close:
+        return ""
+    return "; did you mean " + " or ".join(f'"{c}"' for c in close) + "?"
+
+
+def unknown_field_message(desc: Descriptor, key: Any) -> str:
+    info = message_info(desc)
+    hint = suggest(str(key), info.fields) if isinstance(key, str) else ""
+    if not hint and info.names:
+        hint = "; its fields are " + ", ".join(info.names)
+    elif not info.names:
+        hint = "; it has no fields"
+    return f'unknown field "{key}" of {desc.full_name}{hint}'
+
+
+def show(value: Any, limit: int = 200) -> str:
+    """A value as JSON-style text for messages (strings in double quotes, numbers bare), shortened."""
+    if isinstance(value, str) and len(value) > limit:
+        value = value[:limit] + "…"
+    try:
+        text = json.dumps(value, ensure_ascii=False, default=_show_default)
+    except (TypeError, ValueError, RecursionError):
+        text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _show_default(value: Any) -> Any:
+    if isinstance(value, Undefined):
+        return "<undefined>"
+    if isinstance(value, (_dt.datetime, _dt.date)):
+        return value.isoformat()
+    if isinstance(value, (bytes, bytearray)):
+        return base64.b64encode(value).decode()
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, (set, frozenset, tuple, range)):
+        return list(value)
+    return repr(value)
+
+
+def _check_defined(value: Any) -> None:
+    if isinstance(value, Undefined):
+        str(value)  # StrictUndefined raises its own, precise, error
+        raise ConversionError("", "undefined value")
+
+
+def _int(field: FieldDescriptor, value: Any, strict: bool, path: str) -> int:
+    lo, hi, name = _INT_RANGES[field.type]
+    n: int | None = None
+    if isinstance(value, bool):
+        n = None
+    elif isinstance(value, int):
+        n = value
+    elif isinstance(value, float):
+        n = int(value) if value.is_integer() else None
+    elif isinstance(value, str) and (not strict or field.type in INT64_TYPES):
+        text = value.strip()
+        try:
+            n = int(text)
+        except ValueError:
+            try:
+                f = float(text)
+            except ValueError:
+                f = math.nan
+            n = int(f) if f.is_integer() else None
+    if n is None:
+        raise ConversionError(path, f"expected an integer ({name}), got {show(value)}")
+    if not lo <= n <= hi:
+        raise ConversionError(path, f"{show(value)} is out of range for {name}")
+    return n
+
+
+def _float(field: FieldDescriptor, value: Any, strict: bool, path: str) -> float:
+    name = "float" if field.type == F.TYPE_FLOAT else "double"
+    f: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            f = float(value)
+        except OverflowError:
+            f = None
+    elif isinstance(value, str):
+        if value in _JSON_FLOATS:
+            f = _JSON_FLOATS[value]
+        elif not strict:
+            try:
+                f = float(value.strip())
+            except ValueError:
+                f = None
+    if f is None:
+        raise ConversionError(path, f"expected a number ({name}), got {show(value)}")
+    if name == "float" and math.isfinite(f) and abs(f) > _FLOAT_MAX:
+        raise ConversionError(path, f"{show(value)} is out of range for float")
+    return f
+
+
+def _bool(value: Any, strict: bool, path: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if not strict and isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ConversionError(path, f"expected true or false, got {show(value)}")
+
+
+def _str(value: Any, strict: bool, path: str) -> str:
+    if isinstance(value, str):
+        return value
+    if not strict and isinstance(value, bool):
+        return "true" if value else "false"
+    if not strict and isinstance(value, (int, float)):
+        return str(value)
+    raise ConversionError(path, f"expected a string, got {show(value)}")
+
+
+def _bytes(value: Any, path: str) -> bytes:
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str):
+        text = value.strip()
+        altchars = b"-_" if ("-" in text or "_" in text) else None
+        try:
+            return base64.b64decode(text + "=" * (-len(text) % 4), altchars=altchars, validate=True)
+        except (binascii.Error, ValueError):
+            pass
+    raise ConversionError(path, f"expected base64 text (bytes), got {show(value)}")
+
+
+def _enum(field: FieldDescriptor, value: Any, strict: bool, path: str) -> int:
+    enum = field.enum_type
+    if isinstance(value, int) and not isinstance(value, bool) and -(2**31) <= value < 2**31:
+        return value  # proto3 enums are open: unknown numbers are kept
+    if isinstance(value, str):
+        known = enum.values_by_name.get(value)
+        if known is not None:
+            return int(known.number)
+        if not strict and value.strip().lstrip("-").isdigit():
+            return _enum(field, int(value), strict, path)
+        names = [v.name for v in enum.values]
+        raise ConversionError(
+            path, f'unknown value "{value}" of enum {enum.full_name}; expected one of {", ".join(names)}'
+        )
+    raise ConversionError(path, f"expected an enum value name of {enum.full_name}, got {show(value)}")
+
+
+def convert_scalar(field: FieldDescriptor, value: Any, strict: bool, path: str) -> Any:
+    """A non-message value as the Python value a message field takes.
+
+    ``strict`` (scenario literals) takes proto3 JSON forms only, 64-bit integers also as strings; the lenient
+    form (template results) also converts strings and numbers into the field's type.
+    """
+    _check_defined(value)
+    t = field.type
+    if t in _INT_RANGES:
+        return _int(field, value, strict, path)
+    if t in FLOAT_TYPES:
+        return _float(field, value, strict, path)
+    if t == F.TYPE_BOOL:
+        return _bool(value, strict, path)
+    if t == F.TYPE_STRING:
+        return _str(value, strict, path)
+    if t == F.TYPE_BYTES:
+        return _bytes(value, path)
+    if t == F.TYPE_ENUM:
+        return _enum(field, value, strict, path)
+    raise ConversionError(
+        path, f"cannot set a {type_name(field)} field from {show(value)}"
+    )  # pragma: no cover
+
+
+def map_key(field: FieldDescriptor, key: Any, path: str) -> Any:
+    """A map key (YAML and JSON give text or numbers) as the key field's Python type."""
+    if field.type == F.TYPE_STRING:
+        if isinstance(key, (int, float)) and not isinstance(key, bool):
+            return str(key)
+        return _str(key, True, path)
+    if field.type == F.TYPE_BOOL:
+        return _bool(key, False, path)
+    return _int(field, key, False, path)
+
+
+def _sequence(value: Any) -> bool:
+    return isinstance(value, (Sequence, range)) and not isinstance(value, (str, bytes, bytearray))
+
+
+def set_field(msg: Message, field: FieldDescriptor, value: Any, strict: bool, path: str) -> None:
+    """Sets ``msg.<field>`` (replacing what was there) from a proto3-JSON-ish value."""
+    _check_defined(value)
+    name = field.name
+    if value is None and not _takes_null(field):
+        msg.ClearField(name)  # null means unset, as in proto3 JSON
+        return
+    try:
+        if is_map(field):
+            if not isinstance(value, Mapping):
+                raise ConversionError(path, f"expected a mapping ({type_name(field)}), got {show(value)}")
+            container = getattr(msg, name)
+            container.clear()
+            kf = field.message_type.fields_by_name["key"]
+            vf = field.message_type.fields_by_name["value"]
+            for k, v in value.items():
+                set_map_value(container, kf, vf, k, v, strict, f"{path}.{k}")
+        elif field.is_repeated:
+            if not _sequence(value):
+                raise ConversionError(path, f"expected a list ({type_name(field)}), got {show(value)}")
+            container = getattr(msg, name)
+            del container[:]
+            if field.message_type is not None:
+                for i, item in enumerate(value):
+                    fill_message(container.add(), item, strict, f"{path}[{i}]")
+            else:
+                container.extend(
+                    [convert_scalar(field, v, strict, f"{path}[{i}]") for i, v in enumerate(value)]
+                )
+        elif field.message_type is not None:
+            msg.ClearField(name)
+            sub = getattr(msg, name)
+            fill_message(sub, value, strict, path)
+            sub.SetInParent()
+        else:
+            setattr(msg, name, convert_scalar(field, value, strict, path))
+    except (TypeError, ValueError, OverflowError) as exc:
+        if isinstance(exc, ConversionError):
+            raise
+        raise ConversionError(path, f"cannot set {type_name(field)} from {show(value)}: {exc}") from None
+
+
+def set_map_value(
+    container: Any, kf: FieldDescriptor, vf: FieldDescriptor, key: Any, value: Any, strict: bool, path: str
+) -> None:
+    k = map_key(kf, key, path)
+    if vf.message_type is not None:
+        sub = container[k]  # creates the entry
+        sub.Clear()
+        if value is not None:
+            fill_message(sub, value, strict, path)
+    elif value is None:
+        raise ConversionError(path, f"expected {type_name(vf)}, got nothing")
+    else:
+        container[k] = convert_scalar(vf, value, strict, path)
+
+
+def fill_message(msg: Message, value: Any, strict: bool, path: str) -> None:
+    """Fills an empty message from a mapping with proto or JSON field names (or a well-known type's JSON)."""
+    _check_defined(value)
+    desc = msg.DESCRIPTOR
+    if desc.full_name in SPECIAL_TYPES:
+        _fill_special(msg, desc, value, strict, path)
+        return
+    if not isinstance(value, Mapping):
+        raise ConversionError(path, f"expected a mapping ({desc.full_name}), got {show(value)}")
+    info = message_info(desc)
+    oneofs: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    for key, v in value.items():
+        kpath = f"{path}.{key}"
+        field = info.fields.get(key) if isinstance(key, str) else None
+        if field is None:
+            raise ConversionError(kpath, unknown_field_message(desc, key))
+        if field.name in seen:
+            raise ConversionError(kpath, f'"{seen[field.name]}" and "{key}" name the same field')
+        seen[field.name] = key
+        if v is None and not _takes_null(field):
+            continue  # null means unset in proto3 JSON
+        oneof = field.containing_oneof
+        if oneof is not None:
+            if oneof.name in oneofs:
+                raise ConversionError(kpath, _oneof_message(oneofs[oneof.name], key, oneof.name))
+            oneofs[oneof.name] = key
+        set_field(msg, field, v, strict, kpath)
+
+
+def _takes_null(field: FieldDescriptor) -> bool:
+    """Only a google.protobuf.Value field gives null a meaning of its own (NULL_VALUE)."""
+    mt = field.message_type
+    return mt is not None and mt.full_name == VALUE and not field.is_repeated
+
+
+def _oneof_message(first: str, second: str, oneof: str) -> str:
+    return f'"{first}" and "{second}" are both members of oneof "{oneof}"; set only one'
+
+
+def _fill_special(msg: Any, desc: Descriptor, value: Any, strict: bool, path: str) -> None:
+    name = desc.full_name
+    if name == TIMESTAMP:
+        if isinstance(value, _dt.datetime):
+            msg.FromDatetime(value if value.tzinfo else value.replace(tzinfo=_dt.timezone.utc))
+            return
+        if isinstance(value, _dt.date):
+            msg.FromDatetime(_dt.datetime(value.year, value.month, value.day, tzinfo=_dt.timezone.utc))
+            return
+        if isinstance(value, str):
+            try:
+                msg.FromJsonString(value.strip())
+                return
+            except ValueError:
+                pass
+        raise ConversionError(
+            path, f'expected an RFC 3339 timestamp such as "2024-05-01T12:00:00Z", got {show(value)}'
+        )
+    if name == DURATION:
+        if isinstance(value, _dt.timedelta):
+            msg.FromTimedelta(value)
+            return
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            msg.FromNanoseconds(round(value * 1e9))
+            return
+        if isinstance(value, str):
+            try:
+                msg.FromJsonString(value.strip())
+                return
+            except ValueError:
+                pass
+        raise ConversionError(path, f'expected a duration such as "1.5s", got {show(value)}')
+    if name == FIELD_MASK:
+        if isinstance(value, str):
+            msg.FromJsonString(value)
+            return
+        if _sequence(value) and all(isinstance(p, str) for p in value):
+            msg.paths.extend(value)
+            return
+        raise ConversionError(path, f'expected field paths such as "a.b,c", got {show(value)}')
+    if name == EMPTY:
+        if isinstance(value, Mapping) and not value:
+            msg.SetInParent()
+            return
+        raise ConversionError(path, f"expected {{}} (google.protobuf.Empty), got {show(value)}")
+    if name in WRAPPERS:
+        if isinstance(value, Mapping):
+            raise ConversionError(path, f"expected a bare value ({name}), got {show(value)}")
+        msg.value = convert_scalar(desc.fields_by_name["value"], value, strict, path)
+        return
+    # Struct, Value, ListValue, Any: json_format knows their JSON forms.
+    if name == STRUCT and not isinstance(value, Mapping):
+        raise ConversionError(path, f"expected a mapping (google.protobuf.Struct), got {show(value)}")
+    if name == LIST_VALUE and not _sequence(value):
+        raise ConversionError(path, f"expected a list (google.protobuf.ListValue), got {show(value)}")
+    if name == ANY and not (isinstance(value, Mapping) and isinstance(value.get("@type"), str)):
+        raise ConversionError(
+            path, f'expected a mapping with "@type" (google.protobuf.Any), got {show(value)}'
+        )
+    try:
+        json_format.ParseDict(_plain(value), msg, descriptor_pool=desc.file.pool)
+    except (json_format.ParseError, TypeError, ValueError, AttributeError, KeyError) as exc:
+        raise ConversionError(path, f"invalid {name}: {exc}") from None
+
+
+def _plain(value: Any) -> Any:
+    """Template values (views, tuples, ranges) as plain JSON types for json_format."""
+    _check_defined(value)
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if _sequence(value):
+        return [_plain(v) for v in value]
+    return value
+
+
+def json_default(field: FieldDescriptor) -> Any:
+    """The proto3 JSON value a field has when it is absent (None for message fields)."""
+    if is_map(field):
+        return {}
+    if field.is_repeated:
+        return []
+    return element_default(field)
+
+
+def element_default(field: FieldDescriptor) -> Any:
+    if field.message_type is not None:
+        return None
+    if field.enum_type is not None:
+        return field.enum_type.values[0].name
+    t = field.type
+    if t in INT64_TYPES:
+        return "0"
+    if t in _INT_RANGES or t in FLOAT_TYPES:
+        return 0
+    if t == F.TYPE_BOOL:
+        return False
+    return ""
+
+
+# --------------------------------------------------------------------------------------------------------
+# the template context: request views resolve JSON names too and give int64 as numbers
+
+
+class _View(dict[str, Any]):
+    """A message in proto3 JSON (proto names, defaults included) that also answers to JSON names."""
+
+    __slots__ = ("info",)
+
+    def __init__(self, info: MessageInfo, data: dict[str, Any]) -> None:
+        super().__init__(data)
+        self.info = info
+
+    def __missing__(self, key: Any) -> Any:
+        field = self.info.fields.get(key) if isinstance(key, str) else None
+        if field is None:
+            raise KeyError(key)
+        if field.name in self:
+            return dict.__getitem__(self, field.name)
+        return self.info.view_defaults.get(field.name)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+
+def make_view(desc: Descriptor, data: dict[str, Any]) -> _View:
+    info = message_info(desc)
+    for name, shaper in info.view_plan:
+        if name in data:
+            data[name] = shaper(data[name])
+    return _View(info, data)
+
+
+def _view_default(field: FieldDescriptor) -> Any:
+    value = json_default(field)
+    if field.type in INT64_TYPES and not field.is_repeated:
+        return 0
+    return value
+
+
+def _view_shaper(field: FieldDescriptor) -> Callable[[Any], Any] | None:
+    """How a field's proto3 JSON is reshaped for templates (None: kept as is)."""
+    if is_map(field):
+        vf = field.message_type.fields_by_name["value"]
+        value_shaper = _element_shaper(vf)
+        if value_shaper is None:
+            return None
+        return lambda d: {k: value_shaper(v) for k, v in d.items()}
+    inner = _element_shaper(field)
+    if inner is None:
+        return None
+    if field.is_repeated:
+        return lambda seq: [inner(v) for v in seq]
+    return inner
+
+
+def _element_shaper(field: FieldDescriptor) -> Callable[[Any], Any] | None:
+    mt = field.message_type
+    if mt is not None:
+        if mt.full_name in SPECIAL_TYPES:
+            return None
+        return lambda d: make_view(mt, d)
+    if field.type in INT64_TYPES:
+        return _int_or_keep
+    return None
+
+
+def _int_or_keep(value: Any) -> Any:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def _stash(call: Call) -> dict[str, Any]:
+    """Per-call memo (request views, rendered bodies) kept on the call object itself."""
+    stash: dict[str, Any] | None = call.__dict__.get("_virtsvc_templates")
+    if stash is None:
+        stash = call.__dict__["_virtsvc_templates"] = {}
+    return stash
+
+
+def _first_view(call: Call) -> _View:
+    stash = _stash(call)
+    view: _View | None = stash.get("first")
+    if view is None:
+        raw = call.raw_requests[0] if call.raw_requests else b""
+        msg = call.method.input_class.FromString(raw)
+        view = stash["first"] = make_view(call.method.input, to_json(msg, defaults=True))
+    return view
+
+
+def _all_views(call: Call) -> list[_View]:
+    """Views of every request so far; a stream that grows is decoded incrementally, not all over again."""
+    stash = _stash(call)
+    views: list[_View] = stash.setdefault("all", [])
+    if len(views) < len(call.raw_requests):
+        desc, cls = call.method.input, call.method.input_class
+        views.extend(
+            make_view(desc, to_json(cls.FromString(raw), defaults=True))
+            for raw in call.raw_requests[len(views) :]
+        )
+    return views
+
+
+def _context(call: Call, index: int, names: frozenset[str]) -> dict[str, Any]:
+    """The variables a template uses, and only those (building ``request`` decodes the request)."""
+    ctx: dict[str, Any] = dict(_GLOBALS)
+    if "request" in names:
+        ctx["request"] = _first_view(call)
+    if "requests" in names:
+        ctx["requests"] = list(_all_views(call))
+    if "metadata" in names:
+        ctx["metadata"] = dict(call.metadata)
+    if "session" in names:
+        ctx["session"] = {"id": call.session.id, "calls": call.session.calls}
+    if "index" in names:
+        ctx["index"] = index
+    rng = call.session.rng
+    if "uuid" in names:
+        ctx["uuid"] = lambda: str(_uuid.UUID(int=rng.getrandbits(128), version=4))
+    if "randint" in names:
+        ctx["randint"] = lambda a, b: rng.randint(a, b)
+    if "now" in names:
+        ctx["now"] = now  # looked up per render, so replacing virtsvc.templates.now takes effect
+    return ctx
+
+
+# --------------------------------------------------------------------------------------------------------
+# the sandbox
+
+_budget = threading.local()
+
+
+def _step(n: int = 1) -> None:
+    left = getattr(_budget, "left", None)
+    if left is None:
+        return
+    left -= n
+    if left < 0:
+        raise SecurityError(f"template too expensive: more than {MAX_STEPS:,} loop iterations and calls")
+    _budget.left = left
+
+
+def _too_long(what: str = "string") -> SecurityError:
+    return SecurityError(f"{what} longer than {MAX_TEXT:,} characters (1 MiB)")
+
+
+def _weight(value: Any, depth: int = 0) -> int:
+    """Rough size of a list or tuple, counting the text inside it (so ``[big] * n`` is seen as big)."""
+    if isinstance(value, (str, bytes)):
+        return len(value) + 1
+    if isinstance(value, (list, tuple)) and depth < 8:
+        return 1 + sum(_weight(v, depth + 1) for v in value)
+    return 1
+
+
+_PERCENT = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?")
+
+
+def _check_percent(fmt: Any) -> None:
+    if isinstance(fmt, str):
+        for m in _PERCENT.finditer(fmt):
+            for g in m.groups():
+                if g == "*" or (g and int(g) > MAX_TEXT):
+                    raise _too_long("formatted string")
+
+
+def _check_format_spec(fmt: str) -> bool:
+    """Whether ``fmt.format(...)`` stays within the size bound (widths are checked, nested specs refused)."""
+    try:
+        parts = list(string.Formatter().parse(fmt))
+    except ValueError:
+        return True  # str.format raises the same error itself
+    for _, _, spec, _ in parts:
+        if spec and ("{" in spec or any(int(n) > MAX_TEXT for n in re.findall(r"\d+", spec))):
+            return False
+    return True
+
+
+def _join_size(items: Sequence[Any], sep: Any) -> int:
+    total = len(sep) * max(len(items) - 1, 0) if isinstance(sep, (str, bytes)) else 0
+    for item in items:
+        total += len(item) if isinstance(item, (str, bytes)) else len(str(item))
+        if total > MAX_TEXT:
+            break
+    return total
+
+
+class _GuardedCodeGenerator(CodeGenerator):
+    """Routes every ``for`` loop through the step budget and ``~`` through the size bound."""
+
+    def visit_Template(self, node: nodes.Template, frame: Frame | None = None) -> None:
+        for loop in node.find_all(nodes.For):
+            it = loop.iter
+            if not (isinstance(it, nodes.Call) and isinstance(it.node, nodes.EnvironmentAttribute)):
+                loop.iter = nodes.Call(
+                    nodes.EnvironmentAttribute("virtsvc_loop"), [it], [], None, None, lineno=loop.lineno
+                )
+        super().visit_Template(node, frame)
+
+    def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
+        self.write("environment.virtsvc_concat((")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """The immutable sandbox, with item-first lookups on mappings and bounds on time and size."""
+
+    code_generator_class = _GuardedCodeGenerator
+    intercepted_binops = frozenset({"+", "*", "**", "%"})
+
+    def __init__(self) -> None:
+        super().__init__(undefined=StrictUndefined, autoescape=False)
+        for name in ("lipsum", "cycler", "joiner", "namespace"):
+            self.globals.pop(name, None)  # not needed; namespace() would let loops accumulate state
+        self.globals["range"] = _safe_range
+        self.filters.update(_GUARDED_FILTERS)
+
+    # (a) ``request.items`` is the field "items", not dict.items
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        if isinstance(obj, Mapping):
+            try:
+                return obj[attribute]
+            except (KeyError, TypeError):
+                pass
+            if isinstance(obj, _View) and not hasattr(dict, attribute):
+                return self._no_field(obj, attribute)
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        if isinstance(obj, _View) and isinstance(argument, str) and argument not in obj:
+            try:
+                return obj[argument]
+            except KeyError:
+                return self._no_field(obj, argument)
+        return super().getitem(obj, argument)
+
+    def _no_field(self, view: _View, name: str) -> Undefined:
+        desc = view.info.descriptor
+        hint = suggest(name, view.info.fields)
+        return self.undefined(hint=f'{desc.full_name} has no field "{name}"{hint}', obj=view, name=name)
+
+    # (b) time: calls and loop iterations draw on the step budget; size: growing methods are bounded
+    def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        _step()
+        owner = getattr(__obj, "__self__", None)
+        if isinstance(owner, (str, bytes)):
+            args = _check_str_method(owner, getattr(__obj, "__name__", ""), args, kwargs)
+        elif isinstance(owner, int) and getattr(__obj, "__name__", "") == "to_bytes":
+            length = args[0] if args else kwargs.get("length", 1)
+            if isinstance(length, int) and length > MAX_TEXT:
+                raise _too_long("bytes")
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            seq, n = (right, left) if isinstance(left, int) and not isinstance(right, int) else (left, right)
+            if isinstance(n, int) and n > 0:
+                if isinstance(seq, (str, bytes)) and len(seq) * n > MAX_TEXT:
+                    raise _too_long()
+                if isinstance(seq, (list, tuple)) and _weight(seq) * n > MAX_TEXT:
+                    raise _too_long("list")
+                if isinstance(seq, int) and seq.bit_length() + n.bit_length() > MAX_INT_BITS:
+                    raise SecurityError(f"integer result larger than {MAX_INT_BITS} bits")
+        elif operator == "**":
+            if (
+                isinstance(left, int)
+                and isinstance(right, int)
+                and right > 0
+                and abs(left) > 1
+                and left.bit_length() * right > MAX_INT_BITS
+            ):
+                raise SecurityError(f"integer result larger than {MAX_INT_BITS} bits")
+        elif operator == "+":
+            if isinstance(left, (str, bytes)) and isinstance(right, (str, bytes)):
+                if len(left) + len(right) > MAX_TEXT:
+                    raise _too_long()
+            elif (
+                isinstance(left, (list, tuple))
+                and isinstance(right, (list, tuple))
+                and _weight(left) + _weight(right) > MAX_TEXT
+            ):
+                raise _too_long("list")
+        elif operator == "%":
+            _check_percent(left)
+        return super().call_binop(context, operator, left, right)
+
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        wrapped = super().wrap_str_format(value)
+        if wrapped is not None and not _check_format_spec(value.__self__):
+
+            def refuse(*args: Any, **kwargs: Any) -> str:
+                raise _too_long("formatted string")
+
+            return refuse
+        return wrapped
+
+    def virtsvc_loop(self, iterable: Iterable[Any]) -> Iterator[Any]:
+        for item in iterable:
+            _step()
+            yield item
+
+    def virtsvc_concat(self, parts: Iterable[Any]) -> str:
+        texts = [str(p) for p in parts]
+        if sum(map(len, texts)) > MAX_TEXT:
+            raise _too_long()
+        return "".join(texts)
+
+
+def _safe_range(*args: int) -> range:
+    try:
+        rng = range(*args)
+        n = len(rng)
+    except OverflowError:
+        n = MAX_RANGE + 1
+    if n > MAX_RANGE:
+        raise SecurityError(f"range() with more than {MAX_RANGE:,} items")
+    return rng
+
+
+def _check_str_method(
+    owner: str | bytes, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[Any, ...]:
+    """Refuses str/bytes method calls whose result would pass the size bound, before they allocate it."""
+    size = 0
+    if name in ("center", "ljust", "rjust", "zfill"):
+        width = args[0] if args else kwargs.get("width", 0)
+        size = width if isinstance(width, int) else 0
+    elif name == "expandtabs":
+        tab = args[0] if args else kwargs.get("tabsize", 8)
+        tabs = owner.count("\t") if isinstance(owner, str) else owner.count(b"\t")
+        size = len(owner) + tabs * (tab if isinstance(tab, int) else 0)
+    elif name == "replace" and len(args) >= 2:
+        old, new = args[0], args[1]
+        count = args[2] if len(args) > 2 else kwargs.get("count", -1)
+        if isinstance(old, type(owner)) and isinstance(new, type(owner)):
+            hits = owner.count(old) if old else len(owner) + 1  # type: ignore[arg-type]
+            if isinstance(count, int) and count >= 0:
+                hits = min(hits, count)
+            size = len(owner) + hits * (len(new) - len(old))
+    elif name == "join" and args:
+        items = list(args[0])
+        size = _join_size(items, owner)
+        args = (items, *args[1:])
+    elif name in ("translate", "maketrans"):
+        raise SecurityError(f"{type(owner).__name__}.{name}() is not available in templates")
+    if size > MAX_TEXT:
+        raise _too_long()
+    return args
+
+
+def _f_center(value: Any, width: int = 80) -> str:
+    if isinstance(width, int) and width > MAX_TEXT:
+        raise _too_long()
+    return FILTERS["center"](value, width)
+
+
+def _f_indent(s: Any, width: int | str = 4, first: bool = False, blank: bool = False) -> str:
+    text = str(s)
+    w = width if isinstance(width, int) else len(str(width))
+    if len(text) + (text.count("\n") + 1) * max(w, 0) > MAX_TEXT:
+        raise _too_long()
+    return FILTERS["indent"](s, width, first, blank)
+
+
+@pass_environment
+def _f_wordwrap(env: Environment, s: Any, width: int = 79, break_long_words: bool = True,
+                wrapstring: str | None = None, break_on_hyphens: bool = True) -> str:  # fmt: skip
+    text = str(s)
+    sep = wrapstring if wrapstring is not None else env.newline_sequence
+    if len(text) + (len(text) + 1) * len(str(sep)) > MAX_TEXT:
+        raise _too_long()
+    return FILTERS["wordwrap"](env, s, width, break_long_words, wrapstring, break_on_hyphens)
+
+
+@pass_eval_context
+def _f_replace(eval_ctx: EvalContext, s: Any, old: Any, new: Any, count: int | None = None) -> str:
+    text, o, n = str(s), str(old), str(new)
+    hits = text.count(o) if o else len(text) + 1
+    if count is not None and count >= 0:
+        hits = min(hits, count)
+    if len(text) + hits * (len(n) - len(o)) > MAX_TEXT:
+        raise _too_long()
+    return FILTERS["replace"](eval_ctx, s, old, new, count)
+
+
+def _f_format(value: Any, *args: Any, **kwargs: Any) -> str:
+    _check_percent(str(value))
+    return FILTERS["format"](value, *args, **kwargs)
+
+
+@pass_eval_context
+def _f_join(
+    eval_ctx: EvalContext, value: Iterable[Any], d: str = "", attribute: str | int | None = None
+) -> str:
+    items = list(value)
+    if attribute is None and _join_size(items, str(d)) > MAX_TEXT:
+        raise _too_long()
+    result = FILTERS["join"](eval_ctx, items, d, attribute)
+    if len(result) > MAX_TEXT:
+        raise _too_long()
+    return result
+
+
+def _bounded_count(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+    def guarded(value: Any, count: int, fill_with: Any = None) -> Any:
+        if isinstance(count, int) and count > MAX_RANGE:
+            raise SecurityError(f"{name}() with more than {MAX_RANGE:,} parts")
+        return original(value, count, fill_with)
+
+    return guarded
+
+
+_GUARDED_FILTERS: dict[str, Callable[..., Any]] = {
+    "center": _f_center,
+    "indent": _f_indent,
+    "wordwrap": _f_wordwrap,
+    "replace": _f_replace,
+    "format": _f_format,
+    "join": _f_join,
+    "batch": _bounded_count("batch", FILTERS["batch"]),
+    "slice": _bounded_count("slice", FILTERS["slice"]),
+}
+
+ENV = _Sandbox()
+_GLOBALS = dict(ENV.globals)  # range and dict
+_KNOWN_NAMES = CONTEXT_NAMES | frozenset(_GLOBALS)
+
+
+# --------------------------------------------------------------------------------------------------------
+# compiled templates
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, ConversionError):
+        return exc.message
+    if isinstance(exc, (JinjaError, SecurityError)):
+        text = exc.message or type(exc).__name__
+    elif isinstance(exc, RecursionError):
+        text = "template recursion too deep"
+    elif isinstance(exc, MemoryError):
+        text = "out of memory"
+    else:
+        text = str(exc) or type(exc).__name__
+        if not isinstance(exc, (TypeError, ValueError, ArithmeticError)):
+            text = f"{type(exc).__name__}: {text}"
+    return text.rstrip(".")
+
+
+class _Evaluator:
+    """Something that yields a value from a context: one template, or a JSON tree with templates inside."""
+
+    names: frozenset[str]
+
+    def evaluate(self, ctx: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+
+class _Compiled(_Evaluator):
+    """One template string: a single ``{{ expr }}`` yields the value itself, anything else yields text."""
+
+    __slots__ = ("names", "native", "source", "template")
+
+    def __init__(self, source: str, template: Template, native: bool, names: frozenset[str]) -> None:
+        self.source = source
+        self.template = template  # native: a template that stores the expression's value as "result"
+        self.native = native
+        self.names = names
+
+    def evaluate(self, ctx: dict[str, Any]) -> Any:
+        t = self.template
+        # A Context built directly over ``ctx`` (which already holds the globals): Template.new_context
+        # copies the globals' ChainMap on every call, three times the cost of the evaluation itself.
+        context = Context(ENV, ctx, t.name, t.blocks)
+        if self.native:
+            for _ in t.root_render_func(context):
+                pass
+            value = context.vars["result"]
+            if isinstance(value, Undefined):
+                str(value)  # raises the undefined/security error with its message
+            if isinstance(value, str) and len(value) > MAX_TEXT:
+                raise _too_long()
+            return value
+        parts: list[str] = []
+        total = 0
+        # Streamed, so a template that prints without end is stopped at the bound, not when memory runs out.
+        for piece in t.root_render_func(context):
+            total += len(piece)
+            if total > MAX_TEXT:
+                raise _too_long("rendered text")
+            parts.append(piece)
+        return "".join(parts)
+
+
+class _Tree(_Evaluator):
+    """A JSON tree (for Struct/Value/ListValue/Any fields) whose strings may be templates."""
+
+    __slots__ = ("names", "tree")
+
+    def __init__(self, tree: Any, names: frozenset[str]) -> None:
+        self.tree = tree
+        self.names = names
+
+    def evaluate(self, ctx: dict[str, Any]) -> Any:
+        return _eval_tree(self.tree, ctx)
+
+
+def _eval_tree(tree: Any, ctx: dict[str, Any]) -> Any:
+    if isinstance(tree, _Evaluator):
+        return tree.evaluate(ctx)
+    if isinstance(tree, dict):
+        return {k: _eval_tree(v, ctx) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_eval_tree(v, ctx) for v in tree]
+    return tree
+
+
+def _compile_source(source: str) -> _Compiled:
+    """Compiles one template string; raises TemplateSyntaxError or a ValueError naming an unknown variable."""
+    ast = ENV.parse(source)
+    undeclared = find_undeclared_variables(ast)
+    unknown = sorted(undeclared - _KNOWN_NAMES)
+    if unknown:
+        name = unknown[0]
+        hint = suggest(name, sorted(_KNOWN_NAMES)) or "; the names are " + ", ".join(sorted(CONTEXT_NAMES))
+        raise ValueError(f'unknown name "{name}"{hint}')
+    names = frozenset(undeclared & CONTEXT_NAMES)
+    expr = _single_expression(ast)
+    if expr is not None:
+        # what Environment.compile_expression does, from the expression already parsed
+        body = [nodes.Assign(nodes.Name("result", "store"), expr, lineno=1)]
+        return _Compiled(source, ENV.from_string(nodes.Template(body, lineno=1)), True, names)
+    return _Compiled(source, ENV.from_string(ast), False, names)
+
+
+def _single_expression(ast: nodes.Template) -> nodes.Expr | None:
+    """The expression of a template that is just ``{{ expr }}`` (whitespace around allowed), else None."""
+    if len(ast.body) != 1 or not isinstance(ast.body[0], nodes.Output):
+        return None
+    exprs = [n for n in ast.body[0].nodes if not (isinstance(n, nodes.TemplateData) and not n.data.strip())]
+    if len(exprs) == 1 and not isinstance(exprs[0], nodes.TemplateData):
+        return exprs[0]
+    return None
+
+
+def _compile_at(source: str, site: Site, node: Any, key: Any, path: str) -> _Compiled | None:
+    try:
+        return _compile_source(source)
+    except TemplateSyntaxError as exc:
+        where = f" (line {exc.lineno})" if exc.lineno and exc.lineno > 1 else ""
+        site.error(node, key, f"{path}: template error: {(exc.message or 'syntax error').rstrip('.')}{where}")
+    except (JinjaError, SecurityError, ValueError, RecursionError) as exc:
+        site.error(node, key, f"{path}: template error: {_error_text(exc)}")
+    return None
+
+
+def _run(path: str, fn: Callable[[], Any]) -> Any:
+    """Runs a render step under the step budget; every failure becomes a TemplateError naming ``path``."""
+    outer = getattr(_budget, "left", None)
+    if outer is None:
+        _budget.left = MAX_STEPS
+    try:
+        return fn()
+    except TemplateError:
+        raise
+    except ConversionError as exc:
+        raise TemplateError(str(exc) if exc.path else f"{path}: {exc.message}") from None
+    except Exception as exc:
+        raise TemplateError(f"{path}: {_error_text(exc)}") from None
+    finally:
+        if outer is None:
+            _budget.left = None
+
+
+# -- text templates
+
+
+@dataclass(frozen=True)
+class _StaticText:
+    static: str
+    needs_request = False
+
+    def render(self, call: Call, index: int) -> str:
+        return self.static
+
+
+class _TextTemplate:
+    static: str | None = None
+
+    def __init__(self, compiled: _Compiled, path: str) -> None:
+        self._compiled = compiled
+        self._path = path
+        self.needs_request = bool(compiled.names & _REQUEST_NAMES)
+
+    def render(self, call: Call, index: int) -> str:
+        def go() -> str:
+            value = self._compiled.evaluate(_context(call, index, self._compiled.names))
+            return (
+                _str(value, False, "")
+                if not isinstance(value, (Mapping, list, tuple))
+                else show(value, MAX_TEXT)
+            )
+
+        return _run(self._path, go)
+
+
+def static_text(s: str) -> TextTemplate:
+    """A text that is used as is."""
+    return _StaticText(s)
+
+
+def compile_text(value: Any, site: Site, node: Any, key: Any, path: str) -> TextTemplate | None:
+    """A status message or header/trailer value: text (numbers and booleans count as text) or a template."""
+    if isinstance(value, bool):
+        value = "true" if value else "false"
+    elif isinstance(value, (int, float)):
+        value = str(value)
+    if not isinstance(value, str):
+        site.error(node, key, f"{path}: expected text, got {show(value)}")
+        return None
+    if not is_template(value):
+        return _StaticText(value)
+    compiled = _compile_at(value, site, node, key, path)
+    return None if compiled is None else _TextTemplate(compiled, path)
+
+
+# -- reply bodies
+
+
+_Nav = Callable[[Any], Any]
+_Assign = Callable[[Any, Any], None]
+
+
+@dataclass(frozen=True)
+class _Leaf:
+    steps: tuple[_Nav, ...]  # from the root message to the message holding the value
+    assign: _Assign
+    evaluator: _Evaluator
+    path: str
+
+    def apply(self, msg: Message, ctx: dict[str, Any]) -> None:
+        target: Any = msg
+        for step in self.steps:
+            target = step(target)
+        try:
+            value = self.evaluator.evaluate(ctx)
+            self.assign(target, value)
+        except TemplateError:
+            raise
+        except ConversionError as exc:
+            raise TemplateError(str(exc) if exc.path else f"{self.path}: {exc.message}") from None
+        except Exception as exc:
+            raise TemplateError(f"{self.path}: {_error_text(exc)}") from None
+
+
+def _step_field(name: str) -> _Nav:
+    return lambda m: getattr(m, name)
+
+
+def _step_index(name: str, i: int) -> _Nav:
+    return lambda m: getattr(m, name)[i]
+
+
+def _step_key(name: str, k: Any) -> _Nav:
+    return lambda m: getattr(m, name)[k]
+
+
+def _assign_field(field: FieldDescriptor, path: str) -> _Assign:
+    def assign(target: Any, value: Any) -> None:
+        set_field(target, field, value, False, path)
+
+    return assign
+
+
+def _assign_root(path: str) -> _Assign:
+    def assign(target: Any, value: Any) -> None:
+        target.Clear()
+        if isinstance(value, Message) and value.DESCRIPTOR.full_name == target.DESCRIPTOR.full_name:
+            target.MergeFromString(value.SerializeToString())
+        elif value is not None:
+            fill_message(target, value, False, path)
+
+    return assign
+
+
+def _assign_element(field: FieldDescriptor, i: int, path: str) -> _Assign:
+    if field.message_type is not None:
+
+        def assign_msg(target: Any, value: Any) -> None:
+            sub = getattr(target, field.name)[i]
+            sub.Clear()
+            if value is not None:
+                fill_message(sub, value, False, path)
+
+        return assign_msg
+
+    def assign(target: Any, value: Any) -> None:
+        getattr(target, field.name)[i] = convert_scalar(field, value, False, path)
+
+    return assign
+
+
+def _assign_map_value(field: FieldDescriptor, key: Any, path: str) -> _Assign:
+    kf = field.message_type.fields_by_name["key"]
+    vf = field.message_type.fields_by_name["value"]
+
+    def assign(target: Any, value: Any) -> None:
+        set_map_value(getattr(target, field.name), kf, vf, key, value, False, path)
+
+    return assign
+
+
+def _placeholder(field: FieldDescriptor) -> Any:
+    if field.enum_type is not None:
+        return 0
+    value = element_default(field)
+    if field.type in INT64_TYPES:
+        return 0
+    if field.type == F.TYPE_BYTES:
+        return b""
+    return value
+
+
+class _Builder:
+    """Walks a reply body once: reports problems, fills the static skeleton, collects templated leaves."""
+
+    def __init__(self, site: Site) -> None:
+        self.site = site
+        self.leaves: list[_Leaf] = []
+
+    def evaluator(
+        self, value: Any, json_tree: bool, node: Any, key: Any, path: str
+    ) -> _Evaluator | bool | None:
+        """The evaluator for a templated value; False when the value holds no template."""
+        if is_template(value):
+            return _compile_at(value, self.site, node, key, path)
+        if json_tree and _has_template(value):
+            names: set[str] = set()
+            ok = True
+
+            def walk(v: Any, parent: Any, k: Any, p: str) -> Any:
+                nonlocal ok
+                if is_template(v):
+                    c = _compile_at(v, self.site, parent, k, p)
+                    if c is None:
+                        ok = False
+                        return None
+                    names.update(c.names)
+                    return c
+                if isinstance(v, Mapping):
+                    return {kk: walk(vv, v, kk, f"{p}.{kk}") for kk, vv in v.items()}
+                if isinstance(v, list):
+                    return [walk(vv, v, i, f"{p}[{i}]") for i, vv in enumerate(v)]
+                return v
+
+            tree = walk(value, node, key, path)
+            return _Tree(tree, frozenset(names)) if ok else None
+        return False
+
+    def message(self, msg: Message, value: Mapping[Any, Any], path: str, steps: tuple[_Nav, ...]) -> None:
+        desc = msg.DESCRIPTOR
+        info = message_info(desc)
+        oneofs: dict[str, str] = {}
+        seen: dict[str, str] = {}
+        for key, v in value.items():
+            kpath = f"{path}.{key}"
+            field = info.fields.get(key) if isinstance(key, str) else None
+            if field is None:
+                self.site.error(value, key, f"{kpath}: {unknown_field_message(desc, key)}")
+                continue
+            if field.name in seen:
+                self.site.error(value, key, f'{kpath}: "{seen[field.name]}" and "{key}" name the same field')
+                continue
+            seen[field.name] = key
+            oneof = field.containing_oneof
+            if oneof is not None and v is not None:
+                if oneof.name in oneofs:
+                    self.site.error(
+                        value, key, f"{kpath}: {_oneof_message(oneofs[oneof.name], key, oneof.name)}"
+                    )
+                    continue
+                oneofs[oneof.name] = key
+            self.field(msg, field, v, value, key, kpath, steps)
+
+    def field(self, msg: Message, field: FieldDescriptor, v: Any, node: Any, key: Any, path: str,
+              steps: tuple[_Nav, ...]) -> None:  # fmt: skip
+        if v is None and not _takes_null(field):
+            return
+        special = special_type(field)
+        ev = self.evaluator(v, special in JSON_TYPES and not field.is_repeated, node, key, path)
+        if ev is not False:
+            if ev is not None:
+                assert isinstance(ev, _Evaluator)
+                self.leaves.append(_Leaf(steps, _assign_field(field, path), ev, path))
+            return
+        if is_map(field):
+            self.map_field(msg, field, v, node, key, path, steps)
+        elif field.is_repeated:
+            self.list_field(msg, field, v, node, key, path, steps)
+        elif field.message_type is not None and special is None and isinstance(v, Mapping):
+            sub = getattr(msg, field.name)
+            sub.SetInParent()  # present even if every field inside is templated and renders a default
+            self.message(sub, v, path, (*steps, _step_field(field.name)))
+        else:
+            try:
+                set_field(msg, field, v, True, path)
+            except ConversionError as exc:
+                self.site.error(node, key, str(exc))
+
+    def list_field(self, msg: Message, field: FieldDescriptor, v: Any, node: Any, key: Any, path: str,
+                   steps: tuple[_Nav, ...]) -> None:  # fmt: skip
+        if not isinstance(v, list):
+            self.site.error(node, key, f"{path}: expected a list ({type_name(field)}), got {show(v)}")
+            return
+        container = getattr(msg, field.name)
+        special = special_type(field)
+        is_msg = field.message_type is not None
+        for i, item in enumerate(v):
+            ipath = f"{path}[{i}]"
+            ev = self.evaluator(item, special in JSON_TYPES, v, i, ipath)
+            if ev is not False:
+                # a placeholder keeps the indexes of the skeleton aligned with the list as written
+                container.add() if is_msg else container.append(_placeholder(field))
+                if ev is not None:
+                    assert isinstance(ev, _Evaluator)
+                    self.leaves.append(_Leaf(steps, _assign_element(field, i, ipath), ev, ipath))
+            elif is_msg and special is None and isinstance(item, Mapping):
+                self.message(container.add(), item, ipath, (*steps, _step_index(field.name, i)))
+            else:
+                try:
+                    if is_msg:
+                        fill_message(container.add(), item, True, ipath)
+                    else:
+                        container.append(convert_scalar(field, item, True, ipath))
+                except ConversionError as exc:
+                    self.site.error(v, i, str(exc))
+
+    def map_field(self, msg: Message, field: FieldDescriptor, v: Any, node: Any, key: Any, path: str,
+                  steps: tuple[_Nav, ...]) -> None:  # fmt: skip
+        if not isinstance(v, Mapping):
+            self.site.error(node, key, f"{path}: expected a mapping ({type_name(field)}), got {show(v)}")
+            return
+        container = getattr(msg, field.name)
+        kf = field.message_type.fields_by_name["key"]
+        vf = field.message_type.fields_by_name["value"]
+        special = special_type(vf)
+        for mk, mv in v.items():
+            epath = f"{path}.{mk}"
+            try:
+                k = map_key(kf, mk, epath)
+            except ConversionError as exc:
+                self.site.error(v, mk, str(exc))
+                continue
+            ev = self.evaluator(mv, special in JSON_TYPES, v, mk, epath)
+            if ev is not False:
+                if ev is not None:
+                    assert isinstance(ev, _Evaluator)
+                    self.leaves.append(_Leaf(steps, _assign_map_value(field, k, epath), ev, epath))
+            elif vf.message_type is not None and special is None and isinstance(mv, Mapping):
+                self.message(container[k], mv, epath, (*steps, _step_key(field.name, k)))
+            else:
+                try:
+                    set_map_value(container, kf, vf, mk, mv, True, epath)
+                except ConversionError as exc:
+                    self.site.error(v, mk, str(exc))
+
+
+def _has_template(value: Any) -> bool:
+    if isinstance(value, str):
+        return is_template(value)
+    if isinstance(value, Mapping):
+        return any(_has_template(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_template(v) for v in value)
+    return False
+
+
+class _StaticMessage:
+    """A body without templates: serialised once, at load."""
+
+    needs_request = False
+
+    def __init__(self, data: bytes, json_body: dict[str, Any]) -> None:
+        self.static: bytes | None = data
+        self._data = data
+        self._json = json_body
+
+    def render(self, call: Call, index: int) -> bytes:
+        return self._data
+
+    def render_json(self, call: Call, index: int) -> dict[str, Any]:
+        return json.loads(json.dumps(self._json))  # a copy the caller may change
+
+
+class _TemplatedMessage:
+    """A body with templated leaves over a pre-serialised skeleton."""
+
+    static: bytes | None = None
+
+    def __init__(self, cls: type[Message], skeleton: bytes, leaves: tuple[_Leaf, ...], path: str) -> None:
+        self._cls = cls
+        self._skeleton = skeleton
+        self._leaves = leaves
+        self._path = path
+        self._names = frozenset().union(*(leaf.evaluator.names for leaf in leaves))
+        self.needs_request = bool(self._names & _REQUEST_NAMES)
+
+    def build(self, call: Call, index: int) -> Message:
+        """The rendered message, once per (call, index): the bytes sent and the JSON journalled agree."""
+        # Only the latest message per template is kept, so a long bidi stream does not pile them up.
+        memo = _stash(call).setdefault("bodies", {})
+        last = memo.get(id(self))
+        msg: Message | None = last[1] if last is not None and last[0] == index else None
+        if msg is None:
+
+            def go() -> Message:
+                out = self._cls()
+                out.ParseFromString(self._skeleton)
+                ctx = _context(call, index, self._names)
+                for leaf in self._leaves:
+                    leaf.apply(out, ctx)
+                return out
+
+            msg = _run(self._path, go)
+            memo[id(self)] = (index, msg)
+        return msg
+
+    def render(self, call: Call, index: int) -> bytes:
+        return self.build(call, index).SerializeToString(deterministic=True)
+
+    def render_json(self, call: Call, index: int) -> dict[str, Any]:
+        return to_json(self.build(call, index))
+
+
+def compile_message(
+    value: Any, descriptor: Descriptor, site: Site, path: str = "reply"
+) -> MessageTemplate | None:
+    """Validates and compiles a reply body for ``descriptor``; None (with located problems) if it is wrong."""
+    before = len(site.problems.items)
+    cls = message_class(descriptor)
+    root = cls()
+    builder = _Builder(site)
+    if isinstance(value, str) and is_template(value):
+        compiled = _compile_at(value, site, value, None, path)
+        if compiled is not None:
+            if not compiled.native:
+                site.error(
+                    value,
+                    None,
+                    f"{path}: a whole {descriptor.full_name} is one expression such as "
+                    '"{{ record }}", not text',
+                )
+            else:
+                builder.leaves.append(_Leaf((), _assign_root(path), compiled, path))
+    elif value is None:
+        pass
+    elif isinstance(value, Mapping) and descriptor.full_name not in SPECIAL_TYPES:
+        builder.message(root, value, path, ())
+    else:
+        try:
+            fill_message(root, value, True, path)
+        except ConversionError as exc:
+            site.error(value, None, str(exc))
+    if len(site.problems.items) > before:
+        return None
+    data = root.SerializeToString(deterministic=True)
+    if not builder.leaves:
+        return _StaticMessage(data, to_json(root))
+    return _TemplatedMessage(cls, data, tuple(builder.leaves), path)
