@@ -1,0 +1,254 @@
+"""The virtsvc pytest plugin: virtual gRPC services as fixtures (registered through the ``pytest11`` entry
+point).
+
+Fixtures:
+
+``virtsvc_server`` (session)
+    A ``VirtualServer`` in this process on 127.0.0.1, port 0 (``.address``, ``.port``, ``.catalog``), or
+    with ``--virtsvc-address HOST:PORT`` a ``RemoteServer`` for a sidecar that serves the admin API.
+``virtual_service`` (function)
+    A ``virtsvc.testing.VirtualService`` on a fresh session: ``.use(name)``, ``.on(method)...``,
+    ``.metadata``, ``.channel()``, ``.aio_channel()``, ``.calls()``, ``.assert_called()``. A test whose
+    calls matched no rule, or whose ``times=`` rules were not used up, fails with the reason.
+
+Settings (``[tool.pytest.ini_options]``/``pytest.ini``; each falls back to ``[tool.virtsvc]``):
+``virtsvc_protos``, ``virtsvc_descriptors``, ``virtsvc_scenarios``, ``virtsvc_default_scenario``,
+``virtsvc_fail_on_unmatched`` (default true).
+
+This module imports nothing heavy: grpc and the server load when a fixture is first used, so projects that
+never use the fixtures pay nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from virtsvc.server import VirtualServer
+    from virtsvc.testing import RemoteServer, VirtualService
+
+__all__ = ["virtsvc_server", "virtual_service"]
+
+_SERVICE = pytest.StashKey["VirtualService"]()
+_OPTIONS = pytest.StashKey["_Options"]()
+_OPT_OUT = (
+    "(to allow unmatched calls, pass --virtsvc-no-fail-unmatched or set virtsvc_fail_on_unmatched = false)"
+)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("virtsvc", "virtual gRPC services (virtsvc)")
+    group.addoption(
+        "--virtsvc-address",
+        metavar="HOST:PORT",
+        help="use the virtsvc server running there (with its admin API) instead of one in this process",
+    )
+    group.addoption(
+        "--virtsvc-admin-token",
+        metavar="TOKEN",
+        help="admin token of the server given by --virtsvc-address (default: $VIRTSVC_ADMIN_TOKEN)",
+    )
+    group.addoption(
+        "--virtsvc-no-fail-unmatched",
+        action="store_true",
+        help="do not fail tests whose calls matched no rule",
+    )
+    parser.addini("virtsvc_protos", "virtsvc: directory of .proto files to serve", type="paths")
+    parser.addini("virtsvc_descriptors", "virtsvc: descriptor set to serve (instead of protos)", type="paths")
+    parser.addini("virtsvc_scenarios", "virtsvc: scenario files or directories", type="paths")
+    parser.addini("virtsvc_default_scenario", "virtsvc: scenario for calls that name none", type="string")
+    parser.addini(
+        "virtsvc_fail_on_unmatched", "virtsvc: fail tests whose calls matched no rule (default: true)",
+        type="bool", default=True,
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    address = config.getoption("virtsvc_address", None)
+    if address:
+        host, sep, port = str(address).rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise pytest.UsageError(
+                f"--virtsvc-address: expected HOST:PORT (e.g. 127.0.0.1:50051), got {address!r}"
+            )
+
+
+@dataclass(frozen=True)
+class _Options:
+    protos: Path | None
+    descriptors: Path | None
+    scenarios: tuple[Path, ...]
+    default_scenario: str | None
+    fail_on_unmatched: bool
+    address: str | None
+    admin_token: str | None
+
+
+def _one(config: pytest.Config, name: str) -> Path | None:
+    values = config.getini(name)
+    if len(values) > 1:
+        from virtsvc.errors import ConfigError
+
+        raise ConfigError(f"{name}: give one path, got {len(values)}: {', '.join(map(str, values))}")
+    return Path(values[0]) if values else None
+
+
+def _options(config: pytest.Config) -> _Options:
+    """The ini settings, each falling back to ``[tool.virtsvc]`` of the rootdir's pyproject."""
+    cached = config.stash.get(_OPTIONS, None)
+    if cached is not None:
+        return cached
+    protos = _one(config, "virtsvc_protos")
+    descriptors = _one(config, "virtsvc_descriptors")
+    scenarios = tuple(Path(p) for p in config.getini("virtsvc_scenarios"))
+    default = config.getini("virtsvc_default_scenario") or None
+    if not (protos or descriptors) or not scenarios or not default:
+        from virtsvc.config import load_settings
+
+        settings = load_settings(config.rootpath)
+        if not (protos or descriptors):
+            protos = settings.protos
+        scenarios = scenarios or settings.scenarios
+        default = default or settings.default_scenario
+    options = _Options(
+        protos=protos,
+        descriptors=descriptors,
+        scenarios=scenarios,
+        default_scenario=default,
+        fail_on_unmatched=bool(config.getini("virtsvc_fail_on_unmatched"))
+        and not config.getoption("virtsvc_no_fail_unmatched", False),
+        address=config.getoption("virtsvc_address", None),
+        admin_token=config.getoption("virtsvc_admin_token", None) or os.environ.get("VIRTSVC_ADMIN_TOKEN"),
+    )
+    config.stash[_OPTIONS] = options
+    return options
+
+
+@pytest.fixture(scope="session")
+def virtsvc_server(pytestconfig: pytest.Config) -> Iterator[VirtualServer | RemoteServer]:
+    """The virtual server of this test session (of this xdist worker): in-process, or the sidecar given by
+    ``--virtsvc-address``."""
+    from virtsvc.errors import VirtsvcError
+
+    try:
+        server = _start(_options(pytestconfig))
+    except VirtsvcError as exc:
+        pytest.fail(f"virtsvc: {exc}", pytrace=False)
+    try:
+        yield server
+    finally:
+        from virtsvc.testing import RemoteServer
+
+        if isinstance(server, RemoteServer):
+            server.close()
+        else:
+            server.stop(0)
+
+
+def _start(options: _Options) -> VirtualServer | RemoteServer:
+    from virtsvc._serving import load_catalog, load_scenarios
+    from virtsvc.errors import ConfigError
+
+    has_source = options.protos is not None or options.descriptors is not None
+    if options.address:
+        from virtsvc.testing import RemoteServer
+
+        remote = RemoteServer(
+            options.address,
+            token=options.admin_token,
+            default_scenario=options.default_scenario,
+            catalog=(lambda: load_catalog(options.protos, options.descriptors)) if has_source else None,
+        )
+        remote.wait_ready()
+        return remote
+    if not has_source:
+        raise ConfigError(
+            "nothing to serve: set virtsvc_protos (a directory of .proto files) or virtsvc_descriptors in "
+            "[tool.pytest.ini_options] or pytest.ini, or protos in [tool.virtsvc]; or pass "
+            "--virtsvc-address HOST:PORT to use a running server"
+        )
+    from virtsvc.server import VirtualServer
+
+    catalog = load_catalog(options.protos, options.descriptors)
+    server = VirtualServer(
+        catalog,
+        load_scenarios(list(options.scenarios), catalog),
+        host="127.0.0.1",
+        port=0,
+        default_scenario=options.default_scenario,
+    )
+    return server.start()
+
+
+@pytest.fixture
+def virtual_service(
+    request: pytest.FixtureRequest, virtsvc_server: VirtualServer | RemoteServer
+) -> Iterator[VirtualService]:
+    """This test's session on the virtual server; see ``virtsvc.testing.VirtualService``."""
+    from virtsvc.errors import VirtsvcError
+    from virtsvc.testing import VirtualService, new_session_id
+
+    try:
+        options = _options(request.config)
+    except VirtsvcError as exc:  # reached when a conftest overrides virtsvc_server
+        pytest.fail(f"virtsvc: {exc}", pytrace=False)
+    service = VirtualService(
+        virtsvc_server,
+        new_session_id(request.node.nodeid),
+        fail_on_unmatched=options.fail_on_unmatched,
+        root=request.config.rootpath,
+    )
+    request.node.stash[_SERVICE] = service
+    yield service
+    # Calls made after the test body (by other fixtures' teardown) were not checked by the call hook.
+    try:
+        try:
+            problems = service.problems(new_only=True, rules=False)
+        finally:
+            service.close()
+    except VirtsvcError as exc:
+        pytest.fail(f"virtsvc: cannot check and drop this test's session: {exc}", pytrace=False)
+    if problems:
+        pytest.fail(service.format_problems(problems, _OPT_OUT), pytrace=False)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
+    """Fails a passing test whose calls matched no rule or whose ``times=`` rules were not used up; for a
+    failing test, adds the unmatched calls to its report (they often explain the failure)."""
+    try:
+        result = yield
+    except BaseException as exc:
+        service = item.stash.get(_SERVICE, None)
+        if service is not None:
+            _explain(item, service, skipped=isinstance(exc, pytest.skip.Exception))
+        raise
+    service = item.stash.get(_SERVICE, None)
+    if service is not None:
+        from virtsvc.errors import VirtsvcError
+
+        try:
+            problems = service.problems()
+        except VirtsvcError as exc:
+            pytest.fail(f"virtsvc: cannot check the calls of this test: {exc}", pytrace=False)
+        if problems:
+            hint = _OPT_OUT if any(p.startswith("a call to ") for p in problems) else ""
+            pytest.fail(service.format_problems(problems, hint), pytrace=False)
+    return result
+
+
+def _explain(item: pytest.Item, service: Any, *, skipped: bool) -> None:
+    try:
+        unmatched = service.unmatched(new_only=True)
+    except Exception:  # the test already failed; never hide that behind a second error
+        return
+    if unmatched and not skipped:
+        from virtsvc.testing import _unmatched_text
+
+        item.add_report_section("call", "virtsvc", "\n".join(_unmatched_text(c) for c in unmatched))
