@@ -337,9 +337,10 @@ def test_session_rules_win_for_their_session_only(
     assert reserve(catalog, channel, session="s1") == "r-1"
 
 
-def test_session_rules_replace_and_restart_counters(
+def test_session_rules_replace_and_keep_counters(
     catalog: Catalog, channel: grpc.Channel, client: AdminClient
 ) -> None:
+    """Re-putting rules keeps the counters of rules at the same position; ClearSessionRules restarts them."""
     client.call("PutScenario", text=SHOP_V1)
     rules = (
         "rules:\n  - method: shop.v1.Inventory/Reserve\n"
@@ -347,7 +348,10 @@ def test_session_rules_replace_and_restart_counters(
     )
     client.call("PutSessionRules", scenario="shop", session="s", text=rules)
     assert [reserve(catalog, channel, session="s") for _ in range(2)] == ["q-1", "q-2"]
-    client.call("PutSessionRules", scenario="shop", session="s", text=rules)  # a new put starts over
+    client.call("PutSessionRules", scenario="shop", session="s", text=rules)  # the sequence goes on
+    assert reserve(catalog, channel, session="s") == "q-2"
+    client.call("ClearSessionRules", scenario="shop", session="s")
+    client.call("PutSessionRules", scenario="shop", session="s", text=rules)  # cleared: starts over
     assert reserve(catalog, channel, session="s") == "q-1"
     once = "- method: shop.v1.Inventory/Reserve\n  times: 1\n  reply: {reservation_id: once}\n"
     client.call("PutSessionRules", scenario="shop", session="s", text=once)  # replaces, not adds

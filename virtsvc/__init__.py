@@ -1,25 +1,24 @@
 """virtsvc: virtual gRPC services from .proto contracts and scenario scripts.
 
-The public API is what this module exports; everything in ``virtsvc._*`` modules is private.
+The public API is what this module exports; everything in ``virtsvc._*`` modules is private. Names are
+imported on first use, so that merely loading the pytest plugin (every pytest run in an environment where
+virtsvc is installed) does not pay for importing grpc.
 """
 
 from __future__ import annotations
 
-from virtsvc._serving import serve_in_process
-from virtsvc.descriptors import Catalog, MethodSpec
-from virtsvc.errors import ConfigError, DescriptorError, Problem, ProtoError, ScenarioError, VirtsvcError
-from virtsvc.handlers import current_session as session
-from virtsvc.server import VirtualServer
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from virtsvc._serving import serve_in_process
+    from virtsvc.descriptors import Catalog, MethodSpec
+    from virtsvc.errors import ConfigError, DescriptorError, Problem, ProtoError, ScenarioError, VirtsvcError
+    from virtsvc.handlers import current_session as session
+    from virtsvc.scenario import Scenario
+    from virtsvc.server import VirtualServer
 
 __version__ = "0.1.0"
-
-
-def __getattr__(name: str) -> object:  # temporary while the scenario builder lands
-    if name == "Scenario":
-        from virtsvc.scenario import Scenario
-
-        return Scenario
-    raise AttributeError(name)
 
 __all__ = [
     "Catalog",
@@ -36,3 +35,32 @@ __all__ = [
     "serve_in_process",
     "session",
 ]
+
+_WHERE = {
+    "Catalog": ("virtsvc.descriptors", "Catalog"),
+    "MethodSpec": ("virtsvc.descriptors", "MethodSpec"),
+    "ConfigError": ("virtsvc.errors", "ConfigError"),
+    "DescriptorError": ("virtsvc.errors", "DescriptorError"),
+    "Problem": ("virtsvc.errors", "Problem"),
+    "ProtoError": ("virtsvc.errors", "ProtoError"),
+    "ScenarioError": ("virtsvc.errors", "ScenarioError"),
+    "VirtsvcError": ("virtsvc.errors", "VirtsvcError"),
+    "Scenario": ("virtsvc.scenario", "Scenario"),
+    "VirtualServer": ("virtsvc.server", "VirtualServer"),
+    "serve_in_process": ("virtsvc._serving", "serve_in_process"),
+    "session": ("virtsvc.handlers", "current_session"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module, attr = _WHERE[name]
+    except KeyError:
+        raise AttributeError(f"module 'virtsvc' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

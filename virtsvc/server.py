@@ -132,7 +132,6 @@ class VirtualServer:
         self._server = server
         for name in ["", *services]:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.debug("server.started", address=self.address)
         return self
 
     def stop(self, grace: float | None = 5.0) -> None:
@@ -149,7 +148,6 @@ class VirtualServer:
         event.wait()
         timer.cancel()
         self.stopping.set()
-        log.debug("server.stopped", address=self.address)
 
     def wait(self, timeout: float | None = None) -> bool:
         server = self._server

@@ -22,12 +22,13 @@ DEFAULT_SESSION = "default"
 class Session:
     """The state of one session of one scenario. Thread-safe: calls of one session may run in parallel."""
 
-    __slots__ = ("_counters", "_lock", "calls", "data", "id", "last_used", "rng", "rules", "scenario")
+    __slots__ = ("_counters", "_lock", "calls", "data", "id", "inflight", "last_used", "rng", "rules", "scenario")
 
     def __init__(self, scenario: str, session_id: str) -> None:
         self.scenario = scenario
         self.id = session_id
         self.calls = 0
+        self.inflight = 0  # calls in progress, counted only under --max-concurrency-per-session
         self.last_used = time.monotonic()
         self._counters: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -47,6 +48,18 @@ class Session:
             self.last_used = time.monotonic()
             return self.calls
 
+    def enter(self, limit: int) -> bool:
+        """Claims a place among the session's calls in flight; False when ``limit`` are already running."""
+        with self._lock:
+            if self.inflight >= limit:
+                return False
+            self.inflight += 1
+            return True
+
+    def leave(self) -> None:
+        with self._lock:
+            self.inflight -= 1
+
     def take(self, key: str, times: int) -> bool:
         """Claims one use of a rule limited to ``times`` uses; False once it is used up."""
         with self._lock:
@@ -59,6 +72,11 @@ class Session:
     def used(self, key: str) -> int:
         with self._lock:
             return self._counters.get(key, 0)
+
+    def forget(self, key_part: str) -> None:
+        """Drops the counters whose key contains ``key_part`` (e.g. those of the session's own rules)."""
+        with self._lock:
+            self._counters = {k: v for k, v in self._counters.items() if key_part not in k}
 
     def advance(self, key: str) -> int:
         """The 0-based position of this call in a sequence, and moves the sequence on."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import difflib
 import functools
 import hmac
-import itertools
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -127,7 +126,6 @@ class AdminService:
         self.vserver = vserver
         # Serialises admin changes, so a put and a delete never interleave their read-modify-write.
         self._lock = threading.Lock()
-        self._puts = itertools.count(1)
 
     # -- scenarios -----------------------------------------------------------------------------
 
@@ -213,13 +211,15 @@ class AdminService:
         scenario, session_id = request.scenario, request.session or DEFAULT_SESSION
         with self._lock:
             self._require_scenario(scenario)
-            # A fresh key prefix per put: the new rules' times/sequence counters start from zero.
+            # Counters are keyed by the rule's position, so re-putting the list as a test adds rules
+            # keeps the earlier rules' sequences and times where they were (as in-process inline rules
+            # do); ClearSessionRules or ResetSession starts them over.
             rules = compile_rules(
                 request.text,
                 self.vserver.catalog,
                 scenario=scenario,
                 origin=ORIGIN,
-                key_prefix=f"session:{next(self._puts)}:",
+                key_prefix="session:",
             )
             by_method: dict[str, list[Rule]] = {}
             for rule in rules:
@@ -240,6 +240,7 @@ class AdminService:
                 return messages.ClearSessionRulesResponse(rule_count=0)
             removed = sum(len(rs) for rs in session.rules.values())
             session.rules = {}
+            session.forget(":session:")  # the next put starts its sequences and times over
         log.info("admin.session.rules.cleared", scenario=scenario, session=session_id, rules=removed)
         return messages.ClearSessionRulesResponse(rule_count=removed)
 
