@@ -1,0 +1,41 @@
+"""The README's examples are run, so the documentation cannot rot."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from virtsvc import _protoc
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def _block(lang: str, after: str) -> str:
+    """The first ```lang block after the text ``after``."""
+    start = README.index(after)
+    match = re.compile(rf"```{lang}\n(.*?)```", re.S).search(README, start)
+    assert match, f"no {lang} block after {after!r} in README.md"
+    return match.group(1)
+
+
+def test_readme_pytest_example(pytester: pytest.Pytester) -> None:
+    """The plugin example passes as written, with the README's configuration, in a project of its own."""
+    for folder in ("protos", "scenarios"):
+        shutil.copytree(ROOT / folder, pytester.path / folder)
+    _protoc.generate(pytester.path / "protos", pytester.path / "generated")
+    pytester.makefile(".toml", pyproject=_block("toml", "Configure it once"))
+    pytester.makepyfile(test_checkout=_block("python", "tests/test_readme.py runs this block"))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+
+
+def test_readme_commands_use_real_flags() -> None:
+    """The set-up commands name subcommands that exist."""
+    setup = _block("sh", "Two commands on a fresh machine")
+    assert "virtsvc gen protos && virtsvc serve" in setup
+    assert "tox" in setup
+    assert (ROOT / "tox.ini").read_text().count("[testenv:") >= 3
