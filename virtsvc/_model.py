@@ -18,6 +18,8 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from virtsvc._json import message_to_json
+
 if TYPE_CHECKING:
     from virtsvc.descriptors import MethodSpec
     from virtsvc.sessions import Session
@@ -204,7 +206,10 @@ class CompiledScenario:
 class Call:
     """One incoming call as the matchers, templates and journal see it.
 
-    Decoding is lazy: a static reply to a call that no matcher inspects never parses the request.
+    The handlers parse every request as it arrives (bytes that do not parse are refused with
+    INVALID_ARGUMENT before any rule runs) and hand the parsed messages over with ``set_messages`` /
+    ``add_request(raw, message)``, so nothing is parsed twice. A Call built from raw bytes alone (unit tests,
+    tools) still decodes lazily, on first use.
     """
 
     method: MethodSpec
@@ -237,15 +242,27 @@ class Call:
     def requests_json(self) -> list[dict[str, Any]]:
         return [to_json(m) for m in self.request_messages]
 
-    def add_request(self, raw: bytes) -> None:
+    def set_messages(self, messages: list[Message]) -> None:
+        """The parsed forms of ``raw_requests``, in order (the handlers parse up front)."""
+        self.__dict__["request_messages"] = messages
+
+    def add_request(self, raw: bytes, message: Message | None = None) -> None:
+        """Appends a request; ``message`` is its parsed form when the caller has it already."""
         self.raw_requests.append(raw)
-        self.__dict__.pop("request_messages", None)
-        self.__dict__.pop("request_json", None)
-        self.__dict__.pop("requests_json", None)
+        d = self.__dict__
+        parsed = d.get("request_messages")
+        if message is not None and parsed is not None and len(parsed) == len(self.raw_requests) - 1:
+            parsed.append(message)
+        else:
+            d.pop("request_messages", None)
+        d.pop("request_json", None)
+        d.pop("requests_json", None)
 
 
 def to_json(message: Message, *, defaults: bool = False) -> dict[str, Any]:
     """proto3 JSON with proto field names; ``defaults`` adds fields left at their default value."""
+    if not defaults:
+        return message_to_json(message)  # type: ignore[no-any-return]
     return json_format.MessageToDict(
         message,
         preserving_proto_field_name=True,

@@ -44,6 +44,7 @@ from jinja2.runtime import Context, StrictUndefined, Undefined
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from virtsvc._located import Site
+from virtsvc._json import message_to_json
 from virtsvc._model import Call, MessageTemplate, TextTemplate, to_json
 
 __all__ = [
@@ -604,8 +605,16 @@ class _View(dict[str, Any]):
             return default
 
 
+@lru_cache(maxsize=4096)
+def _view_base(desc: Descriptor) -> dict[str, Any]:
+    """The defaults proto3 JSON prints for fields without presence (what ``defaults=True`` adds)."""
+    info = message_info(desc)
+    return {f.name: info.view_defaults[f.name] for f in desc.fields if not f.has_presence}
+
+
 def make_view(desc: Descriptor, data: dict[str, Any]) -> _View:
     info = message_info(desc)
+    data = {**_view_base(desc), **data}
     for name, shaper in info.view_plan:
         if name in data:
             data[name] = shaper(data[name])
@@ -665,9 +674,8 @@ def _first_view(call: Call) -> _View:
     stash = _stash(call)
     view: _View | None = stash.get("first")
     if view is None:
-        raw = call.raw_requests[0] if call.raw_requests else b""
-        msg = call.method.input_class.FromString(raw)
-        view = stash["first"] = make_view(call.method.input, to_json(msg, defaults=True))
+        # Fields left at their default come from the view's __missing__, so only set fields convert.
+        view = stash["first"] = make_view(call.method.input, message_to_json(call.request_message))
     return view
 
 
@@ -676,11 +684,8 @@ def _all_views(call: Call) -> list[_View]:
     stash = _stash(call)
     views: list[_View] = stash.setdefault("all", [])
     if len(views) < len(call.raw_requests):
-        desc, cls = call.method.input, call.method.input_class
-        views.extend(
-            make_view(desc, to_json(cls.FromString(raw), defaults=True))
-            for raw in call.raw_requests[len(views) :]
-        )
+        desc, messages = call.method.input, call.request_messages
+        views.extend(make_view(desc, message_to_json(msg)) for msg in messages[len(views) :])
     return views
 
 
