@@ -53,7 +53,7 @@ class _Loader(yaml.SafeLoader):
         super().__init__(stream)
         self._depth = 0
 
-    def compose_node(self, parent: Node | None, index: Any) -> Node:
+    def compose_node(self, parent: Node | None, index: Any) -> Node | None:
         collection = self.check_event(yaml.SequenceStartEvent, yaml.MappingStartEvent)
         if collection:
             self._depth += 1
@@ -63,7 +63,7 @@ class _Loader(yaml.SafeLoader):
                     mark.line + 1, f"nesting deeper than {MAX_DEPTH} levels; a scenario never needs that much"
                 )
         try:
-            return super().compose_node(parent, index)  # type: ignore[no-any-return]
+            return super().compose_node(parent, index)
         finally:
             if collection:
                 self._depth -= 1
@@ -149,9 +149,9 @@ def _mark_line(exc: yaml.MarkedYAMLError) -> int:
 def _yaml_message(exc: yaml.MarkedYAMLError) -> str:
     parts = [p for p in (exc.context, exc.problem) if p]
     text = ", ".join(parts) if parts else "cannot parse"
-    if exc.context_mark is not None and exc.problem_mark is not None:
-        if exc.context_mark.line != exc.problem_mark.line:
-            text += f" (the construct started on line {exc.context_mark.line + 1})"
+    start, where = exc.context_mark, exc.problem_mark
+    if start is not None and where is not None and start.line != where.line:
+        text += f" (the construct started on line {start.line + 1})"
     return text
 
 
@@ -188,7 +188,9 @@ def _measure(root: Node) -> None:
         if key in size:
             continue
         if key in on_path:
-            raise _Refused(node.start_mark.line + 1, "a YAML alias refers to a mapping or list that contains it")
+            raise _Refused(
+                node.start_mark.line + 1, "a YAML alias refers to a mapping or list that contains it"
+            )
         on_path.add(key)
         stack.append((node, True))
         for kid in _children(node):
@@ -226,6 +228,7 @@ class _Builder:
         elif isinstance(node, SequenceNode):
             value = self._sequence(node)
         else:
+            assert isinstance(node, ScalarNode)
             value = self._scalar(node)
         self.built[key] = value
         return value
@@ -289,12 +292,14 @@ class _Builder:
             return "".join(node.value.split())  # proto3 JSON bytes are base64 text already
         if tag not in _SCALAR_TAGS:
             self._tag_problem(node)
-            return None
+            return node.value  # its text: validation goes on without a second, confusing problem
         try:
             return self.scalars.yaml_constructors[tag](self.scalars, node)
         except (ValueError, yaml.YAMLError) as exc:
             reason = str(exc).split(";")[0]
-            self.problems.add(self.file, self._line(node), f"cannot read the value {node.value[:40]!r}: {reason}")
+            self.problems.add(
+                self.file, self._line(node), f"cannot read the value {node.value[:40]!r}: {reason}"
+            )
             return None
 
     def _tag_problem(self, node: Node) -> None:

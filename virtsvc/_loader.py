@@ -1,0 +1,1243 @@
+"""Reading scenario files and scripts, and compiling them into the run-time model.
+
+Every entry point collects ALL problems (of every file) before raising one ``ScenarioError``, each problem
+located at the line of the offending key. YAML files, JSON files, admin text and Python ``Scenario``
+objects all go through the same compiler: Python data has no line per key, so its problems are located at
+the builder call that wrote the rule (carried as ``"$location": "file:line"``).
+
+Beyond the documented format, the compiler accepts a few conveniences: ``status: UNAVAILABLE`` for
+``status: {code: UNAVAILABLE}``; an ``@type`` without its ``type.googleapis.com/`` prefix; YAML merge keys
+(``<<: *defaults``); stream items with a ``fault`` (after the messages before it); ``each_request`` with a
+``status`` and a ``delay``; and ``"$location"`` on any rule or scenario, which moves its problems there.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import difflib
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import re
+import sys
+import traceback
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import grpc
+from google.protobuf import any_pb2, descriptor_pb2, json_format
+from google.protobuf.descriptor_pool import DescriptorPool
+
+from virtsvc import _yaml, templates
+from virtsvc._located import LocatedDict, LocatedList, Problems, Site
+from virtsvc._model import CompiledScenario, Delay, Fault, Location, Rule, Status, Step, TextTemplate
+from virtsvc.descriptors import Catalog, MethodSpec, normalize_method_name
+from virtsvc.errors import ConfigError, Problem, ScenarioError
+from virtsvc.matching import compile_when
+from virtsvc.scenario import Scenario
+
+__all__ = ["Source", "check_paths", "compile_rules", "compile_sources", "compile_text", "load_sources"]
+
+SUFFIXES = (".yaml", ".yml", ".json", ".py")
+NAME_PATTERN = "[a-z0-9][a-z0-9._-]*"
+_NAME = re.compile(NAME_PATTERN)
+_METADATA_KEY = re.compile(r"[0-9a-z_.-]+")
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)?")
+_UNITS = {None: 1.0, "ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_LOGNORMAL_Z99 = 2.3263  # the 99th percentile of the standard normal distribution
+
+SCENARIO_KEYS = ("scenario", "version", "description", "extends", "rules")
+RULE_KEYS = (
+    "method", "when", "times", "priority", "reply", "status", "fault", "sequence", "after", "stream",
+    "each_request", "handler", "delay", "headers", "trailers",
+)  # fmt: skip
+STEP_KEYS = ("reply", "status", "fault", "stream", "delay", "headers", "trailers")
+STREAM_ITEM_KEYS = ("reply", "delay", "fault")
+EACH_REQUEST_KEYS = ("reply", "status", "delay")
+STATUS_KEYS = ("code", "message", "details")
+AFTER_VALUES = ("repeat_last", "cycle", "fail")
+_ANSWERS = ("reply", "status", "fault", "stream", "each_request")  # what a rule's own step does
+_ITEM_ANSWERS = ("reply", "status", "fault", "stream")  # what a sequence item does
+_LOCATION_KEY = "$location"  # set by the Python builder: "file:line" of the rule's call
+
+
+# -- sources ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Source:
+    """One file read from disk: YAML documents or a script's ``Scenario`` objects, plus reading problems."""
+
+    file: str  # the path as the user gave it: problems and locations use it
+    kind: Literal["yaml", "script"]
+    documents: list[Any] = field(default_factory=list)
+    scenarios: list[Scenario] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+
+def load_sources(paths: Sequence[Path]) -> list[Source]:
+    """Reads files and directories (recursively: ``*.yaml``, ``*.yml``, ``*.json``, ``*.py``, sorted).
+
+    Directories skip hidden entries and ``_*.py`` helper modules. A missing path raises ConfigError;
+    problems inside files (syntax, a script that raises) are kept in each ``Source`` for
+    ``compile_sources`` to report together with the rest.
+    """
+    files: list[Path] = []
+    for path in paths:
+        path = Path(path)
+        if path.is_dir():
+            files.extend(_walk(path))
+        elif path.is_file():
+            if path.suffix.lower() not in SUFFIXES:
+                raise ConfigError(
+                    f"{path}: not a scenario file (scenarios are .yaml, .yml, .json or .py files)"
+                )
+            files.append(path)
+        else:
+            raise ConfigError(f"{path}: no such file or directory")
+    seen: set[Path] = set()
+    sources = []
+    for path in files:
+        real = path.resolve()
+        if real in seen:
+            continue
+        seen.add(real)
+        sources.append(_read(path))
+    return sources
+
+
+def _walk(root: Path) -> list[Path]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
+        for name in filenames:
+            suffix = os.path.splitext(name)[1].lower()
+            if name.startswith(".") or suffix not in SUFFIXES or (suffix == ".py" and name.startswith("_")):
+                continue
+            found.append(Path(dirpath) / name)
+    return sorted(found, key=lambda p: p.as_posix())
+
+
+def _read(path: Path) -> Source:
+    file = str(path)
+    if path.suffix.lower() == ".py":
+        source = Source(file, "script")
+        source.scenarios = _import_script(path, source.problems)
+        return source
+    source = Source(file, "yaml")
+    problems = Problems()
+    source.documents = _yaml.load_file(path, file, problems)
+    source.problems = problems.items
+    return source
+
+
+def _import_script(path: Path, problems: list[Problem]) -> list[Scenario]:
+    """Runs a scenario script and returns its module-level ``Scenario`` objects.
+
+    The module name derives from the script's real path, so reloading the same script replaces its module
+    instead of piling up new ones. The script's directory is on ``sys.path`` while it runs, so it can import
+    helper modules next to it. The code is compiled under the path as the user gave it (importlib would
+    make it absolute), so that builder locations and failures name the file the way the user wrote it.
+    """
+    file = str(path)
+    try:
+        source = path.read_bytes()
+    except OSError as exc:
+        problems.append(Problem(file, 0, f"cannot read: {exc.strerror or exc}"))
+        return []
+    digest = hashlib.blake2b(str(path.resolve()).encode(), digest_size=6).hexdigest()
+    name = f"_virtsvc_script_{re.sub(r'[^0-9A-Za-z_]', '_', path.stem)}_{digest}"
+    spec = importlib.util.spec_from_file_location(name, file)
+    if spec is None:  # pragma: no cover - a .py path always has a spec
+        problems.append(Problem(file, 0, "cannot import this script"))
+        return []
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    directory = str(path.parent.resolve())
+    sys.path.insert(0, directory)
+    try:
+        code = compile(source, file, "exec", dont_inherit=True)
+        exec(code, module.__dict__)
+    except (Exception, SystemExit) as exc:
+        sys.modules.pop(name, None)
+        problems.append(_script_problem(file, exc))
+        return []
+    finally:
+        with contextlib.suppress(ValueError):  # the script removed it itself
+            sys.path.remove(directory)
+    found: dict[int, Scenario] = {}
+    for value in vars(module).values():
+        if isinstance(value, Scenario):
+            found.setdefault(id(value), value)
+    if not found:
+        problems.append(
+            Problem(
+                file,
+                0,
+                'the script defines no Scenario at module level (e.g. scenario = Scenario("name")); '
+                "name helper modules _*.py so that a directory load skips them",
+            )
+        )
+    return list(found.values())
+
+
+def _script_problem(file: str, exc: BaseException) -> Problem:
+    """The script's line where it failed (the deepest frame in the script) and the error, no traceback."""
+    if isinstance(exc, SyntaxError) and exc.filename == file:
+        return Problem(file, exc.lineno or 0, f"SyntaxError: {exc.msg}")
+    line = 0
+    for frame, lineno in traceback.walk_tb(exc.__traceback__):
+        if frame.f_code.co_filename == file:
+            line = lineno
+    text = str(exc)
+    return Problem(file, line, f"the script raised {type(exc).__name__}" + (f": {text}" if text else ""))
+
+
+# -- entry points -------------------------------------------------------------------------------------
+
+
+def compile_sources(sources: Sequence[Source], catalog: Catalog) -> list[CompiledScenario]:
+    """Validates and compiles every scenario of ``sources``; raises ScenarioError with every problem."""
+    problems = Problems()
+    compiler = _Compiler(catalog, problems)
+    entries: list[_Entry] = []
+    for source in sources:
+        problems.items.extend(source.problems)
+        for doc in source.documents:
+            entry = compiler.scenario(doc, Site(source.file, problems))
+            if entry is not None:
+                entries.append(entry)
+        for scenario in source.scenarios:
+            site = Site(source.file, problems, scenario.location.line)
+            data = scenario.to_data(locations=True)
+            reason = _yaml.check_plain(data)
+            if reason is not None:
+                problems.add(str(scenario.location.file), scenario.location.line, f"scenario data: {reason}")
+                continue
+            entry = compiler.scenario(data, site, from_script=True)
+            if entry is not None:
+                entries.append(entry)
+        if source.kind == "yaml" and not source.documents and not source.problems:
+            problems.add(
+                source.file, 0, "no scenario in this file (expected a mapping with scenario: and rules:)"
+            )
+    _cross_check(entries, {}, problems)
+    problems.raise_if_any()
+    return [e.compiled for e in entries if e.compiled is not None]
+
+
+def compile_text(
+    text: str,
+    catalog: Catalog,
+    origin: str = "<admin>",
+    known: Collection[str] | Mapping[str, str | None] = (),
+) -> list[CompiledScenario]:
+    """Compiles YAML or JSON text (the admin API's PutScenario); never Python.
+
+    ``known`` names the scenarios already loaded, which ``extends`` may refer to; a mapping of name to
+    its ``extends`` also lets cycles through them be found.
+    """
+    problems = Problems()
+    compiler = _Compiler(catalog, problems)
+    entries = []
+    docs = _yaml.load_text(text, origin, problems)
+    for doc in docs:
+        entry = compiler.scenario(doc, Site(origin, problems))
+        if entry is not None:
+            entries.append(entry)
+    if not docs and not problems:
+        problems.add(origin, 0, "no scenario in the text (expected a mapping with scenario: and rules:)")
+    parents = dict(known) if isinstance(known, Mapping) else dict.fromkeys(known)
+    _cross_check(entries, parents, problems)
+    problems.raise_if_any()
+    return [e.compiled for e in entries if e.compiled is not None]
+
+
+def compile_rules(
+    data: str | Sequence[Mapping[str, Any]],
+    catalog: Catalog,
+    scenario: str,
+    origin: str,
+    key_prefix: str,
+) -> tuple[Rule, ...]:
+    """Compiles session-scoped rules: YAML/JSON text (a list of rules, or a mapping with ``rules:``) or
+    plain rule dicts from Python (which may carry a ``handler`` and a ``"$location"``).
+
+    Rule keys are ``key_prefix + index``, so they never collide with the scenario's own rules.
+    """
+    problems = Problems()
+    site = Site(origin, problems)
+    nodes: Any
+    if isinstance(data, str):
+        docs = _yaml.load_text(data, origin, problems)
+        if len(docs) > 1:
+            problems.add(origin, 0, f"expected one YAML document of rules, found {len(docs)}")
+        nodes = docs[0] if docs else []
+        if isinstance(nodes, Mapping):
+            for key in nodes:
+                if key != "rules":
+                    site.error(nodes, key, _unknown(key, ("rules",), "key", "session rules take only rules:"))
+            nodes = nodes.get("rules", [])
+    else:
+        nodes = data
+        reason = _yaml.check_plain(list(data))
+        if reason is not None:
+            problems.add(origin, 0, f"rules: {reason}")
+            problems.raise_if_any()
+    if not isinstance(nodes, Sequence) or isinstance(nodes, (str, bytes)):
+        site.error(nodes, None, f"expected a list of rules, got {_kind(nodes)}")
+        problems.raise_if_any()
+    rules = _Compiler(catalog, problems).rules(nodes, site, scenario, key_prefix)
+    problems.raise_if_any()
+    return rules
+
+
+def check_paths(paths: Sequence[Path], catalog: Catalog) -> list[Problem]:
+    """Every problem of the scenario files and scripts under ``paths`` (``virtsvc check``); [] when valid."""
+    found: list[Problem] = []
+    present = []
+    for path in paths:
+        if Path(path).exists():
+            present.append(Path(path))
+        else:
+            found.append(Problem(str(path), 0, "no such file or directory"))
+    try:
+        compile_sources(load_sources(present), catalog)
+    except ScenarioError as exc:
+        found.extend(exc.problems)
+    except ConfigError as exc:
+        found.append(Problem("", 0, str(exc)))
+    return sorted(set(found), key=lambda p: (p.file, p.line, p.message))
+
+
+# -- cross-scenario checks ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Entry:
+    """A scenario document as far as it could be read: enough for cross-file checks even when invalid."""
+
+    name: str | None
+    location: Location
+    extends: str | None
+    extends_at: Location
+    compiled: CompiledScenario | None
+
+
+def _cross_check(entries: Sequence[_Entry], known: Mapping[str, str | None], problems: Problems) -> None:
+    by_name: dict[str, list[_Entry]] = {}
+    for entry in entries:
+        if entry.name is not None:
+            by_name.setdefault(entry.name, []).append(entry)
+    for name, same in by_name.items():
+        if len(same) > 1:
+            for entry in same:
+                others = ", ".join(str(e.location) for e in same if e is not entry)
+                problems.add(
+                    entry.location.file,
+                    entry.location.line,
+                    f'duplicate scenario name "{name}": also defined at {others}',
+                )
+    parents: dict[str, str | None] = dict(known)
+    parents.update({e.name: e.extends for e in entries if e.name is not None})
+    for entry in entries:
+        if entry.extends is None:
+            continue
+        where = entry.extends_at
+        if entry.extends not in parents:
+            problems.add(where.file, where.line, _unknown_scenario(entry.extends, parents))
+            continue
+        if entry.name is None:
+            continue
+        trail = [entry.name]
+        current: str | None = entry.extends
+        while current is not None and current in parents and current not in trail:
+            trail.append(current)
+            current = parents[current]
+        if current == entry.name:
+            problems.add(
+                where.file,
+                where.line,
+                "extends: the scenarios extend each other in a cycle: " + " -> ".join([*trail, entry.name]),
+            )
+
+
+def _unknown_scenario(name: str, parents: Mapping[str, Any]) -> str:
+    text = f'extends: unknown scenario "{name}"'
+    close = difflib.get_close_matches(name, list(parents), n=3, cutoff=0.6)
+    if close:
+        return text + "; did you mean " + " or ".join(f'"{c}"' for c in close) + "?"
+    if not parents:
+        return text + "; no scenario is loaded"
+    names = sorted(parents)
+    listed = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+    return text + f"; the scenarios are {listed}"
+
+
+# -- the compiler --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Defaults:
+    """Rule-level delay, headers and trailers that every item of a sequence inherits."""
+
+    delay: Delay | None = None
+    headers: tuple[tuple[str, TextTemplate], ...] = ()
+    trailers: tuple[tuple[str, TextTemplate], ...] = ()
+
+
+class _Compiler:
+    """Validates scenario data (located YAML nodes or plain Python data) into model objects."""
+
+    def __init__(self, catalog: Catalog, problems: Problems) -> None:
+        self.catalog = catalog
+        self.problems = problems
+        _ensure_rich_error_types(catalog.pool)
+
+    # -- scenario -------------------------------------------------------------------------------
+
+    def scenario(self, doc: Any, site: Site, *, from_script: bool = False) -> _Entry | None:
+        before = len(self.problems.items)
+        if not isinstance(doc, Mapping):
+            site.error(
+                doc,
+                None,
+                f"expected a scenario (a mapping with scenario: and rules:), got {_kind(doc)}",
+            )
+            return None
+        site = self._relocate(doc, site)
+        site = site.at(doc)
+        for key in doc:
+            if key not in SCENARIO_KEYS and key != _LOCATION_KEY:
+                site.error(doc, key, _unknown(key, SCENARIO_KEYS, "scenario key"))
+        name: str | None = None
+        if "scenario" not in doc:
+            site.error(doc, None, 'missing "scenario:" (the scenario\'s name, e.g. scenario: checkout-happy)')
+        else:
+            name = self._name(doc, "scenario", site)
+        version = doc.get("version")
+        if version is not None and (isinstance(version, bool) or not isinstance(version, (int, str))):
+            site.error(doc, "version", f"version: expected an integer or text, got {_show(version)}")
+            version = None
+        description = doc.get("description")
+        if description is None:
+            description = ""
+        elif not isinstance(description, str):
+            site.error(doc, "description", f"description: expected text, got {_show(description)}")
+            description = ""
+        extends = self._name(doc, "extends", site) if doc.get("extends") is not None else None
+        rules: tuple[Rule, ...] = ()
+        nodes = doc.get("rules")
+        if "rules" not in doc:
+            if extends is None:
+                site.error(doc, None, 'missing "rules:" (the list of rules)')
+        elif nodes is None:
+            pass  # `rules:` with nothing under it: no rules of its own
+        elif not isinstance(nodes, list):
+            site.error(doc, "rules", f"rules: expected a list of rules, got {_kind(nodes)}")
+        else:
+            rules = self.rules(nodes, site, name or "", "")
+        location = Location(site.file, site.line_of(doc, "scenario"))
+        extends_at = Location(site.file, site.line_of(doc, "extends"))
+        compiled = None
+        if len(self.problems.items) == before and name is not None:
+            compiled = CompiledScenario(
+                name=name,
+                location=location,
+                rules=rules,
+                version=version,
+                description=description,
+                extends=extends,
+                from_script=from_script,
+            )
+        return _Entry(name, location, extends, extends_at, compiled)
+
+    def _name(self, doc: Mapping[Any, Any], key: str, site: Site) -> str | None:
+        value = doc.get(key)
+        if not isinstance(value, str) or not _NAME.fullmatch(value):
+            hint = ""
+            if isinstance(value, str):
+                slug = re.sub(r"[^a-z0-9._-]+", "-", value.strip().lower()).strip("-._")
+                if slug and _NAME.fullmatch(slug):
+                    hint = f' (e.g. "{slug}")'
+            site.error(
+                doc,
+                key,
+                f"{key}: bad scenario name {_show(value)}; a name matches {NAME_PATTERN}{hint}",
+            )
+            return None
+        return value
+
+    def _relocate(self, node: Any, site: Site) -> Site:
+        """Plain data from the Python builder carries ``"$location": "file:line"``: report there."""
+        if not isinstance(node, Mapping) or _LOCATION_KEY not in node:
+            return site
+        value = node[_LOCATION_KEY]
+        if isinstance(value, str):
+            file, _, line = value.rpartition(":")
+            if file and line.isdigit():
+                return Site(file, site.problems, int(line))
+        site.error(node, _LOCATION_KEY, f'{_LOCATION_KEY}: expected "file:line", got {_show(value)}')
+        return site
+
+    # -- rules ----------------------------------------------------------------------------------
+
+    def rules(self, nodes: Sequence[Any], site: Site, scenario: str, key_prefix: str) -> tuple[Rule, ...]:
+        compiled: list[Rule] = []
+        reach: list[tuple[int, int, str, bool, Location]] = []  # (priority, index, method, catch-all, at)
+        for index, node in enumerate(nodes):
+            rule_site = Site(site.file, site.problems, site.line_of(nodes, index))
+            rule = self.rule(
+                node, rule_site, scenario, f"{key_prefix}{index}", f"rules[{index}]", reach, index
+            )
+            if rule is not None:
+                compiled.append(rule)
+        self._unreachable(reach)
+        return tuple(compiled)
+
+    def _unreachable(self, reach: list[tuple[int, int, str, bool, Location]]) -> None:
+        """Reports rules that an earlier catch-all rule (no when, no times) of the same method shadows."""
+        first: dict[str, Location] = {}
+        for _priority, _index, method, catch_all, at in sorted(reach, key=lambda r: (-r[0], r[1])):
+            if method in first:
+                self.problems.add(
+                    at.file,
+                    at.line,
+                    f"rule is unreachable: the rule at {first[method]} answers every call to {method} first",
+                )
+            elif catch_all:
+                first[method] = at
+
+    def rule(
+        self,
+        node: Any,
+        site: Site,
+        scenario: str,
+        key: str,
+        path: str,
+        reach: list[tuple[int, int, str, bool, Location]],
+        index: int,
+    ) -> Rule | None:
+        before = len(self.problems.items)
+        if not isinstance(node, Mapping):
+            site.error(node, None, f"{path}: expected a rule (a mapping with method: ...), got {_kind(node)}")
+            return None
+        site = self._relocate(node, site).at(node)
+        location = Location(site.file, site.line)
+        for k in node:
+            if k not in RULE_KEYS and k != _LOCATION_KEY:
+                site.error(node, k, _unknown(k, RULE_KEYS, "rule key"))
+
+        spec = self._method(node, site)
+        times = node.get("times")
+        if times is not None and (isinstance(times, bool) or not isinstance(times, int) or times <= 0):
+            site.error(node, "times", f"times: expected a positive integer, got {_show(times)}")
+        priority = node.get("priority", 0)
+        if priority is None:
+            priority = 0
+        priority_ok = isinstance(priority, int) and not isinstance(priority, bool)
+        if not priority_ok:
+            site.error(node, "priority", f"priority: expected an integer, got {_show(priority)}")
+        after = node.get("after", "repeat_last")
+        if "after" in node:
+            if "sequence" not in node:
+                site.error(node, "after", "after: only a sequence has an after (what happens past its end)")
+            elif after not in AFTER_VALUES:
+                site.error(
+                    node, "after", _unknown_value("after", after, AFTER_VALUES, "repeat_last (the default)")
+                )
+        when = None
+        condition = node.get("when")
+        if condition is not None:
+            if not isinstance(condition, Mapping):
+                site.error(
+                    node,
+                    "when",
+                    f"when: expected a mapping of conditions (request:, metadata:), got {_kind(condition)}",
+                )
+            elif spec is not None:
+                when = compile_when(condition, spec, site, "when")
+
+        handler = node.get("handler")
+        if "handler" in node and not callable(handler):
+            site.error(
+                node,
+                "handler",
+                "handler: a handler is a Python function; only Python scenarios (scenario.handler) set one",
+            )
+        steps = self._rule_steps(node, site, spec, location)
+
+        if spec is not None and priority_ok:
+            catch_all = not condition and times is None
+            reach.append((priority, index, spec.full_name, catch_all, location))
+        if len(self.problems.items) != before or spec is None:
+            return None
+        return Rule(
+            scenario=scenario,
+            key=key,
+            method=spec.full_name,
+            location=location,
+            steps=steps,
+            after=after,
+            when=when,
+            times=times,
+            priority=priority,
+            handler=handler if callable(handler) else None,
+        )
+
+    def _method(self, node: Mapping[Any, Any], site: Site) -> MethodSpec | None:
+        if "method" not in node:
+            example = next(iter(self.catalog.methods), "pkg.Service/Method")
+            site.error(node, None, f"the rule has no method: add e.g. method: {example}")
+            return None
+        name = node["method"]
+        if not isinstance(name, str):
+            site.error(node, "method", f"method: expected a name like pkg.Service/Method, got {_show(name)}")
+            return None
+        spec = self.catalog.methods.get(normalize_method_name(name))
+        if spec is None:
+            site.error(node, "method", self.catalog.unknown_method_message(name))
+        return spec
+
+    def _rule_steps(
+        self, node: Mapping[Any, Any], site: Site, spec: MethodSpec | None, location: Location
+    ) -> tuple[Step, ...]:
+        defaults = _Defaults(
+            delay=self._delay(node, "delay", site, "delay") if "delay" in node else None,
+            headers=self._metadata(node, "headers", site, "headers"),
+            trailers=self._metadata(node, "trailers", site, "trailers"),
+        )
+        answers = [k for k in _ANSWERS if k in node]
+        if "handler" in node:
+            # The handler is the whole answer: it can sleep and set metadata through its context.
+            for k in (*answers, "sequence", "delay", "headers", "trailers"):
+                if k in node:
+                    site.error(node, k, f"{k}: a handler rule answers with its handler alone; remove {k}")
+            return ()
+        if "sequence" in node:
+            for k in answers:
+                site.error(
+                    node, k, f"{k}: a sequence rule answers from its items; move {k} into the sequence"
+                )
+            return self._sequence(node, site, spec, defaults)
+        if not answers:
+            # With an unknown key, that typo is most likely the answer (and is reported already).
+            if all(k in RULE_KEYS or k == _LOCATION_KEY for k in node):
+                site.error(
+                    node,
+                    None,
+                    "the rule has nothing to do: give it a reply, status, fault, sequence, stream, "
+                    "each_request or (in Python) a handler",
+                )
+            return ()
+        step = self._step(node, site, spec, "", location, defaults, level="rule")
+        return (step,) if step is not None else ()
+
+    def _sequence(
+        self, node: Mapping[Any, Any], site: Site, spec: MethodSpec | None, defaults: _Defaults
+    ) -> tuple[Step, ...]:
+        items = node["sequence"]
+        if not isinstance(items, list) or not items:
+            site.error(node, "sequence", f"sequence: expected a non-empty list of steps, got {_show(items)}")
+            return ()
+        steps = []
+        for i, item in enumerate(items):
+            path = f"sequence[{i}]"
+            item_site = Site(site.file, site.problems, site.line_of(items, i))
+            if not isinstance(item, Mapping):
+                item_site.error(
+                    item, None, f"{path}: expected a step (reply:, status:, ...), got {_kind(item)}"
+                )
+                continue
+            item_site = item_site.at(item)
+            for k in item:
+                if k not in STEP_KEYS:
+                    item_site.error(
+                        item, k, _unknown(k, STEP_KEYS, "step key", _misplaced(k, "a sequence item"))
+                    )
+            if not any(k in item for k in _ITEM_ANSWERS):
+                if all(k in STEP_KEYS for k in item):  # else the unknown key is most likely the answer
+                    item_site.error(
+                        item, None, f"{path} has nothing to do: give it a reply, status, fault or stream"
+                    )
+                continue
+            step = self._step(
+                item,
+                item_site,
+                spec,
+                f"{path}.",
+                Location(item_site.file, item_site.line),
+                defaults,
+                level="item",
+            )
+            if step is not None:
+                steps.append(step)
+        return tuple(steps)
+
+    def _step(
+        self,
+        node: Mapping[Any, Any],
+        site: Site,
+        spec: MethodSpec | None,
+        prefix: str,
+        location: Location,
+        defaults: _Defaults,
+        *,
+        level: Literal["rule", "item"],
+    ) -> Step | None:
+        """A step from a rule's own keys or a sequence item: what to answer, and how."""
+        before = len(self.problems.items)
+        status = self._status(node, "status", site, prefix + "status") if "status" in node else None
+        failing = status is not None and not status.ok
+
+        # Which answers may be combined: a fault replaces everything; streams carry their own messages.
+        if "fault" in node:
+            for k in ("reply", "status", "stream", "each_request"):
+                if k in node:
+                    site.error(
+                        node, k, f"{prefix}{k}: a fault replaces the answer; remove the {k} or the fault"
+                    )
+        if "reply" in node:
+            for k in ("stream", "each_request"):
+                if k in node:
+                    site.error(
+                        node,
+                        "reply",
+                        f"{prefix}reply: a {k} rule sends its messages under {k}: ; remove reply",
+                    )
+            if failing and status is not None:
+                site.error(
+                    node,
+                    "reply",
+                    f"{prefix}reply: a failing call carries no reply (status is {status.code.name}); "
+                    "drop the reply, or answer and fail on successive calls with a sequence",
+                )
+        if "stream" in node and "each_request" in node:
+            site.error(
+                node, "each_request", f"{prefix}each_request: use either stream or each_request, not both"
+            )
+
+        body = None
+        if "reply" in node and spec is not None:
+            value = node["reply"]
+            body = templates.compile_message(
+                value if value is not None else {}, spec.output, site, prefix + "reply"
+            )
+        stream = None
+        if "stream" in node:
+            if spec is not None and not spec.server_streaming:
+                site.error(
+                    node,
+                    "stream",
+                    f"{prefix}stream: {spec.full_name} is {_kind_words(spec)}; "
+                    "stream needs a server-streaming or bidi method",
+                )
+            else:
+                stream = self._stream(node, site, spec, prefix)
+        each = None
+        if "each_request" in node and level == "rule":  # in a sequence item it is an unknown step key
+            if spec is not None and spec.kind != "bidi_streaming":
+                site.error(
+                    node,
+                    "each_request",
+                    f"{prefix}each_request: {spec.full_name} is {_kind_words(spec)}; "
+                    "each_request needs a bidi method",
+                )
+            else:
+                each = self._each_request(node, site, spec, prefix)
+        fault = self._fault(node, site, prefix) if "fault" in node else None
+        if level == "rule":  # the rule's own delay and metadata, compiled once by the caller
+            delay, headers, trailers = defaults.delay, defaults.headers, defaults.trailers
+        else:
+            delay = self._delay(node, "delay", site, prefix + "delay") if "delay" in node else defaults.delay
+            headers = _merge(defaults.headers, self._metadata(node, "headers", site, prefix + "headers"))
+            trailers = _merge(defaults.trailers, self._metadata(node, "trailers", site, prefix + "trailers"))
+        if len(self.problems.items) != before:
+            return None
+        if status is not None and status.ok and status.message is None:
+            status = None  # an explicit plain OK is the default
+        return Step(
+            location=location,
+            body=body,
+            status=status,
+            delay=delay,
+            headers=headers,
+            trailers=trailers,
+            fault=fault,
+            stream=stream,
+            each_request=each,
+        )
+
+    def _stream(
+        self, node: Mapping[Any, Any], site: Site, spec: MethodSpec | None, prefix: str
+    ) -> tuple[Step, ...] | None:
+        items = node["stream"]
+        if not isinstance(items, list):
+            site.error(
+                node,
+                "stream",
+                f"{prefix}stream: expected a list of messages ({{reply: ...}}), got {_kind(items)}",
+            )
+            return None
+        out = []
+        for i, item in enumerate(items):
+            path = f"{prefix}stream[{i}]"
+            item_site = Site(site.file, site.problems, site.line_of(items, i))
+            if not isinstance(item, Mapping):
+                item_site.error(
+                    item,
+                    None,
+                    f"{path}: expected a stream item ({{reply: ..., delay: ...}}), got {_kind(item)}",
+                )
+                continue
+            item_site = item_site.at(item)
+            before = len(self.problems.items)
+            for k in item:
+                if k == "status":
+                    item_site.error(
+                        item,
+                        k,
+                        f"{path}.status: a stream's final status goes next to stream:, at the rule level",
+                    )
+                elif k not in STREAM_ITEM_KEYS:
+                    item_site.error(item, k, _unknown(k, STREAM_ITEM_KEYS, "stream item key"))
+            if "reply" not in item and "fault" not in item:
+                item_site.error(item, None, f"{path}: a stream item needs a reply (the message to send)")
+            if "reply" in item and "fault" in item:
+                item_site.error(
+                    item, "fault", f"{path}.fault: a fault replaces the message; remove reply or fault"
+                )
+            body = None
+            if "reply" in item and spec is not None:
+                value = item["reply"]
+                body = templates.compile_message(
+                    value if value is not None else {}, spec.output, item_site, f"{path}.reply"
+                )
+            delay = self._delay(item, "delay", item_site, f"{path}.delay") if "delay" in item else None
+            fault = self._fault(item, item_site, f"{path}.") if "fault" in item else None
+            if len(self.problems.items) == before:
+                out.append(
+                    Step(Location(item_site.file, item_site.line), body=body, delay=delay, fault=fault)
+                )
+        return tuple(out)
+
+    def _each_request(
+        self, node: Mapping[Any, Any], site: Site, spec: MethodSpec | None, prefix: str
+    ) -> Step | None:
+        value = node["each_request"]
+        path = f"{prefix}each_request"
+        if not isinstance(value, Mapping):
+            site.error(node, "each_request", f"{path}: expected a step ({{reply: ...}}), got {_kind(value)}")
+            return None
+        each_site = Site(site.file, site.problems, site.line_of(node, "each_request")).at(value)
+        before = len(self.problems.items)
+        for k in value:
+            if k not in EACH_REQUEST_KEYS:
+                each_site.error(value, k, _unknown(k, EACH_REQUEST_KEYS, "each_request key"))
+        if not any(k in value for k in ("reply", "status")):
+            each_site.error(value, None, f"{path}: give it a reply (sent for every incoming message)")
+        status = self._status(value, "status", each_site, f"{path}.status") if "status" in value else None
+        if "reply" in value and status is not None and not status.ok:
+            each_site.error(
+                value, "reply", f"{path}.reply: a failing call carries no reply; drop one of them"
+            )
+        body = None
+        if "reply" in value and spec is not None:
+            reply = value["reply"]
+            body = templates.compile_message(
+                reply if reply is not None else {}, spec.output, each_site, f"{path}.reply"
+            )
+        delay = self._delay(value, "delay", each_site, f"{path}.delay") if "delay" in value else None
+        if len(self.problems.items) != before:
+            return None
+        if status is not None and status.ok and status.message is None:
+            status = None
+        return Step(Location(each_site.file, each_site.line), body=body, status=status, delay=delay)
+
+    # -- values ---------------------------------------------------------------------------------
+
+    def _status(self, node: Mapping[Any, Any], key: str, site: Site, path: str) -> Status | None:
+        value = node[key]
+        if not isinstance(value, Mapping):
+            # `status: UNAVAILABLE` is short for `status: {code: UNAVAILABLE}`.
+            code = _status_code(value, site, node, key, path)
+            return Status(code) if code is not None else None
+        status_site = Site(site.file, site.problems, site.line_of(node, key)).at(value)
+        before = len(self.problems.items)
+        for k in value:
+            if k not in STATUS_KEYS:
+                status_site.error(value, k, _unknown(k, STATUS_KEYS, "status key"))
+        if "code" not in value:
+            status_site.error(value, None, f"{path}: a status needs a code, e.g. code: UNAVAILABLE")
+            return None
+        code = _status_code(value["code"], status_site, value, "code", f"{path}.code")
+        message = None
+        text = value.get("message")
+        if text is not None:
+            message = templates.compile_text(text, status_site, value, "message", f"{path}.message")
+        details: tuple[bytes, ...] = ()
+        if value.get("details") is not None:
+            details = self._details(value, status_site, f"{path}.details")
+            if code is grpc.StatusCode.OK and details:
+                status_site.error(value, "details", f"{path}.details: an OK status carries no details")
+        if code is None or len(self.problems.items) != before:
+            return None
+        return Status(code, message, details)
+
+    def _details(self, node: Mapping[Any, Any], site: Site, path: str) -> tuple[bytes, ...]:
+        items = node["details"]
+        if not isinstance(items, list):
+            site.error(
+                node, "details", f"{path}: expected a list of messages with an @type, got {_kind(items)}"
+            )
+            return ()
+        out = []
+        for i, detail in enumerate(items):
+            where = f"{path}[{i}]"
+            if not isinstance(detail, Mapping) or not isinstance(detail.get("@type"), str):
+                site.error(
+                    items,
+                    i,
+                    f'{where}: each detail is a mapping with an "@type", e.g. '
+                    '{"@type": type.googleapis.com/google.rpc.ErrorInfo, reason: ...}',
+                )
+                continue
+            data = dict(detail)
+            type_name = data["@type"]
+            if "/" not in type_name:
+                data["@type"] = (
+                    "type.googleapis.com/" + type_name
+                )  # the prefix is boilerplate: allow leaving it out
+            full_name = data["@type"].rpartition("/")[2]
+            try:
+                self.catalog.pool.FindMessageTypeByName(full_name)
+            except KeyError:
+                site.error(items, i, f"{where}: {self._unknown_type(full_name)}")
+                continue
+            try:
+                packed = json_format.ParseDict(data, any_pb2.Any(), descriptor_pool=self.catalog.pool)
+            except Exception as exc:  # ParseError, and TypeError/ValueError on odd values
+                site.error(items, i, f"{where} ({full_name}): {_parse_error(exc)}")
+                continue
+            out.append(packed.SerializeToString())
+        return tuple(out)
+
+    def _unknown_type(self, name: str) -> str:
+        names = _message_names(self.catalog)
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+        text = f'unknown message type "{name}"'
+        if close:
+            return text + "; did you mean " + " or ".join(f'"{c}"' for c in close) + "?"
+        return text + " (rich error details are usually google.rpc types, e.g. google.rpc.ErrorInfo)"
+
+    def _delay(self, node: Mapping[Any, Any], key: str, site: Site, path: str) -> Delay | None:
+        value = node[key]
+        if isinstance(value, Mapping):
+            return self._delay_model(
+                value, Site(site.file, site.problems, site.line_of(node, key)).at(value), path
+            )
+        seconds = _seconds(value, site, node, key, path)
+        return Delay("fixed", seconds) if seconds is not None else None
+
+    def _delay_model(self, value: Mapping[Any, Any], site: Site, path: str) -> Delay | None:
+        models = ("uniform", "lognormal")
+        if len(value) != 1 or next(iter(value)) not in models:
+            extra = [k for k in value if k not in models]
+            if extra:
+                hint = "use a duration, {uniform: [low, high]} or {lognormal: {median: M, p99: P}}"
+                site.error(value, extra[0], f"{path}: " + _unknown(extra[0], models, "delay model", hint))
+            else:
+                site.error(value, None, f"{path}: give one model: uniform or lognormal")
+            return None
+        kind = next(iter(value))
+        args = value[kind]
+        if kind == "uniform":
+            if not isinstance(args, list) or len(args) != 2:
+                site.error(
+                    value, kind, f"{path}.uniform: expected [low, high], two durations, got {_show(args)}"
+                )
+                return None
+            low = _seconds(args[0], site, args, 0, f"{path}.uniform[0]")
+            high = _seconds(args[1], site, args, 1, f"{path}.uniform[1]")
+            if low is None or high is None:
+                return None
+            if low > high:
+                site.error(
+                    value, kind, f"{path}.uniform: low {_show(args[0])} is above high {_show(args[1])}"
+                )
+                return None
+            return Delay("uniform", low, high)
+        if not isinstance(args, Mapping) or set(args) != {"median", "p99"}:
+            site.error(value, kind, f"{path}.lognormal: expected {{median: M, p99: P}}, got {_show(args)}")
+            return None
+        median = _seconds(args["median"], site, args, "median", f"{path}.lognormal.median")
+        p99 = _seconds(args["p99"], site, args, "p99", f"{path}.lognormal.p99")
+        if median is None or p99 is None:
+            return None
+        if median <= 0:
+            site.error(args, "median", f"{path}.lognormal.median: must be above zero")
+            return None
+        if p99 <= median:
+            site.error(
+                args,
+                "p99",
+                f"{path}.lognormal: p99 {_show(args['p99'])} must be above "
+                f"the median {_show(args['median'])}",
+            )
+            return None
+        mu = math.log(median)
+        return Delay("lognormal", mu, (math.log(p99) - mu) / _LOGNORMAL_Z99)
+
+    def _fault(self, node: Mapping[Any, Any], site: Site, prefix: str) -> Fault | None:
+        value = node["fault"]
+        names = tuple(f.value for f in Fault)
+        if isinstance(value, str) and value.strip().lower() in names:
+            return Fault(value.strip().lower())
+        site.error(node, "fault", _unknown_value(f"{prefix}fault", value, names, "", noun="fault"))
+        return None
+
+    def _metadata(
+        self, node: Mapping[Any, Any], key: str, site: Site, path: str
+    ) -> tuple[tuple[str, TextTemplate], ...]:
+        if key not in node or node[key] is None:
+            return ()
+        value = node[key]
+        if not isinstance(value, Mapping):
+            site.error(node, key, f"{path}: expected a mapping of metadata keys to text, got {_kind(value)}")
+            return ()
+        msite = Site(site.file, site.problems, site.line_of(node, key)).at(value)
+        out: dict[str, TextTemplate] = {}
+        for name, text in value.items():
+            if not isinstance(name, str):
+                msite.error(value, name, f"{path}: metadata keys are text, got {_show(name)}")
+                continue
+            lower = name.lower()
+            if not _METADATA_KEY.fullmatch(lower):
+                msite.error(
+                    value,
+                    name,
+                    f'{path}: "{name}" is not a valid metadata key (letters, digits, "_", "." and "-" only)',
+                )
+                continue
+            if lower.startswith("grpc-"):
+                msite.error(
+                    value, name, f'{path}: "{name}" is reserved for gRPC itself (keys starting grpc-)'
+                )
+                continue
+            if lower in out:
+                msite.error(value, name, f'{path}: "{name}" is given twice (keys are not case-sensitive)')
+                continue
+            template = templates.compile_text(text, msite, value, name, f"{path}.{name}")
+            if template is None:
+                continue
+            if lower.endswith("-bin") and template.static is not None and not _is_base64(template.static):
+                msite.error(
+                    value,
+                    name,
+                    f"{path}.{name}: a -bin key carries bytes, written as base64 text; "
+                    f"{_show(text)} is not base64",
+                )
+                continue
+            out[lower] = template
+        return tuple(out.items())
+
+
+# -- helpers --------------------------------------------------------------------------------------------
+
+
+def _merge(
+    defaults: tuple[tuple[str, TextTemplate], ...], own: tuple[tuple[str, TextTemplate], ...]
+) -> tuple[tuple[str, TextTemplate], ...]:
+    """A sequence item's metadata over the rule's: the item's value wins for the same key."""
+    if not defaults:
+        return own
+    merged = dict(defaults)
+    merged.update(own)
+    return tuple(merged.items())
+
+
+def _status_code(value: Any, site: Site, node: Any, key: Any, path: str) -> grpc.StatusCode | None:
+    codes = grpc.StatusCode.__members__
+    if isinstance(value, str):
+        name = value.strip().upper().removeprefix("STATUSCODE.")
+        if name in codes:
+            return codes[name]
+        if name.isdigit():
+            value = int(name)
+        else:
+            close = difflib.get_close_matches(name, list(codes), n=3, cutoff=0.6)
+            hint = (
+                "did you mean " + " or ".join(f'"{c}"' for c in close) + "?"
+                if close
+                else "the codes are " + ", ".join(codes)
+            )
+            site.error(node, key, f"{path}: unknown status code {_show(value)}; {hint}")
+            return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        for code in grpc.StatusCode:
+            if code.value[0] == value:
+                return code
+        site.error(
+            node, key, f"{path}: unknown status code {value}; codes are 0 (OK) to 16 (UNAUTHENTICATED)"
+        )
+        return None
+    site.error(
+        node, key, f"{path}: expected a status code name (e.g. UNAVAILABLE) or number, got {_show(value)}"
+    )
+    return None
+
+
+def _seconds(value: Any, site: Site, node: Any, key: Any, path: str) -> float | None:
+    """A duration in seconds: ``25ms``, ``1.5s``, ``2m``, ``500us`` or a bare number of seconds."""
+    seconds: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = _DURATION.fullmatch(value.strip())
+        if match:
+            seconds = float(match.group(1)) * _UNITS[match.group(2)]
+        elif value.strip().startswith("-") and _DURATION.fullmatch(value.strip()[1:]):
+            site.error(node, key, f"{path}: a duration cannot be negative, got {_show(value)}")
+            return None
+    if seconds is None or not math.isfinite(seconds):
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            site.error(node, key, f"{path}: bad duration {_show(value)}; use e.g. 25ms, 1.5s, 2m")
+        else:
+            site.error(
+                node,
+                key,
+                f"{path}: expected a duration (e.g. 25ms), {{uniform: [low, high]}} or "
+                f"{{lognormal: {{median: M, p99: P}}}}, got {_show(value)}",
+            )
+        return None
+    if seconds < 0:
+        site.error(node, key, f"{path}: a duration cannot be negative, got {_show(value)}")
+        return None
+    return seconds
+
+
+def _is_base64(text: str) -> bool:
+    try:
+        base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        # Unpadded base64 is common in metadata; accept it too.
+        try:
+            base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            return False
+    return True
+
+
+def _parse_error(exc: Exception) -> str:
+    """json_format's message without its trailer naming the Any wrapper (the user never wrote one)."""
+    text = str(exc).strip().split("\n")[0]
+    text = re.sub(r'\s*at "?Any[\w.\[\]]*"?\.?$', "", text)
+    return text or type(exc).__name__
+
+
+def _message_names(catalog: Catalog) -> list[str]:
+    names: list[str] = []
+
+    def walk(prefix: str, messages: Sequence[descriptor_pb2.DescriptorProto]) -> None:
+        for m in messages:
+            full = f"{prefix}.{m.name}" if prefix else m.name
+            names.append(full)
+            walk(full, m.nested_type)
+
+    for proto in catalog.file_set.file:
+        walk(proto.package, proto.message_type)
+    from google.rpc import error_details_pb2
+
+    names.extend(m.full_name for m in error_details_pb2.DESCRIPTOR.message_types_by_name.values())
+    return names
+
+
+def _ensure_rich_error_types(pool: DescriptorPool) -> None:
+    """Rich error details need google.rpc types in the catalog's pool (catalogs normally have them)."""
+    from google.rpc import error_details_pb2, status_pb2
+
+    for file_desc in (status_pb2.DESCRIPTOR, error_details_pb2.DESCRIPTOR):
+        _add_file(pool, file_desc)
+
+
+def _add_file(pool: DescriptorPool, file_desc: Any) -> None:
+    try:
+        pool.FindFileByName(file_desc.name)
+        return
+    except KeyError:
+        pass
+    for dep in file_desc.dependencies:
+        _add_file(pool, dep)
+    proto = descriptor_pb2.FileDescriptorProto()
+    file_desc.CopyToProto(proto)
+    pool.Add(proto)
+
+
+def _kind_words(spec: MethodSpec) -> str:
+    return {
+        "unary": "unary",
+        "server_streaming": "server-streaming",
+        "client_streaming": "client-streaming",
+        "bidi_streaming": "bidi-streaming",
+    }[spec.kind]
+
+
+def _unknown(key: Any, vocabulary: Sequence[str], what: str, hint: str = "") -> str:
+    text = f"unknown {what} {_show(key)}"
+    close = (
+        difflib.get_close_matches(str(key), list(vocabulary), n=1, cutoff=0.6) if isinstance(key, str) else []
+    )
+    if close:
+        return text + f'; did you mean "{close[0]}"?'
+    if hint:
+        return text + f"; {hint}"
+    return text + "; expected one of " + ", ".join(vocabulary)
+
+
+def _misplaced(key: Any, where: str) -> str:
+    if key in RULE_KEYS:
+        return f"{key} belongs to the rule, not to {where}"
+    return ""
+
+
+def _unknown_value(path: str, value: Any, valid: Sequence[str], default: str, *, noun: str = "value") -> str:
+    text = f"{path}: unknown {noun} {_show(value)}"
+    close = difflib.get_close_matches(value, list(valid), n=1, cutoff=0.6) if isinstance(value, str) else []
+    listed = ", ".join(default if (default and v == valid[0]) else v for v in valid[:-1]) + f" or {valid[-1]}"
+    if close:
+        return text + f'; did you mean "{close[0]}"? (use {listed})'
+    return text + f"; use {listed}"
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if value is None:
+        return "nothing"
+    return _show(value)
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it, for messages: text in quotes, collections by kind."""
+    if isinstance(value, str):
+        return json.dumps(value if len(value) <= 60 else value[:57] + "...", ensure_ascii=False)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, (LocatedDict, dict, Mapping)):
+        return "a mapping"
+    if isinstance(value, (LocatedList, list, tuple)):
+        return "a list"
+    if isinstance(value, (int, float)):
+        text = repr(value)
+        return text if len(text) <= 40 else text[:37] + "..."
+    return type(value).__name__
