@@ -16,7 +16,7 @@ from virtsvc.errors import Problem, ScenarioError
 __all__ = ["LocatedDict", "LocatedList", "Problems", "Site"]
 
 
-class LocatedDict(dict):  # type: ignore[type-arg]
+class LocatedDict(dict[Any, Any]):
     """A mapping with the line of itself (``line``) and of each of its keys (``key_lines``)."""
 
     line: int = 0
@@ -28,7 +28,7 @@ class LocatedDict(dict):  # type: ignore[type-arg]
         self.key_lines = {}
 
 
-class LocatedList(list):  # type: ignore[type-arg]
+class LocatedList(list[Any]):
     """A sequence with the line of itself and of each item."""
 
     line: int = 0

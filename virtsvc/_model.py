@@ -262,7 +262,7 @@ class Call:
 def to_json(message: Message, *, defaults: bool = False) -> dict[str, Any]:
     """proto3 JSON with proto field names; ``defaults`` adds fields left at their default value."""
     if not defaults:
-        return message_to_json(message)  # type: ignore[no-any-return]
+        return message_to_json(message)
     return json_format.MessageToDict(
         message,
         preserving_proto_field_name=True,

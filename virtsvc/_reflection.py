@@ -34,7 +34,7 @@ def reflection_files() -> list[descriptor_pb2.FileDescriptorProto]:
     for message in v1.message_type:
         for fld in message.field:
             if fld.type_name.startswith(prefix):
-                fld.type_name = ".grpc.reflection.v1." + fld.type_name[len(prefix):]
+                fld.type_name = ".grpc.reflection.v1." + fld.type_name[len(prefix) :]
     for service in v1.service:
         for method in service.method:
             method.input_type = method.input_type.replace(prefix, ".grpc.reflection.v1.")
@@ -58,7 +58,9 @@ class _Servicer(ReflectionServicer):
         return super()._file_containing_symbol(request, fully_qualified_name)
 
 
-def add_reflection(server: grpc.Server, services: Iterable[str], pool: descriptor_pool.DescriptorPool) -> None:
+def add_reflection(
+    server: grpc.Server, services: Iterable[str], pool: descriptor_pool.DescriptorPool
+) -> None:
     """Serves reflection for ``services`` (plus reflection itself) from ``pool``."""
     for proto in reflection_files():
         try:
@@ -78,5 +80,3 @@ def add_reflection(server: grpc.Server, services: Iterable[str], pool: descripto
             grpc.method_handlers_generic_handler(V1, {"ServerReflectionInfo": handler}),
         ]
     )
-
-

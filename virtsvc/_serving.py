@@ -30,7 +30,9 @@ def load_catalog(
         return Catalog.from_file(Path(descriptors))
     if protos is not None:
         return Catalog.from_protos(Path(protos), [Path(i) for i in includes])
-    raise ConfigError("nothing to serve: give protos (a directory of .proto files) or descriptors (a descriptor set)")
+    raise ConfigError(
+        "nothing to serve: give protos (a directory of .proto files) or descriptors (a descriptor set)"
+    )
 
 
 def load_scenarios(paths: Sequence[PathLike], catalog: Catalog) -> list[CompiledScenario]:

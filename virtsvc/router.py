@@ -231,8 +231,10 @@ class Router:
         used_up: list[Rule],
     ) -> str:
         method = call.method.full_name
-        where = f'scenario "{call.scenario}", session "{call.session.id}"' if call.scenario else (
-            f'session "{call.session.id}"'
+        where = (
+            f'scenario "{call.scenario}", session "{call.session.id}"'
+            if call.scenario
+            else (f'session "{call.session.id}"')
         )
         if not session_rules and not rules:
             covered = self.registry.methods_of(call.scenario) if call.scenario else []
@@ -241,8 +243,9 @@ class Router:
                 text += "; its rules cover: " + ", ".join(covered)
             return text
         lines = [f"no rule matched {method} in {where}"]
-        ranked = sorted(misses, key=lambda m: (-(m[1].passed / m[1].total if m[1].total else 0),
-                                                -m[1].passed))
+        ranked = sorted(
+            misses, key=lambda m: (-(m[1].passed / m[1].total if m[1].total else 0), -m[1].passed)
+        )
         for i, (rule, result) in enumerate(ranked[:3]):
             label = "closest" if i == 0 else "also"
             lines.append(

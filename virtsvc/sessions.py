@@ -22,7 +22,18 @@ DEFAULT_SESSION = "default"
 class Session:
     """The state of one session of one scenario. Thread-safe: calls of one session may run in parallel."""
 
-    __slots__ = ("_counters", "_lock", "calls", "data", "id", "inflight", "last_used", "rng", "rules", "scenario")
+    __slots__ = (
+        "_counters",
+        "_lock",
+        "calls",
+        "data",
+        "id",
+        "inflight",
+        "last_used",
+        "rng",
+        "rules",
+        "scenario",
+    )
 
     def __init__(self, scenario: str, session_id: str) -> None:
         self.scenario = scenario
@@ -107,9 +118,7 @@ class Store(Protocol):
 class MemoryStore:
     """The embedded default: a dict keyed by (scenario, session), idle sessions expiring after ``ttl``."""
 
-    def __init__(
-        self, ttl: float = 3600.0, on_drop: Callable[[Session], None] | None = None
-    ) -> None:
+    def __init__(self, ttl: float = 3600.0, on_drop: Callable[[Session], None] | None = None) -> None:
         self.ttl = ttl
         self._sessions: dict[tuple[str, str], Session] = {}
         self._lock = threading.Lock()

@@ -43,8 +43,8 @@ from jinja2.nodes import EvalContext
 from jinja2.runtime import Context, StrictUndefined, Undefined
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from virtsvc._located import Site
 from virtsvc._json import message_to_json
+from virtsvc._located import Site
 from virtsvc._model import Call, MessageTemplate, TextTemplate, to_json
 
 __all__ = [
