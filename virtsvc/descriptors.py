@@ -158,7 +158,13 @@ class Catalog:
 
     def unknown_method_message(self, name: str) -> str:
         wanted = normalize_method_name(name)
-        close = difflib.get_close_matches(wanted, list(self.methods), n=3, cutoff=0.6)
+        service, _, method = wanted.rpartition("/")
+        siblings = [m.name for m in self.methods.values() if m.service == service]
+        if siblings:
+            # A known service: compare method names alone (a long shared prefix would make everything close).
+            close = [f"{service}/{m}" for m in difflib.get_close_matches(method, siblings, n=3, cutoff=0.6)]
+        else:
+            close = difflib.get_close_matches(wanted, list(self.methods), n=3, cutoff=0.6)
         text = f'unknown method "{name}"'
         if close:
             text += "; did you mean " + " or ".join(f'"{c}"' for c in close) + "?"
