@@ -13,12 +13,13 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+import grpc
 import structlog
 
 from virtsvc._serving import load_scenarios
 from virtsvc.descriptors import Catalog
 from virtsvc.errors import ConfigError, ScenarioError
-from virtsvc.server import VirtualServer
+from virtsvc.server import VirtualServer, tls_credentials
 
 __all__ = ["ScenarioWatcher", "run_sidecar"]
 
@@ -36,6 +37,7 @@ def run_sidecar(
     default_scenario: str | None,
     options: argparse.Namespace,
 ) -> int:
+    credentials = _credentials(options)
     scenarios = load_scenarios(scenario_paths, catalog)
     admin_token = options.admin_token or os.environ.get("VIRTSVC_ADMIN_TOKEN") or None
     server = VirtualServer(
@@ -50,6 +52,9 @@ def run_sidecar(
         max_message_bytes=options.max_message_bytes,
         admin=True,
         admin_token=admin_token,
+        credentials=credentials,
+        max_concurrency=getattr(options, "max_concurrency", None),
+        max_concurrency_per_session=getattr(options, "max_concurrency_per_session", None),
     )
     stop = threading.Event()
 
@@ -73,6 +78,10 @@ def run_sidecar(
         scenarios=server.registry.names(),
         default_scenario=default_scenario,
         watch=bool(options.watch),
+        tls="mutual" if getattr(options, "tls_client_ca", None) else bool(credentials),
+        admin_auth=bool(admin_token),  # whether a token is set; the token itself is never logged
+        max_concurrency=server.max_concurrency,
+        max_concurrency_per_session=server.max_concurrency_per_session,
     )
     while not stop.wait(0.5):
         pass
@@ -81,6 +90,20 @@ def run_sidecar(
     server.stop(options.grace)
     log.info("stopped")
     return 0
+
+
+def _credentials(options: argparse.Namespace) -> grpc.ServerCredentials | None:
+    """TLS credentials from --tls-cert/--tls-key (and --tls-client-ca for mutual TLS), else None."""
+    cert = getattr(options, "tls_cert", None)
+    key = getattr(options, "tls_key", None)
+    client_ca = getattr(options, "tls_client_ca", None)
+    if cert is None and key is None:
+        if client_ca is not None:
+            raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+        return None
+    if cert is None or key is None:
+        raise ConfigError("--tls-cert and --tls-key go together: give both, or neither to serve plaintext")
+    return tls_credentials(cert, key, client_ca)
 
 
 class ScenarioWatcher(threading.Thread):
@@ -97,7 +120,10 @@ class ScenarioWatcher(threading.Thread):
     def _snapshot(self) -> dict[str, tuple[int, int]]:
         seen: dict[str, tuple[int, int]] = {}
         for root in self.paths:
-            files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix in _SCENARIO_SUFFIXES)
+            if root.is_file():
+                files = [root]
+            else:
+                files = sorted(p for p in root.rglob("*") if p.suffix in _SCENARIO_SUFFIXES)
             for path in files:
                 try:
                     st = path.stat()
@@ -117,7 +143,8 @@ class ScenarioWatcher(threading.Thread):
         try:
             scenarios = load_scenarios(self.paths, self.server.catalog)
         except ScenarioError as exc:
-            log.error("scenarios.reload_failed", problems=[str(p) for p in exc.problems], kept=self.server.registry.names())
+            problems = [str(p) for p in exc.problems]
+            log.error("scenarios.reload_failed", problems=problems, kept=self.server.registry.names())
             return False
         except ConfigError as exc:
             log.error("scenarios.reload_failed", problems=[str(exc)], kept=self.server.registry.names())

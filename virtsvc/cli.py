@@ -252,6 +252,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="largest message accepted or sent (default 4 MiB, gRPC's own)")
     serve.add_argument("--admin-token", metavar="TOKEN",
                        help="admin calls must send 'authorization: Bearer TOKEN' (required off loopback)")
+    serve.add_argument("--max-concurrency", type=_positive, default=None, metavar="N",
+                       help="calls in flight in the whole server; beyond it calls are answered "
+                            "RESOURCE_EXHAUSTED at once (default: no limit)")
+    serve.add_argument("--max-concurrency-per-session", type=_positive, default=None, metavar="N",
+                       help="calls in flight per session; beyond it RESOURCE_EXHAUSTED (default: no limit)")
+    serve.add_argument("--tls-cert", metavar="FILE", type=Path,
+                       help="serve TLS with this PEM certificate (chain); needs --tls-key")
+    serve.add_argument("--tls-key", metavar="FILE", type=Path, help="the PEM private key of --tls-cert")
+    serve.add_argument("--tls-client-ca", metavar="FILE", type=Path,
+                       help="mutual TLS: clients must present a certificate signed by this PEM CA")
     serve.set_defaults(handler=_cmd_serve)
 
     return parser

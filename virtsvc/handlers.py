@@ -1,13 +1,19 @@
 """Generic grpc handlers for the four cardinalities, built from descriptors and driven by the router.
 
 Requests and replies cross grpc as raw bytes (no (de)serialisers registered): a static reply is sent as the
-bytes serialised at load, and a request is parsed only when a matcher, template or handler needs it.
+bytes serialised at load. Every request is parsed once, as it arrives (cheap in upb, and the journal and
+matchers need it anyway): bytes that are not the method's input type are answered INVALID_ARGUMENT before
+any rule runs, and the parsed messages are handed to the Call so nothing parses them again.
 Everything that can go wrong with a call is answered here with a status and a message that says why;
 gRPC would turn an exception raised while looking up a handler into an opaque UNKNOWN.
+
+Limits (``max_concurrency``, ``max_concurrency_per_session``, ``max_message_bytes``) are counters and length
+checks: no lock is held across a call, and nothing is counted when no limit is set.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import threading
 import time
@@ -20,10 +26,21 @@ from google.protobuf import any_pb2, json_format
 from google.protobuf.message import Message
 from google.rpc import status_pb2
 
+from virtsvc._limits import Gauge, server_busy_message, session_busy_message
 from virtsvc._model import Call, Fault, Rule, Step
 from virtsvc.descriptors import Catalog, MethodSpec
 from virtsvc.journal import Entry, Journal
-from virtsvc.router import NO_SCENARIO, SCENARIO_HEADER, RouteError, Router, sequence_key
+from virtsvc.router import (
+    BAGGAGE_SCENARIO,
+    BAGGAGE_SESSION,
+    NO_SCENARIO,
+    SCENARIO_HEADER,
+    SESSION_HEADER,
+    RouteError,
+    Router,
+    parse_baggage,
+    sequence_key,
+)
 from virtsvc.sessions import DEFAULT_SESSION, Session
 
 __all__ = ["Dispatcher", "current_session"]
@@ -34,6 +51,7 @@ log = structlog.get_logger("virtsvc.calls")
 # whereas some accept a truncated length-delimited field.
 GARBAGE = b"\x08\x80"
 MAX_JOURNALED_MESSAGES = 100  # per call, so a long stream cannot blow up the journal
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # gRPC's own default
 
 _current: contextvars.ContextVar[Session | None] = contextvars.ContextVar("virtsvc_session", default=None)
 
@@ -59,20 +77,36 @@ class _Cancelled(Exception):
     """The client went away (cancelled, deadline) while we were waiting."""
 
 
+class _BadRequest(Exception):
+    """A request that does not parse as the method's input type: answered INVALID_ARGUMENT."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class _TooBig(Exception):
+    """A reply over the maximum message size: answered RESOURCE_EXHAUSTED."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
 class HandlerContext:
     """The context handed to Python scenario handlers: grpc's own, plus ``session`` (a per-session dict)."""
 
     def __init__(self, context: grpc.ServicerContext, session: Session) -> None:
         self._context = context
         self.session = session.data
-        self.aborted = False
+        self.aborted: tuple[grpc.StatusCode, str] | None = None
 
     def abort(self, code: grpc.StatusCode, details: str = "") -> None:
-        self.aborted = True
+        self.aborted = (code, details)
         self._context.abort(code, details)
 
     def abort_with_status(self, status: grpc.Status) -> None:
-        self.aborted = True
+        self.aborted = (status.code, status.details)
         self._context.abort_with_status(status)
 
     def __getattr__(self, name: str) -> Any:
@@ -89,11 +123,19 @@ class Dispatcher(grpc.GenericRpcHandler):
         journal: Journal,
         *,
         stopping: threading.Event | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_concurrency: int | None = None,
+        max_concurrency_per_session: int | None = None,
     ) -> None:
         self.catalog = catalog
         self.router = router
         self.journal = journal
         self.stopping = stopping or threading.Event()
+        self.max_message_bytes = max_message_bytes
+        #: calls in flight in the whole server (None: not counted)
+        self.gauge = Gauge(max_concurrency) if max_concurrency else None
+        self.max_concurrency_per_session = max_concurrency_per_session or None
+        self._limited = self.gauge is not None or self.max_concurrency_per_session is not None
         self._handlers: dict[str, grpc.RpcMethodHandler] = {
             spec.path: self._make_handler(spec) for spec in catalog.methods.values()
         }
@@ -101,7 +143,7 @@ class Dispatcher(grpc.GenericRpcHandler):
     # -- grpc.GenericRpcHandler ------------------------------------------------------------------
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        return self._handlers.get(handler_call_details.method)  # type: ignore[attr-defined]
+        return self._handlers.get(handler_call_details.method)
 
     def unknown_method_handler(self) -> grpc.GenericRpcHandler:
         """A last-resort handler answering UNIMPLEMENTED with the method's name and the services here."""
@@ -109,10 +151,13 @@ class Dispatcher(grpc.GenericRpcHandler):
 
         def answer(method: str) -> grpc.RpcMethodHandler:
             message = (
-                f"unknown method {method}: this virtual server does not serve it; its services are: {services}"
+                f"unknown method {method}: this virtual server does not serve it; "
+                f"its services are: {services}"
             )
 
-            def behaviour(request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+            def behaviour(
+                request_iterator: Iterator[bytes], context: grpc.ServicerContext
+            ) -> Iterator[bytes]:
                 context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
                 yield b""  # pragma: no cover - abort raises
 
@@ -120,7 +165,7 @@ class Dispatcher(grpc.GenericRpcHandler):
 
         class _Unknown(grpc.GenericRpcHandler):
             def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-                return answer(details.method)  # type: ignore[attr-defined]
+                return answer(details.method)
 
         return _Unknown()
 
@@ -130,29 +175,61 @@ class Dispatcher(grpc.GenericRpcHandler):
         if spec.kind == "unary":
             return grpc.unary_unary_rpc_method_handler(lambda raw, ctx: self._unary(spec, raw, ctx))
         if spec.kind == "server_streaming":
-            return grpc.unary_stream_rpc_method_handler(lambda raw, ctx: self._streaming(spec, [raw], ctx))
+            return grpc.unary_stream_rpc_method_handler(lambda raw, ctx: self._streaming(spec, raw, ctx))
         if spec.kind == "client_streaming":
             return grpc.stream_unary_rpc_method_handler(lambda it, ctx: self._client_streaming(spec, it, ctx))
         return grpc.stream_stream_rpc_method_handler(lambda it, ctx: self._bidi(spec, it, ctx))
 
-    def _begin(self, spec: MethodSpec, context: grpc.ServicerContext, raws: list[bytes]) -> tuple[Call, Entry]:
-        pairs = context.invocation_metadata()
-        metadata = {k: v for k, v in pairs if isinstance(v, str)}
+    def _begin(
+        self, spec: MethodSpec, context: grpc.ServicerContext, raws: list[bytes]
+    ) -> tuple[Call, Entry]:
+        """Routes the call and admits it under the concurrency limits; ``_release`` must follow when it
+        returns (handlers call it in ``finally``). Refusals end the call here (abort raises)."""
+        gauge = self.gauge
+        if gauge is not None and not gauge.enter():
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, server_busy_message(gauge.limit))
         try:
-            scenario, session = self.router.route(metadata)
-        except RouteError as exc:
-            scenario_name = metadata.get(SCENARIO_HEADER, NO_SCENARIO)
-            session_id = metadata.get("x-virtsvc-session") or DEFAULT_SESSION
-            entry = Entry(scenario_name, session_id, spec, tuple(metadata.items()), time.time(), list(raws))
-            entry.near_miss = exc.message
-            self._finish(entry, exc.code, exc.message, time.perf_counter())
-            context.abort(exc.code, exc.message)
-        session.touch()
-        call = Call(spec, scenario, session, metadata, raws)
-        entry = Entry(scenario, session.id, spec, tuple(metadata.items()), time.time(), raws)
-        scenario_obj = self.router.registry.get(scenario)
-        entry.scenario_version = scenario_obj.version if scenario_obj else None
+            pairs = context.invocation_metadata()
+            metadata = {k: v for k, v in pairs if isinstance(v, str)}
+            if "baggage" in metadata:  # W3C: members of several baggage headers combine
+                metadata["baggage"] = ",".join(v for k, v in pairs if k == "baggage" and isinstance(v, str))
+            try:
+                scenario, session = self.router.route(metadata)
+            except RouteError as exc:
+                # Journaled under the names the call sent, from headers or baggage as the router reads them.
+                baggage = parse_baggage(metadata.get("baggage", ""))
+                scenario_name = metadata.get(SCENARIO_HEADER, baggage.get(BAGGAGE_SCENARIO, NO_SCENARIO))
+                session_id = (
+                    metadata.get(SESSION_HEADER, baggage.get(BAGGAGE_SESSION, "")) or DEFAULT_SESSION
+                )
+                entry = Entry(
+                    scenario_name, session_id, spec, tuple(metadata.items()), time.time(), list(raws)
+                )
+                entry.near_miss = exc.message
+                self._finish(entry, exc.code, exc.message, time.perf_counter())
+                context.abort(exc.code, exc.message)
+            session.touch()
+            call = Call(spec, scenario, session, metadata, raws)
+            entry = Entry(scenario, session.id, spec, tuple(metadata.items()), time.time(), raws)
+            scenario_obj = self.router.registry.get(scenario)
+            entry.scenario_version = scenario_obj.version if scenario_obj else None
+            limit = self.max_concurrency_per_session
+            if limit is not None and not session.enter(limit):
+                message = session_busy_message(limit, scenario, session.id)
+                self._finish(entry, grpc.StatusCode.RESOURCE_EXHAUSTED, message, time.perf_counter())
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+        except BaseException:
+            if gauge is not None:
+                gauge.leave()
+            raise
         return call, entry
+
+    def _release(self, call: Call) -> None:
+        """Frees the places ``_begin`` claimed (only called when a limit is set)."""
+        if self.max_concurrency_per_session is not None:
+            call.session.leave()
+        if self.gauge is not None:
+            self.gauge.leave()
 
     def _select(self, call: Call, entry: Entry, context: grpc.ServicerContext, t0: float) -> Rule:
         selection = self.router.select(call)
@@ -167,19 +244,32 @@ class Dispatcher(grpc.GenericRpcHandler):
         t0 = time.perf_counter()
         call, entry = self._begin(spec, context, [raw])
         try:
+            try:
+                msg = spec.input_class.FromString(raw)
+            except Exception as exc:
+                raise _BadRequest(_unparsable(spec, exc)) from None
+            call.set_messages([msg])
             rule = self._select(call, entry, context, t0)
             if rule.handler is not None:
-                reply = self._run_unary_handler(rule, call, context, call.request_message)
+                reply = self._run_unary_handler(rule, call, context, msg, entry, t0)
             else:
                 step, index = self._step(rule, call, entry, context, t0)
                 reply = self._single_reply(step, call, index, context, entry, t0)
+            if len(reply) > self.max_message_bytes:
+                raise _TooBig(self._too_big(spec, rule, len(reply)))
         except _Cancelled:
-            self._finish(entry, grpc.StatusCode.CANCELLED, "the client went away", t0)
+            self._finish_cancelled(entry, context, t0)
             return None
         except _Garbage:
             return GARBAGE
-        if reply is not None:
-            entry.raw_replies.append(reply)
+        except _BadRequest as exc:
+            self._end(entry, context, grpc.StatusCode.INVALID_ARGUMENT, exc.message, t0)
+        except _TooBig as exc:
+            self._end(entry, context, grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message, t0)
+        finally:
+            if self._limited:
+                self._release(call)
+        entry.raw_replies.append(reply)
         self._finish(entry, grpc.StatusCode.OK, "", t0)
         return reply
 
@@ -190,50 +280,79 @@ class Dispatcher(grpc.GenericRpcHandler):
         raws: list[bytes] = []
         call, entry = self._begin(spec, context, raws)
         try:
+            messages: list[Message] = []
+            call.set_messages(messages)
             rule_candidates = self._candidates(call)
+            rule: Rule | None = None
             if any(r.handler is not None for r in rule_candidates):
                 # Handlers consume the stream themselves; pick the rule on what is known up front.
                 rule = self._select(call, entry, context, t0)
-                if rule.handler is not None:
-                    reply = self._run_unary_handler(rule, call, context, self._decoded(call, request_iterator))
-                    if reply is not None:
-                        entry.raw_replies.append(reply)
-                    self._finish(entry, grpc.StatusCode.OK, "", t0)
-                    return reply
-            for raw in request_iterator:
-                call.add_request(raw)
-            rule = self._select(call, entry, context, t0)
-            if rule.handler is not None:
-                reply = self._run_unary_handler(rule, call, context, iter(call.request_messages))
+            if rule is not None and rule.handler is not None:
+                reply = self._run_unary_handler(
+                    rule, call, context, self._decoded(call, request_iterator), entry, t0
+                )
             else:
-                step, index = self._step(rule, call, entry, context, t0)
-                reply = self._single_reply(step, call, index, context, entry, t0)
+                for raw in request_iterator:
+                    call.add_request(raw, _parse(spec, raw))
+                rule = self._select(call, entry, context, t0)
+                if rule.handler is not None:
+                    messages_read = iter(call.request_messages)
+                    reply = self._run_unary_handler(rule, call, context, messages_read, entry, t0)
+                else:
+                    step, index = self._step(rule, call, entry, context, t0)
+                    reply = self._single_reply(step, call, index, context, entry, t0)
+            if len(reply) > self.max_message_bytes:
+                raise _TooBig(self._too_big(spec, rule, len(reply)))
         except _Cancelled:
-            self._finish(entry, grpc.StatusCode.CANCELLED, "the client went away", t0)
+            self._finish_cancelled(entry, context, t0)
             return None
+        except grpc.RpcError:  # the request stream broke: the client cancelled or went away
+            self._finish_cancelled(entry, context, t0)
+            raise
         except _Garbage:
             return GARBAGE
-        if reply is not None:
-            entry.raw_replies.append(reply)
+        except _BadRequest as exc:
+            self._end(entry, context, grpc.StatusCode.INVALID_ARGUMENT, exc.message, t0)
+        except _TooBig as exc:
+            self._end(entry, context, grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message, t0)
+        finally:
+            if self._limited:
+                self._release(call)
+        entry.raw_replies.append(reply)
         self._finish(entry, grpc.StatusCode.OK, "", t0)
         return reply
 
-    def _streaming(self, spec: MethodSpec, raws: list[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+    def _streaming(self, spec: MethodSpec, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         t0 = time.perf_counter()
-        call, entry = self._begin(spec, context, raws)
+        call, entry = self._begin(spec, context, [raw])
         try:
+            try:
+                msg = spec.input_class.FromString(raw)
+            except Exception as exc:
+                raise _BadRequest(_unparsable(spec, exc)) from None
+            call.set_messages([msg])
             rule = self._select(call, entry, context, t0)
             if rule.handler is not None:
-                yield from self._run_stream_handler(rule, call, context, call.request_message, entry)
+                yield from self._run_stream_handler(rule, call, context, msg, entry, t0)
             else:
                 step, index = self._step(rule, call, entry, context, t0)
                 yield from self._stream_reply(step, call, index, context, entry, t0, None)
         except _Cancelled:
-            self._finish(entry, grpc.StatusCode.CANCELLED, "the client went away", t0)
+            self._finish_cancelled(entry, context, t0)
             return
+        except GeneratorExit:  # grpc stopped pulling replies: the client cancelled or went away
+            self._finish_cancelled(entry, context, t0)
+            raise
         except _Garbage:
             yield GARBAGE
             return
+        except _BadRequest as exc:
+            self._end(entry, context, grpc.StatusCode.INVALID_ARGUMENT, exc.message, t0)
+        except _TooBig as exc:
+            self._end(entry, context, grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message, t0)
+        finally:
+            if self._limited:
+                self._release(call)
         self._finish(entry, grpc.StatusCode.OK, "", t0)
 
     def _bidi(
@@ -243,28 +362,54 @@ class Dispatcher(grpc.GenericRpcHandler):
         raws: list[bytes] = []
         call, entry = self._begin(spec, context, raws)
         try:
+            messages: list[Message] = []
+            call.set_messages(messages)
             candidates = self._candidates(call)
             # Read the first message only when some rule must see it: a server that speaks first
             # must not wait for the client.
             if any(r.needs_request for r in candidates):
                 first = next(request_iterator, None)
                 if first is not None:
-                    call.add_request(first)
+                    call.add_request(first, _parse(spec, first))
             rule = self._select(call, entry, context, t0)
             if rule.handler is not None:
-                requests = self._decoded(call, _chain(call.raw_requests[:], request_iterator))
-                call.raw_requests.clear()
-                yield from self._run_stream_handler(rule, call, context, requests, entry)
+                requests = self._decoded(call, request_iterator, list(messages))
+                yield from self._run_stream_handler(rule, call, context, requests, entry, t0)
             else:
                 step, index = self._step(rule, call, entry, context, t0)
                 yield from self._stream_reply(step, call, index, context, entry, t0, request_iterator)
         except _Cancelled:
-            self._finish(entry, grpc.StatusCode.CANCELLED, "the client went away", t0)
+            self._finish_cancelled(entry, context, t0)
             return
+        except (GeneratorExit, grpc.RpcError):  # the client cancelled or went away
+            self._finish_cancelled(entry, context, t0)
+            raise
         except _Garbage:
             yield GARBAGE
             return
+        except _BadRequest as exc:
+            self._end(entry, context, grpc.StatusCode.INVALID_ARGUMENT, exc.message, t0)
+        except _TooBig as exc:
+            self._end(entry, context, grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message, t0)
+        finally:
+            if self._limited:
+                self._release(call)
         self._finish(entry, grpc.StatusCode.OK, "", t0)
+
+    def _too_big(self, spec: MethodSpec, rule: Rule | None, size: int) -> str:
+        where = f" (rule at {rule.location})" if rule is not None else ""
+        return (
+            f"the reply to {spec.full_name}{where} is {size:,} bytes, over the maximum message size of "
+            f"{self.max_message_bytes:,} bytes; raise it with --max-message-bytes "
+            "(VirtualServer(max_message_bytes=...))"
+        )
+
+    def _finish_cancelled(self, entry: Entry, context: grpc.ServicerContext, t0: float) -> None:
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            self._finish(entry, grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline expired", t0)
+        else:
+            self._finish(entry, grpc.StatusCode.CANCELLED, "the client went away", t0)
 
     # -- steps ---------------------------------------------------------------------------------
 
@@ -303,7 +448,16 @@ class Dispatcher(grpc.GenericRpcHandler):
         if step.fault is not None:
             self._fault(step.fault, context, entry, t0)
         if step.headers:
-            context.send_initial_metadata([(k, v.render(call, index)) for k, v in step.headers])
+            context.send_initial_metadata(self._metadata(step, step.headers, call, index, context, entry, t0))
+
+    def _metadata(self, step: Step, pairs: Sequence[tuple[str, Any]], call: Call, index: int,
+                  context: grpc.ServicerContext, entry: Entry, t0: float) -> list[tuple[str, str]]:
+        try:
+            return [(k, v.render(call, index)) for k, v in pairs]
+        except Exception as exc:  # a header/trailer template failing at run time
+            self._end(entry, context, grpc.StatusCode.INTERNAL,
+                      f"a metadata template of the rule at {step.location} failed: {exc}", t0)
+            raise  # pragma: no cover - _end raises
 
     def _single_reply(
         self, step: Step, call: Call, index: int, context: grpc.ServicerContext, entry: Entry, t0: float
@@ -316,7 +470,8 @@ class Dispatcher(grpc.GenericRpcHandler):
             body = step.body.static if step.body.static is not None else self._render(step, call, index,
                                                                                      context, entry, t0)
         if step.trailers:
-            context.set_trailing_metadata([(k, v.render(call, index)) for k, v in step.trailers])
+            trailers = self._metadata(step, step.trailers, call, index, context, entry, t0)
+            context.set_trailing_metadata(trailers)
         return body
 
     def _stream_reply(
@@ -329,11 +484,14 @@ class Dispatcher(grpc.GenericRpcHandler):
         t0: float,
         request_iterator: Iterator[bytes] | None,
     ) -> Iterator[bytes]:
+        limit = self.max_message_bytes
         self._prelude(step, call, index, context, entry, t0)
         if step.each_request is not None and request_iterator is not None:
             each = step.each_request
-            for position, raw in enumerate(_incoming(call, request_iterator)):
-                one = Call(call.method, call.scenario, call.session, call.metadata, [raw])
+            spec = call.method
+            for position, (raw, msg) in enumerate(_incoming(call, request_iterator)):
+                one = Call(spec, call.scenario, call.session, call.metadata, [raw])
+                one.set_messages([msg])
                 if each.delay is not None:
                     self._wait(each.delay.sample(call.session.rng), context)
                 if each.status is not None and not each.status.ok:
@@ -341,6 +499,8 @@ class Dispatcher(grpc.GenericRpcHandler):
                 if each.body is not None:
                     out = each.body.static if each.body.static is not None else self._render(
                         each, one, position, context, entry, t0)
+                    if len(out) > limit:
+                        raise _TooBig(self._too_big(spec, None, len(out)))
                     self._journal_reply(entry, out)
                     yield out
         elif step.stream is not None:
@@ -352,22 +512,30 @@ class Dispatcher(grpc.GenericRpcHandler):
                 if item.body is not None:
                     out = item.body.static if item.body.static is not None else self._render(
                         item, call, i, context, entry, t0)
+                    if len(out) > limit:
+                        raise _TooBig(self._too_big(call.method, None, len(out)))
                     self._journal_reply(entry, out)
                     yield out
         elif step.body is not None:
             out = step.body.static if step.body.static is not None else self._render(step, call, index,
                                                                                     context, entry, t0)
+            if len(out) > limit:
+                raise _TooBig(self._too_big(call.method, None, len(out)))
             self._journal_reply(entry, out)
             yield out
         if request_iterator is not None and step.each_request is None:
-            # Let the client finish sending before the final status, as a real server would.
+            # Let the client finish sending before the final status, as a real server would. Every message
+            # is parsed (garbage is refused); the first ones are kept for the journal.
+            spec = call.method
             for raw in request_iterator:
+                msg = _parse(spec, raw)
                 if len(call.raw_requests) < MAX_JOURNALED_MESSAGES:
-                    call.add_request(raw)
+                    call.add_request(raw, msg)
         if step.status is not None and not step.status.ok:
             self._fail(step, call, index, context, entry, t0)
         if step.trailers:
-            context.set_trailing_metadata([(k, v.render(call, index)) for k, v in step.trailers])
+            trailers = self._metadata(step, step.trailers, call, index, context, entry, t0)
+            context.set_trailing_metadata(trailers)
 
     def _render(self, step: Step, call: Call, index: int, context: grpc.ServicerContext, entry: Entry,
                 t0: float) -> bytes:
@@ -383,8 +551,14 @@ class Dispatcher(grpc.GenericRpcHandler):
               t0: float) -> None:
         status = step.status
         assert status is not None
-        message = status.message.render(call, index) if status.message is not None else ""
-        trailers = [(k, v.render(call, index)) for k, v in step.trailers]
+        try:
+            message = status.message.render(call, index) if status.message is not None else ""
+        except Exception as exc:
+            self._end(entry, context, grpc.StatusCode.INTERNAL,
+                      f"the status message template of the rule at {step.location} failed: {exc}", t0)
+        trailers = []
+        if step.trailers:
+            trailers = self._metadata(step, step.trailers, call, index, context, entry, t0)
         if status.details:
             rich = status_pb2.Status(code=status.code.value[0], message=message,
                                      details=[any_pb2.Any.FromString(d) for d in status.details])
@@ -399,14 +573,18 @@ class Dispatcher(grpc.GenericRpcHandler):
             self._wait(None, context)
         elif fault is Fault.RESET:
             self._finish(entry, grpc.StatusCode.CANCELLED, "fault: reset", t0)
-            context.cancel()  # type: ignore[attr-defined]  # RST_STREAM: the call ends abruptly
+            context.cancel()  # RST_STREAM: the call ends abruptly
             raise _Cancelled
         elif fault is Fault.GARBAGE:
             self._finish(entry, grpc.StatusCode.OK, "fault: garbage", t0)
             raise _Garbage
 
     def _wait(self, seconds: float | None, context: grpc.ServicerContext) -> None:
-        """Sleeps for a delay, waking at once when the call ends (cancel, deadline, server stop)."""
+        """Sleeps for a delay, waking at once when the call ends (cancel, deadline, server stop).
+
+        No timer or thread: the worker waits on an Event that grpc sets (through ``add_callback``) when the
+        call terminates, so a cancelled delay frees its worker at once.
+        """
         done = threading.Event()
         if not context.add_callback(done.set):
             raise _Cancelled
@@ -421,30 +599,37 @@ class Dispatcher(grpc.GenericRpcHandler):
 
     # -- python handlers -----------------------------------------------------------------------
 
-    def _decoded(self, call: Call, raws: Iterable[bytes]) -> Iterator[Message]:
+    def _decoded(
+        self, call: Call, raws: Iterable[bytes], parsed: Sequence[Message] = ()
+    ) -> Iterator[Message]:
+        """The requests a Python handler iterates: those already read, then the rest, parsed as they come
+        (a message that does not parse ends the call with INVALID_ARGUMENT)."""
+        yield from parsed
+        spec = call.method
         for raw in raws:
+            msg = _parse(spec, raw)
             if len(call.raw_requests) < MAX_JOURNALED_MESSAGES:
                 call.raw_requests.append(raw)
-            msg = call.method.input_class()
-            msg.ParseFromString(raw)
             yield msg
 
-    def _run_unary_handler(self, rule: Rule, call: Call, context: grpc.ServicerContext, arg: Any) -> bytes:
+    def _run_unary_handler(self, rule: Rule, call: Call, context: grpc.ServicerContext, arg: Any,
+                           entry: Entry, t0: float) -> bytes:
         hctx = HandlerContext(context, call.session)
         token = _current.set(call.session)
         try:
             result = rule.handler(arg, hctx)  # type: ignore[misc]
             return _encode(call.method, result, rule)
         except Exception as exc:
-            self._handler_failed(rule, hctx, exc)
+            self._handler_failed(rule, hctx, exc, entry, t0)
             raise
         finally:
             _current.reset(token)
 
     def _run_stream_handler(
-        self, rule: Rule, call: Call, context: grpc.ServicerContext, arg: Any, entry: Entry
+        self, rule: Rule, call: Call, context: grpc.ServicerContext, arg: Any, entry: Entry, t0: float
     ) -> Iterator[bytes]:
         hctx = HandlerContext(context, call.session)
+        limit = self.max_message_bytes
         token = _current.set(call.session)
         try:
             result = rule.handler(arg, hctx)  # type: ignore[misc]
@@ -454,26 +639,36 @@ class Dispatcher(grpc.GenericRpcHandler):
                 result = [result]
             for item in result:
                 out = _encode(call.method, item, rule)
+                if len(out) > limit:
+                    raise _TooBig(self._too_big(call.method, rule, len(out)))
                 self._journal_reply(entry, out)
                 yield out
         except Exception as exc:
-            self._handler_failed(rule, hctx, exc)
+            self._handler_failed(rule, hctx, exc, entry, t0)
             raise
         finally:
-            try:
+            with contextlib.suppress(ValueError):  # a generator resumed in another context
                 _current.reset(token)
-            except ValueError:  # generator resumed in another context
-                pass
 
-    def _handler_failed(self, rule: Rule, hctx: HandlerContext, exc: Exception) -> None:
-        if hctx.aborted or isinstance(exc, (_Answered, _Cancelled)):
+    def _handler_failed(
+        self, rule: Rule, hctx: HandlerContext, exc: Exception, entry: Entry, t0: float
+    ) -> None:
+        """A handler that raised: INTERNAL with the error's summary. Its own aborts, refusals of ours
+        (bad request, reply too big) and a client gone away pass through unchanged."""
+        if hctx.aborted is not None:
+            code, details = hctx.aborted
+            self._finish(entry, code, details, t0)
             return
+        if isinstance(exc, (_Answered, _Cancelled, _BadRequest, _TooBig)):
+            return
+        context = hctx._context
+        if isinstance(exc, grpc.RpcError) and not context.is_active():
+            return  # the request stream broke because the client went away
         name = getattr(rule.handler, "__qualname__", "handler")
-        hctx.aborted = True
-        hctx._context.abort(
-            grpc.StatusCode.INTERNAL,
-            f"the scenario handler {name} (rule at {rule.location}) raised {type(exc).__name__}: {exc}",
-        )
+        summary = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        log.warning("handler.failed", handler=name, rule=str(rule.location), error=summary)
+        self._end(entry, context, grpc.StatusCode.INTERNAL,
+                  f"the scenario handler {name} (rule at {rule.location}) raised {summary}", t0)
 
     # -- ending calls --------------------------------------------------------------------------
 
@@ -492,6 +687,8 @@ class Dispatcher(grpc.GenericRpcHandler):
         entry.code = code
         entry.message = message
         entry.duration = time.perf_counter() - t0 or 1e-9
+        if len(entry.raw_requests) > MAX_JOURNALED_MESSAGES:  # a long client stream: keep the journal bounded
+            entry.raw_requests = entry.raw_requests[:MAX_JOURNALED_MESSAGES]
         self.journal.record(entry)
 
 
@@ -499,18 +696,31 @@ class _Garbage(Exception):
     pass
 
 
-def _chain(first: list[bytes], rest: Iterator[bytes]) -> Iterator[bytes]:
-    yield from first
-    yield from rest
+def _unparsable(spec: MethodSpec, exc: Exception) -> str:
+    reason = str(exc) or type(exc).__name__
+    return (
+        f"the request to {spec.full_name} is not a valid {spec.input.full_name} message ({reason}); "
+        "send the method's input type, serialised"
+    )
 
 
-def _incoming(call: Call, request_iterator: Iterator[bytes]) -> Iterator[bytes]:
-    """The messages already read for matching, then the rest of the stream (journaled as they come)."""
-    yield from list(call.raw_requests)
+def _parse(spec: MethodSpec, raw: bytes) -> Message:
+    try:
+        return spec.input_class.FromString(raw)
+    except Exception as exc:
+        raise _BadRequest(_unparsable(spec, exc)) from None
+
+
+def _incoming(call: Call, request_iterator: Iterator[bytes]) -> Iterator[tuple[bytes, Message]]:
+    """The messages already read for matching, then the rest of the stream (parsed, journaled as they
+    come)."""
+    yield from zip(list(call.raw_requests), list(call.request_messages), strict=True)
+    spec = call.method
     for raw in request_iterator:
+        msg = _parse(spec, raw)
         if len(call.raw_requests) < MAX_JOURNALED_MESSAGES:
-            call.add_request(raw)
-        yield raw
+            call.add_request(raw, msg)
+        yield raw, msg
 
 
 def _encode(spec: MethodSpec, result: Any, rule: Rule) -> bytes:
@@ -519,7 +729,8 @@ def _encode(spec: MethodSpec, result: Any, rule: Rule) -> bytes:
     if isinstance(result, Message):
         if result.DESCRIPTOR.full_name != spec.output.full_name:
             raise TypeError(
-                f"returned a {result.DESCRIPTOR.full_name} but {spec.full_name} answers {spec.output.full_name}"
+                f"returned a {result.DESCRIPTOR.full_name} but {spec.full_name} answers "
+                f"{spec.output.full_name}"
             )
         return result.SerializeToString()
     if isinstance(result, bytes):
@@ -531,5 +742,7 @@ def _encode(spec: MethodSpec, result: Any, rule: Rule) -> bytes:
         except json_format.ParseError as exc:
             raise ValueError(f"its reply does not fit {spec.output.full_name}: {exc}") from None
         return msg.SerializeToString()
-    raise TypeError(f"returned {type(result).__name__}; return a dict (proto3 JSON) or a {spec.output.full_name}")
+    raise TypeError(
+        f"returned {type(result).__name__}; return a dict (proto3 JSON) or a {spec.output.full_name}"
+    )
 

@@ -2,14 +2,21 @@
 
 Start, drain and stop. Health reports SERVING only once the server accepts calls and NOT_SERVING while it
 drains, so orchestrators and test fixtures can wait on it.
+
+Limits: ``max_message_bytes`` both ways (RESOURCE_EXHAUSTED beyond it), ``max_concurrency`` for the whole
+server and ``max_concurrency_per_session`` (RESOURCE_EXHAUSTED beyond them, at once, with a message naming the
+limit); ``credentials`` (see :func:`tls_credentials`) for TLS and mutual TLS on the serving port.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import socket
+import ssl
 import threading
 from collections.abc import Iterable
 from concurrent import futures
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -25,11 +32,14 @@ from virtsvc.journal import Journal
 from virtsvc.router import Registry, Router
 from virtsvc.sessions import MemoryStore, Store
 
-__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "VirtualServer"]
+__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "VirtualServer", "tls_credentials"]
 
 log = structlog.get_logger("virtsvc.server")
 
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # gRPC's own default
+# Workers kept free beyond --max-concurrency, so that calls over the limit are refused at once rather than
+# queued behind the busy ones (a refusal needs a worker thread too, for a few microseconds).
+SPARE_WORKERS = 8
 
 
 def is_loopback(host: str) -> bool:
@@ -40,6 +50,52 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def _read_pem(path: str | Path, flag: str) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot read: {exc.strerror or exc}") from None
+    if b"-----BEGIN " not in data:
+        raise ConfigError(f"{flag} {path}: not a PEM file (no -----BEGIN ...----- block)")
+    return data
+
+
+def tls_credentials(
+    cert: str | Path, key: str | Path, client_ca: str | Path | None = None
+) -> grpc.ServerCredentials:
+    """Server credentials for TLS from PEM files; with ``client_ca``, mutual TLS: every client must present
+    a certificate signed by that CA (``require_client_auth``), others are refused during the handshake.
+
+    Unreadable or invalid files raise ConfigError with one line naming the file and the flag
+    (``--tls-cert``, ``--tls-key``, ``--tls-client-ca``).
+    """
+    cert_pem = _read_pem(cert, "--tls-cert")
+    key_pem = _read_pem(key, "--tls-key")
+    ca_pem = _read_pem(client_ca, "--tls-client-ca") if client_ca is not None else None
+    # grpc reports bad PEM only when the port is added, as an opaque failure; the ssl module says why.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(str(cert), str(key))
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            f"--tls-cert {cert} / --tls-key {key}: not a usable certificate and matching private key "
+            f"({exc.reason or exc})"
+        ) from None
+    except OSError as exc:  # pragma: no cover - read above
+        raise ConfigError(f"--tls-cert {cert}: cannot read: {exc.strerror or exc}") from None
+    if ca_pem is not None:
+        try:
+            context.load_verify_locations(cadata=ca_pem.decode("ascii", "replace"))
+        except (ssl.SSLError, ValueError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise ConfigError(
+                f"--tls-client-ca {client_ca}: not a usable CA certificate ({reason})"
+            ) from None
+    return grpc.ssl_server_credentials(
+        [(key_pem, cert_pem)], root_certificates=ca_pem, require_client_auth=ca_pem is not None
+    )
 
 
 class VirtualServer:
@@ -61,7 +117,14 @@ class VirtualServer:
         admin: bool = True,
         admin_token: str | None = None,
         credentials: grpc.ServerCredentials | None = None,
+        max_concurrency: int | None = None,
+        max_concurrency_per_session: int | None = None,
     ) -> None:
+        for name, value in (("max_concurrency", max_concurrency),
+                            ("max_concurrency_per_session", max_concurrency_per_session),
+                            ("max_message_bytes", max_message_bytes), ("max_workers", max_workers)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be at least 1, not {value}")
         self.catalog = catalog
         self.host = host
         self.requested_port = port
@@ -78,9 +141,23 @@ class VirtualServer:
             )
         self.router = Router(self.registry, self.store, default_scenario)
         self.stopping = threading.Event()
-        self.dispatcher = Dispatcher(catalog, self.router, self.journal, stopping=self.stopping)
+        self.dispatcher = Dispatcher(
+            catalog,
+            self.router,
+            self.journal,
+            stopping=self.stopping,
+            max_message_bytes=max_message_bytes,
+            max_concurrency=max_concurrency,
+            max_concurrency_per_session=max_concurrency_per_session,
+        )
         self.health = health.HealthServicer()
+        if max_concurrency is not None:
+            # Enough workers for every admitted call plus a few to refuse the rest at once.
+            max_workers = max(max_workers, max_concurrency + SPARE_WORKERS)
+        self.max_concurrency = max_concurrency
+        self.max_concurrency_per_session = max_concurrency_per_session
         self._max_workers = max_workers
+        self.executor: futures.ThreadPoolExecutor | None = None
         self._max_message_bytes = max_message_bytes
         self._admin = admin
         self._admin_token = admin_token
@@ -103,10 +180,18 @@ class VirtualServer:
             ("grpc.max_receive_message_length", self._max_message_bytes),
             ("grpc.max_send_message_length", self._max_message_bytes),
         ]
+        self.executor = futures.ThreadPoolExecutor(
+            max_workers=self._max_workers, thread_name_prefix="virtsvc"
+        )
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=self._max_workers, thread_name_prefix="virtsvc"),
+            self.executor,
             handlers=[self.dispatcher],
             options=options,
+            # With a limit, grpc itself bounds the calls waiting for a worker too (a backstop that counts
+            # health and admin calls as well), so a flood faster than the refusals cannot queue without end.
+            maximum_concurrent_rpcs=(
+                None if self.max_concurrency is None else self.max_concurrency + self._max_workers
+            ),
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         services = [*self.catalog.services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
@@ -117,6 +202,8 @@ class VirtualServer:
         add_reflection(server, services, self.catalog.pool)
         server.add_generic_rpc_handlers([self.dispatcher.unknown_method_handler()])
         target = f"{self.host}:{self.requested_port}"
+        if self.requested_port:
+            _probe(self.host, self.requested_port, target)  # say so ourselves, before grpc logs to stderr
         try:
             if self._credentials is not None:
                 port = server.add_secure_port(target, self._credentials)
@@ -164,3 +251,18 @@ class VirtualServer:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop(0)
+
+
+def _probe(host: str, port: int, target: str) -> None:
+    """Fails with a clear ConfigError when ``host:port`` is already taken."""
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+    except OSError:
+        raise ConfigError(f"cannot listen on {target}: unknown host {host!r}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {target}: {exc.strerror or exc}") from None

@@ -1,0 +1,54 @@
+"""Concurrency limits: how many calls the whole server, and each session, may have in flight.
+
+A limit is a counter behind a lock held only for the increment or the decrement, never across the call.
+Beyond the limit a call is answered RESOURCE_EXHAUSTED at once, with a message naming the limit and how
+to raise it, instead of queueing behind busy workers until everything times out.
+"""
+
+from __future__ import annotations
+
+import threading
+
+__all__ = ["Gauge", "server_busy_message", "session_busy_message"]
+
+
+class Gauge:
+    """Calls in flight against a ``limit``: ``enter()`` claims a place (False when full), ``leave()``
+    frees it."""
+
+    __slots__ = ("_lock", "limit", "value")
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"a concurrency limit must be at least 1, not {limit}")
+        self.limit = limit
+        self.value = 0
+        self._lock = threading.Lock()
+
+    def enter(self) -> bool:
+        with self._lock:
+            if self.value >= self.limit:
+                return False
+            self.value += 1
+            return True
+
+    def leave(self) -> None:
+        with self._lock:
+            self.value -= 1
+
+
+def server_busy_message(limit: int) -> str:
+    return (
+        f"too many concurrent calls: this virtual server answers at most {limit} at a time "
+        f"(--max-concurrency {limit}); retry later, or raise the limit with --max-concurrency "
+        "(VirtualServer(max_concurrency=...))"
+    )
+
+
+def session_busy_message(limit: int, scenario: str, session: str) -> str:
+    where = f'session "{session}" of scenario "{scenario}"' if scenario else f'session "{session}"'
+    return (
+        f"too many concurrent calls in {where}: at most {limit} at a time per session "
+        f"(--max-concurrency-per-session {limit}); retry later, or raise the limit with "
+        "--max-concurrency-per-session (VirtualServer(max_concurrency_per_session=...))"
+    )
