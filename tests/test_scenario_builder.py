@@ -189,7 +189,7 @@ def test_builder_data_compiles_with_problems_at_the_builder_lines(cat: Catalog) 
         compile_rules(s.rules_data(locations=True), cat, "shop", "<inline>", "inline:")
     assert [str(p) for p in info.value.problems] == [
         f'{HERE}:{bad_method}: unknown method "shop.v1.Inventory/Reserv"; did you mean '
-        '"shop.v1.Inventory/Reserve" or "shop.v1.Inventory/GetItem" or "shop.v1.Inventory/ListItems"?',
+        '"shop.v1.Inventory/Reserve"?',
         f'{HERE}:{bad_values}: delay: bad duration "25 ms"; use e.g. 25ms, 1.5s, 2m',
         f'{HERE}:{bad_values}: status.code: unknown status code "UNAVAILBLE"; did you mean "UNAVAILABLE"?',
         f"{HERE}:{bad_values}: times: expected a positive integer, got 0",

@@ -168,6 +168,8 @@ class Catalog:
         text = f'unknown method "{name}"'
         if close:
             text += "; did you mean " + " or ".join(f'"{c}"' for c in close) + "?"
+        elif siblings:
+            text += f"; the methods of {service} are " + ", ".join(siblings)
         elif self.services:
             text += "; the services here are " + ", ".join(self.services)
         return text

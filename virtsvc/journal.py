@@ -100,23 +100,38 @@ Subscriber = Callable[[Entry], None]
 
 
 class Journal:
-    """Ring buffers of entries keyed by (scenario, session); ``size`` entries each at most."""
+    """Ring buffers of entries keyed by (scenario, session): ``size`` entries each, ``max_entries`` in all.
 
-    def __init__(self, size: int = 500) -> None:
+    Memory is bounded by ``min(sessions x size, max_entries)`` entries (about 1 KB each for small calls).
+    """
+
+    def __init__(self, size: int = 500, max_entries: int = 100_000) -> None:
         if size < 1:
             raise ValueError("journal size must be at least 1")
+        if max_entries < 1:
+            raise ValueError("the journal's total bound must be at least 1")
         self.size = size
+        self.max_entries = max_entries
         self._rings: dict[tuple[str, str], deque[Entry]] = {}
         self._lock = threading.Lock()
         self._subscribers: list[Subscriber] = []
+        # Every entry in arrival order, with its ring: past max_entries the oldest entry of the whole
+        # journal goes, whichever session holds it, so many sessions cannot add up past the bound.
+        self._order: deque[tuple[deque[Entry], Entry]] = deque()
 
     def record(self, entry: Entry) -> None:
         key = (entry.scenario, entry.session)
-        ring = self._rings.get(key)
-        if ring is None:
-            with self._lock:
-                ring = self._rings.setdefault(key, deque(maxlen=self.size))
-        ring.append(entry)  # deque.append is atomic under the GIL
+        with self._lock:
+            ring = self._rings.get(key)
+            if ring is None:
+                ring = self._rings[key] = deque(maxlen=self.size)
+            if len(self._order) >= self.max_entries:
+                old_ring, old = self._order.popleft()
+                # The entry may have left already (ring full, session reset): then nothing to drop.
+                if old_ring and old_ring[0] is old:
+                    old_ring.popleft()
+            ring.append(entry)
+            self._order.append((ring, entry))
         for subscriber in self._subscribers:
             subscriber(entry)
 

@@ -25,12 +25,12 @@ class Session:
     __slots__ = (
         "_counters",
         "_lock",
+        "_rng",
         "calls",
         "data",
         "id",
         "inflight",
         "last_used",
-        "rng",
         "rules",
         "scenario",
     )
@@ -43,14 +43,20 @@ class Session:
         self.last_used = time.monotonic()
         self._counters: dict[str, int] = {}
         self._lock = threading.Lock()
-        # Seeded from the names so that a rerun of the same test sees the same random values.
-        seed = int.from_bytes(
-            hashlib.blake2b(f"{scenario}\0{session_id}".encode(), digest_size=8).digest(), "big"
-        )
-        self.rng = random.Random(seed)
+        self._rng: random.Random | None = None  # made on first use: most sessions never draw (2.9 KB each)
         self.data: dict[str, Any] = {}
         # Session-scoped rules (admin PutSessionRules, pytest inline rules): method -> rules, best first.
         self.rules: dict[str, tuple[Any, ...]] = {}
+
+    @property
+    def rng(self) -> random.Random:
+        """The session's random generator, seeded from its names so a rerun sees the same values."""
+        if self._rng is None:
+            seed = int.from_bytes(
+                hashlib.blake2b(f"{self.scenario}\0{self.id}".encode(), digest_size=8).digest(), "big"
+            )
+            self._rng = random.Random(seed)
+        return self._rng
 
     def touch(self) -> int:
         """Counts a call; returns its 1-based number within the session."""
