@@ -143,14 +143,6 @@ def test_explicit_headers_win_over_baggage(pb: SimpleNamespace, inv: Any, sid: s
     assert reserve(inv, pb, [("x-virtsvc-session", sid), baggage]) == f"b:{sid}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "W3C Baggage allows several `baggage` headers whose members combine, but Dispatcher._begin turns "
-        "invocation_metadata() into a dict, so only the last `baggage` header reaches Router.route: the "
-        "scenario in the first is lost and the call fails FAILED_PRECONDITION 'no scenario selected: ...'"
-    ),
-)
 def test_several_baggage_headers_combine(pb: SimpleNamespace, inv: Any, sid: str) -> None:
     """Baggage entries spread over several ``baggage`` headers (as W3C allows) route like one header."""
     metadata = [("baggage", "virtsvc-scenario=route-a"), ("baggage", f"virtsvc-session={sid}")]
@@ -172,14 +164,6 @@ def test_unroutable_call_is_journaled_under_the_names_it_sent(
     assert entry.requests() == [{"sku": "Q"}]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "Dispatcher._begin journals a call that fails routing under metadata['x-virtsvc-scenario'] and "
-        "metadata['x-virtsvc-session'] only, ignoring baggage: a baggage-routed call naming an unknown "
-        "scenario lands under ('', 'default'), not under (scenario, session) as the same call with headers"
-    ),
-)
 def test_unroutable_baggage_call_is_journaled_like_a_header_call(
     server: VirtualServer, pb: SimpleNamespace, inv: Any, sid: str
 ) -> None:

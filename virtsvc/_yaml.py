@@ -9,6 +9,7 @@ oversized files, deep nesting and alias bombs all become located problems.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -95,10 +96,20 @@ def load_text(text: str, file: str, problems: Problems) -> list[Any]:
         problems.add(file, 0, f"text is too large ({len(text):,} characters; the limit is 16 MiB)")
         return []
     text = _json_tabs(text)
+    if _CLoader is not None and text.count("[") + text.count("{") <= _C_MAX_BRACKETS:
+        fast = Problems()
+        docs = _load(text, file, fast, _CLoader)
+        if not fast:
+            return docs
+        # libyaml's messages are terser ("did not find expected ','"): say it the way PyYAML does.
+    return _load(text, file, problems, _Loader)
+
+
+def _load(text: str, file: str, problems: Problems, loader_class: Any) -> list[Any]:
     docs: list[Any] = []
-    loader: _Loader | None = None
+    loader: Any = None
     try:
-        loader = _Loader(text)
+        loader = loader_class(text)
         for node in _nodes(loader):
             try:
                 _measure(node)
@@ -123,7 +134,15 @@ def load_text(text: str, file: str, problems: Problems) -> list[Any]:
     return docs
 
 
-def _nodes(loader: _Loader) -> Iterator[Node]:
+# libyaml composes recursively in C and crashes the process past some 20,000 nested flow collections
+# (seen at 50,000). Fewer brackets than this cannot nest that deep, block nesting in 16 MiB stays under
+# 6,000 levels, and _measure still refuses anything nested deeper than MAX_DEPTH.
+_C_MAX_BRACKETS = 10_000
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_CLoader: Any = getattr(yaml, "CSafeLoader", None)
+
+
+def _nodes(loader: Any) -> Iterator[Node]:
     while loader.check_node():
         node = loader.get_node()
         if node is not None:
@@ -294,7 +313,11 @@ class _Builder:
             self._tag_problem(node)
             return node.value  # its text: validation goes on without a second, confusing problem
         try:
-            return self.scalars.yaml_constructors[tag](self.scalars, node)
+            value = self.scalars.yaml_constructors[tag](self.scalars, node)
+            if isinstance(value, str) and _SURROGATE.search(value):
+                # "\ud83d\ude00" (how JSON writers escape an emoji) arrives as two lone surrogates.
+                value = value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            return value
         except (ValueError, yaml.YAMLError) as exc:
             reason = str(exc).split(";")[0]
             self.problems.add(

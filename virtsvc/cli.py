@@ -219,8 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Validate scenarios: exit 0 when valid, else 1 with one file:line: message per problem.",
     )
     _descriptor_flags(check)
-    check.add_argument("scenarios", metavar="SCENARIO_PATH", nargs="*", type=Path,
-                       help="files or directories (default: [tool.virtsvc] scenarios)")
+    check.add_argument(
+        "scenarios",
+        metavar="SCENARIO_PATH",
+        nargs="*",
+        type=Path,
+        help="files or directories (default: [tool.virtsvc] scenarios)",
+    )
     check.set_defaults(handler=_cmd_check)
 
     serve = commands.add_parser(
@@ -232,36 +237,90 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     _descriptor_flags(serve)
-    serve.add_argument("--scenarios", metavar="PATH", nargs="+", action="extend", type=Path,
-                       help="scenario files or directories, repeatable (default: [tool.virtsvc] scenarios)")
+    serve.add_argument(
+        "--scenarios",
+        metavar="PATH",
+        nargs="+",
+        action="extend",
+        type=Path,
+        help="scenario files or directories, repeatable (default: [tool.virtsvc] scenarios)",
+    )
     serve.add_argument("--host", help="address to bind (default: [tool.virtsvc] host, else 127.0.0.1)")
-    serve.add_argument("--port", type=_port, help="port (default: [tool.virtsvc] port, else 50051; 0 picks one)")
+    serve.add_argument(
+        "--port", type=_port, help="port (default: [tool.virtsvc] port, else 50051; 0 picks one)"
+    )
     serve.add_argument("--default-scenario", metavar="NAME", help="scenario for calls that name none")
     serve.add_argument("--watch", action="store_true", help="reload changed scenario files without a restart")
-    serve.add_argument("--log-format", choices=LOG_FORMATS, default=argparse.SUPPRESS,
-                       help="json (default when stdout is not a terminal) or console")
-    serve.add_argument("--grace", type=_seconds, default=10.0, metavar="SECONDS",
-                       help="how long in-flight calls may take to finish on shutdown (default 10)")
-    serve.add_argument("--journal-size", type=_positive, default=500, metavar="N",
-                       help="journal entries kept per session (default 500)")
-    serve.add_argument("--session-ttl", type=_seconds, default=3600.0, metavar="SECONDS",
-                       help="idle sessions expire after this long (default 3600)")
-    serve.add_argument("--max-workers", type=_positive, default=64, metavar="N",
-                       help="threads serving calls (default 64)")
-    serve.add_argument("--max-message-bytes", type=_positive, default=4 * 1024 * 1024, metavar="N",
-                       help="largest message accepted or sent (default 4 MiB, gRPC's own)")
-    serve.add_argument("--admin-token", metavar="TOKEN",
-                       help="admin calls must send 'authorization: Bearer TOKEN' (required off loopback)")
-    serve.add_argument("--max-concurrency", type=_positive, default=None, metavar="N",
-                       help="calls in flight in the whole server; beyond it calls are answered "
-                            "RESOURCE_EXHAUSTED at once (default: no limit)")
-    serve.add_argument("--max-concurrency-per-session", type=_positive, default=None, metavar="N",
-                       help="calls in flight per session; beyond it RESOURCE_EXHAUSTED (default: no limit)")
-    serve.add_argument("--tls-cert", metavar="FILE", type=Path,
-                       help="serve TLS with this PEM certificate (chain); needs --tls-key")
+    serve.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=argparse.SUPPRESS,
+        help="json (default when stdout is not a terminal) or console",
+    )
+    serve.add_argument(
+        "--grace",
+        type=_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long in-flight calls may take to finish on shutdown (default 10)",
+    )
+    serve.add_argument(
+        "--journal-size",
+        type=_positive,
+        default=500,
+        metavar="N",
+        help="journal entries kept per session (default 500)",
+    )
+    serve.add_argument(
+        "--session-ttl",
+        type=_seconds,
+        default=3600.0,
+        metavar="SECONDS",
+        help="idle sessions expire after this long (default 3600)",
+    )
+    serve.add_argument(
+        "--max-workers", type=_positive, default=64, metavar="N", help="threads serving calls (default 64)"
+    )
+    serve.add_argument(
+        "--max-message-bytes",
+        type=_positive,
+        default=4 * 1024 * 1024,
+        metavar="N",
+        help="largest message accepted or sent (default 4 MiB, gRPC's own)",
+    )
+    serve.add_argument(
+        "--admin-token",
+        metavar="TOKEN",
+        help="admin calls must send 'authorization: Bearer TOKEN' (required off loopback)",
+    )
+    serve.add_argument(
+        "--max-concurrency",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="calls in flight in the whole server; beyond it calls are answered "
+        "RESOURCE_EXHAUSTED at once (default: no limit)",
+    )
+    serve.add_argument(
+        "--max-concurrency-per-session",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="calls in flight per session; beyond it RESOURCE_EXHAUSTED (default: no limit)",
+    )
+    serve.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        type=Path,
+        help="serve TLS with this PEM certificate (chain); needs --tls-key",
+    )
     serve.add_argument("--tls-key", metavar="FILE", type=Path, help="the PEM private key of --tls-cert")
-    serve.add_argument("--tls-client-ca", metavar="FILE", type=Path,
-                       help="mutual TLS: clients must present a certificate signed by this PEM CA")
+    serve.add_argument(
+        "--tls-client-ca",
+        metavar="FILE",
+        type=Path,
+        help="mutual TLS: clients must present a certificate signed by this PEM CA",
+    )
     serve.set_defaults(handler=_cmd_serve)
 
     return parser
@@ -269,12 +328,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _descriptor_flags(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--protos", metavar="DIR", type=Path,
-                        help="a .proto tree, compiled on the fly (cached) (default: [tool.virtsvc] protos)")
-    source.add_argument("--descriptors", metavar="FILE", type=Path,
-                        help="a FileDescriptorSet, e.g. generated/descriptors.binpb")
-    parser.add_argument("-I", "--include", metavar="INCLUDE", action="append", default=[], type=Path,
-                        help="extra import root for --protos (repeatable)")
+    source.add_argument(
+        "--protos",
+        metavar="DIR",
+        type=Path,
+        help="a .proto tree, compiled on the fly (cached) (default: [tool.virtsvc] protos)",
+    )
+    source.add_argument(
+        "--descriptors",
+        metavar="FILE",
+        type=Path,
+        help="a FileDescriptorSet, e.g. generated/descriptors.binpb",
+    )
+    parser.add_argument(
+        "-I",
+        "--include",
+        metavar="INCLUDE",
+        action="append",
+        default=[],
+        type=Path,
+        help="extra import root for --protos (repeatable)",
+    )
 
 
 def _port(text: str) -> int:

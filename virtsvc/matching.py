@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import regex
 from google.protobuf import duration_pb2, timestamp_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
@@ -51,6 +52,7 @@ WHEN_KEYS = ("request", "metadata")
 # applied to at most the first 64 KiB of a value, which keeps a bad pattern's cost bounded per check.
 MAX_REGEX = 1000
 MAX_REGEX_INPUT = 64 * 1024
+REGEX_TIMEOUT = 0.1  # seconds one $regex may take on one value
 
 _ORDER_SYMBOLS = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
 _ORDER_TESTS: dict[str, Callable[[Any, Any], bool]] = {
@@ -210,9 +212,17 @@ def _canonical(field: FieldDescriptor, *, element: bool = False) -> Callable[[An
             except ConversionError as exc:
                 # the literal is one element: drop the "[0]" of the scratch list from the path
                 raise ConversionError(exc.path.removeprefix("[0]"), exc.message) from None
-            return to_json(msg)[name][0]
-        set_field(msg, field, value, True, "")
-        return to_json(msg).get(name, json_default(field))
+            try:
+                return to_json(msg)[name][0]
+            except ValueError as exc:
+                raise ConversionError("", str(exc)) from None
+        try:
+            set_field(msg, field, value, True, "")
+            return to_json(msg).get(name, json_default(field))
+        except ConversionError:
+            raise
+        except ValueError as exc:  # e.g. a Duration or Timestamp outside protobuf's range
+            raise ConversionError("", str(exc)) from None
 
     return literal
 
@@ -527,16 +537,26 @@ def _regex(kind: _Kind, operand: Any, label: str) -> Test:
     if len(operand) > MAX_REGEX:
         raise ConversionError("", f"regular expression longer than {MAX_REGEX} characters")
     try:
-        rx = re.compile(operand)
-    except re.error as exc:
+        re.compile(operand)  # Python's own syntax and error messages are what users know
+        rx = regex.compile(operand)
+    except (re.error, regex.error, ValueError) as exc:
         raise ConversionError("", f"invalid regular expression: {exc}") from None
     search = rx.search
     want = f"{label}: expected to match /{operand}/, got "
 
     def test(present: bool, value: Any) -> str | None:
         text = _text(value)
-        if text is not None and search(text, 0, MAX_REGEX_INPUT):
-            return None
+        if text is not None:
+            try:
+                # The regex module (re-compatible syntax) bounds the time a backtracking pattern may take,
+                # and releases the GIL while it runs, so one bad pattern cannot stall the server.
+                if search(text, 0, MAX_REGEX_INPUT, concurrent=True, timeout=REGEX_TIMEOUT):
+                    return None
+            except TimeoutError:
+                return (
+                    f"{label}: matching /{operand}/ took longer than {REGEX_TIMEOUT * 1000:.0f} ms "
+                    "(a pattern that backtracks catastrophically?); counted as no match"
+                )
         return want + (_show_as(kind, value) if present else "nothing")
 
     return test

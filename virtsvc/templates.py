@@ -23,6 +23,7 @@ import math
 import re
 import string
 import threading
+import time
 import uuid as _uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from virtsvc._model import Call, MessageTemplate, TextTemplate, to_json
 
 __all__ = [
     "MAX_RANGE",
+    "MAX_SECONDS",
     "MAX_STEPS",
     "MAX_TEXT",
     "ConversionError",
@@ -63,6 +65,7 @@ __all__ = [
 MAX_TEXT = 1 << 20  # a rendered string (and any string built while rendering) is at most 1 MiB
 MAX_RANGE = 100_000  # range() length, like jinja2.sandbox.MAX_RANGE
 MAX_STEPS = 1_000_000  # loop iterations + calls per render: bounds the time a render can take
+MAX_SECONDS = 1.0  # wall-clock bound of one render, checked at every loop iteration and call
 MAX_INT_BITS = 1 << 16  # integers built by * and ** (Python would happily start on 2 ** 1000000000)
 
 CONTEXT_NAMES = frozenset({"request", "requests", "metadata", "session", "index", "uuid", "now", "randint"})
@@ -726,6 +729,9 @@ def _step(n: int = 1) -> None:
     if left < 0:
         raise SecurityError(f"template too expensive: more than {MAX_STEPS:,} loop iterations and calls")
     _budget.left = left
+    # Steps are cheap to count but not all cost the same (a filter over a million items): a clock too.
+    if time.monotonic() > _budget.deadline:
+        raise SecurityError(f"template too slow: rendering took more than {MAX_SECONDS:g} s")
 
 
 def _too_long(what: str = "string") -> SecurityError:
@@ -1149,6 +1155,7 @@ def _run(path: str, fn: Callable[[], Any]) -> Any:
     outer = getattr(_budget, "left", None)
     if outer is None:
         _budget.left = MAX_STEPS
+        _budget.deadline = time.monotonic() + MAX_SECONDS
     try:
         return fn()
     except TemplateError:
