@@ -874,3 +874,23 @@ def test_journal_is_bounded(catalog: Catalog, pb: SimpleNamespace) -> None:
             stub.Reserve(pb.inv.ReserveRequest(sku=f"S{i}"), metadata=md("journal", "j"), timeout=TIMEOUT)
         entries = srv.journal.entries("journal", "j")
     assert [e.requests()[0]["sku"] for e in entries] == ["S3", "S4", "S5", "S6", "S7"]
+
+
+def test_binary_metadata_is_sent_as_bytes(catalog: Catalog, tmp_path: Path) -> None:
+    """`-bin` headers and trailers are written as base64 text (padding optional) and arrive as bytes."""
+    path = tmp_path / "bin.yaml"
+    path.write_text(
+        "scenario: bin\nrules:\n  - method: shop.v1.Inventory/Reserve\n    reply: {reservationId: b}\n"
+        "    headers: {x-blob-bin: AAEC}\n    trailers: {x-trace-bin: /w}\n"
+    )
+    spec = catalog.method("shop.v1.Inventory/Reserve")
+    with (
+        VirtualServer(catalog, load_scenarios([path], catalog)) as server,
+        grpc.insecure_channel(server.address) as channel,
+    ):
+        call = channel.unary_unary(spec.path)
+        _, outcome = call.with_call(
+            spec.input_class(sku="x").SerializeToString(), metadata=[("x-virtsvc-scenario", "bin")]
+        )
+        assert dict(outcome.initial_metadata())["x-blob-bin"] == b"\x00\x01\x02"
+        assert dict(outcome.trailing_metadata())["x-trace-bin"] == b"\xff"

@@ -177,6 +177,11 @@ class Rule:
     priority: int = 0
     handler: Handler | None = None
 
+    @cached_property
+    def where(self) -> str:
+        """``file:line``, made once (the journal records it with every call)."""
+        return str(self.location)
+
     @property
     def is_sequence(self) -> bool:
         return len(self.steps) > 1 or (len(self.steps) == 1 and self.after == "fail")

@@ -13,6 +13,7 @@ checks: no lock is held across a call, and nothing is counted when no limit is s
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import contextvars
 import threading
@@ -145,6 +146,10 @@ class Dispatcher(grpc.GenericRpcHandler):
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         return self._handlers.get(handler_call_details.method)
 
+    def handler_for(self, spec: MethodSpec) -> grpc.RpcMethodHandler:
+        """The handler of one method (registered with the server ahead of time)."""
+        return self._handlers[spec.path]
+
     def unknown_method_handler(self) -> grpc.GenericRpcHandler:
         """A last-resort handler answering UNIMPLEMENTED with the method's name and the services here."""
         services = ", ".join(self.catalog.services) or "none"
@@ -237,7 +242,7 @@ class Dispatcher(grpc.GenericRpcHandler):
             entry.near_miss = selection.near_miss
             self._end(entry, context, grpc.StatusCode.UNIMPLEMENTED, selection.near_miss or "no rule", t0)
         assert selection.rule is not None
-        entry.rule = str(selection.rule.location)
+        entry.rule = selection.rule.where
         return selection.rule
 
     def _unary(self, spec: MethodSpec, raw: bytes, context: grpc.ServicerContext) -> bytes | None:
@@ -451,9 +456,10 @@ class Dispatcher(grpc.GenericRpcHandler):
             context.send_initial_metadata(self._metadata(step, step.headers, call, index, context, entry, t0))
 
     def _metadata(self, step: Step, pairs: Sequence[tuple[str, Any]], call: Call, index: int,
-                  context: grpc.ServicerContext, entry: Entry, t0: float) -> list[tuple[str, str]]:
+                  context: grpc.ServicerContext, entry: Entry, t0: float) -> list[tuple[str, str | bytes]]:
         try:
-            return [(k, v.render(call, index)) for k, v in pairs]
+            return [(k, _binary(v.render(call, index)) if k.endswith("-bin") else v.render(call, index))
+                    for k, v in pairs]
         except Exception as exc:  # a header/trailer template failing at run time
             self._end(entry, context, grpc.StatusCode.INTERNAL,
                       f"a metadata template of the rule at {step.location} failed: {exc}", t0)
@@ -746,3 +752,7 @@ def _encode(spec: MethodSpec, result: Any, rule: Rule) -> bytes:
         f"returned {type(result).__name__}; return a dict (proto3 JSON) or a {spec.output.full_name}"
     )
 
+
+def _binary(text: str) -> bytes:
+    """A ``-bin`` metadata value: written in scenarios as base64 text (padding optional), sent as bytes."""
+    return base64.b64decode(text + "=" * (-len(text) % 4))

@@ -193,6 +193,12 @@ class VirtualServer:
                 None if self.max_concurrency is None else self.max_concurrency + self._max_workers
             ),
         )
+        # Registered methods: the C core matches them itself, skipping the generic-handler lookup per call
+        # (what generated servicers do too). The dispatcher stays as the generic fallback.
+        for service, specs in self.catalog.by_service().items():
+            server.add_registered_method_handlers(
+                service, {spec.name: self.dispatcher.handler_for(spec) for spec in specs}
+            )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         services = [*self.catalog.services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         if self._admin:

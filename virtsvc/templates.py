@@ -678,7 +678,8 @@ def _first_view(call: Call) -> _View:
     view: _View | None = stash.get("first")
     if view is None:
         # Fields left at their default come from the view's __missing__, so only set fields convert.
-        view = stash["first"] = make_view(call.method.input, message_to_json(call.request_message))
+        # The JSON form the matchers already made (make_view copies, never changes it).
+        view = stash["first"] = make_view(call.method.input, call.request_json)
     return view
 
 
@@ -1111,7 +1112,7 @@ def _eval_tree(tree: Any, ctx: dict[str, Any]) -> Any:
     return tree
 
 
-def _compile_source(source: str) -> _Compiled:
+def _compile_source(source: str) -> _Compiled | _Lookups:
     """Compiles one template string; raises TemplateSyntaxError or a ValueError naming an unknown variable."""
     ast = ENV.parse(source)
     undeclared = find_undeclared_variables(ast)
@@ -1125,8 +1126,85 @@ def _compile_source(source: str) -> _Compiled:
     if expr is not None:
         # what Environment.compile_expression does, from the expression already parsed
         body = [nodes.Assign(nodes.Name("result", "store"), expr, lineno=1)]
-        return _Compiled(source, ENV.from_string(nodes.Template(body, lineno=1)), True, names)
-    return _Compiled(source, ENV.from_string(ast), False, names)
+        compiled = _Compiled(source, ENV.from_string(nodes.Template(body, lineno=1)), True, names)
+    else:
+        compiled = _Compiled(source, ENV.from_string(ast), False, names)
+    return _fast_path(ast, compiled) or compiled
+
+
+_Lookup = tuple[str, tuple[str | int, ...]]  # a context name and the keys below it
+
+
+class _Lookups(_Evaluator):
+    """A template made only of text and plain look-ups (``r-{{ request.sku }}``, ``{{ request.lines }}``).
+
+    Evaluated by walking our own request/metadata/session mappings, without Jinja: the commonest templates
+    cost a few dict look-ups. Anything else along the way (a missing key, a non-mapping, a value whose
+    text Jinja might render differently) falls back to the compiled template, so results and errors are
+    Jinja's own.
+    """
+
+    __slots__ = ("fallback", "names", "native", "parts")
+
+    def __init__(self, parts: tuple[str | _Lookup, ...], fallback: _Compiled) -> None:
+        self.parts = parts
+        self.fallback = fallback
+        self.names = fallback.names
+        self.native = fallback.native
+
+    def evaluate(self, ctx: dict[str, Any]) -> Any:
+        values: list[Any] = []
+        for part in self.parts:
+            if isinstance(part, str):
+                values.append(part)
+                continue
+            name, keys = part
+            value = ctx.get(name, _MISSING)
+            for key in keys:
+                if not isinstance(value, Mapping) or key not in value:
+                    return self.fallback.evaluate(ctx)
+                value = value[key]
+            if self.native:
+                return value
+            if type(value) is not str and type(value) is not int:
+                return self.fallback.evaluate(ctx)
+            values.append(value if type(value) is str else str(value))
+        text = "".join(values)
+        if len(text) > MAX_TEXT:
+            raise _too_long("rendered text")
+        return text
+
+
+_MISSING = object()
+_LOOKUP_ROOTS = frozenset({"request", "metadata", "session"})
+
+
+def _fast_path(ast: nodes.Template, fallback: _Compiled) -> _Lookups | None:
+    """The look-up form of a template made of text and ``{{ a.b["c"] }}`` outputs only, else None."""
+    if len(ast.body) != 1 or not isinstance(ast.body[0], nodes.Output):
+        return None
+    parts: list[str | _Lookup] = []
+    for node in ast.body[0].nodes:
+        if isinstance(node, nodes.TemplateData):
+            parts.append(node.data)
+            continue
+        keys: list[str | int] = []
+        while isinstance(node, (nodes.Getattr, nodes.Getitem)):
+            if isinstance(node, nodes.Getattr):
+                keys.append(node.attr)
+            elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, (str, int)):
+                keys.append(node.arg.value)
+            else:
+                return None
+            node = node.node
+        if not isinstance(node, nodes.Name) or node.name not in _LOOKUP_ROOTS or any(
+            isinstance(k, str) and k.startswith("_") for k in keys
+        ):
+            return None
+        parts.append((node.name, tuple(reversed(keys))))
+    if fallback.native and len(parts) != 1:
+        return None
+    return _Lookups(tuple(parts), fallback)
 
 
 def _single_expression(ast: nodes.Template) -> nodes.Expr | None:
@@ -1139,7 +1217,7 @@ def _single_expression(ast: nodes.Template) -> nodes.Expr | None:
     return None
 
 
-def _compile_at(source: str, site: Site, node: Any, key: Any, path: str) -> _Compiled | None:
+def _compile_at(source: str, site: Site, node: Any, key: Any, path: str) -> _Compiled | _Lookups | None:
     try:
         return _compile_source(source)
     except TemplateSyntaxError as exc:
@@ -1184,7 +1262,7 @@ class _StaticText:
 class _TextTemplate:
     static: str | None = None
 
-    def __init__(self, compiled: _Compiled, path: str) -> None:
+    def __init__(self, compiled: _Compiled | _Lookups, path: str) -> None:
         self._compiled = compiled
         self._path = path
         self.needs_request = bool(compiled.names & _REQUEST_NAMES)
