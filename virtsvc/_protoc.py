@@ -414,13 +414,14 @@ def _near_existing(path: Path) -> Path:
 def _replace(dest: Path, data: bytes) -> None:
     """Write ``data`` to ``dest`` atomically (temp file in the same directory, then os.replace)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    # A name private to this process and thread: cheaper than mkstemp's random probing (hundreds of files).
+    tmp = dest.parent / f".{dest.name}.{os.getpid()}.{threading.get_ident()}.tmp"
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with open(tmp, "wb") as fh:
             fh.write(data)
         os.replace(tmp, dest)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
