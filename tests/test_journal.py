@@ -22,19 +22,20 @@ def test_ring_per_session(catalog: Catalog) -> None:
     assert [e.requests()[0]["sku"] for e in journal.entries("s", "a")] == ["a-2", "a-3", "a-4"]
 
 
-def test_total_bound_drops_the_oldest_entries_of_any_session(catalog: Catalog) -> None:
-    """Past ``max_entries`` the oldest entry of the whole journal goes, whichever session holds it."""
+def test_total_bound_drops_the_least_recently_active_session(catalog: Catalog) -> None:
+    """Past ``max_entries`` the journal of the least recently active session goes first."""
     journal = Journal(size=10, max_entries=4)
     for n in range(3):
         journal.record(_entry(catalog, "a", n))
-    for n in range(3):
-        journal.record(_entry(catalog, "b", n))
-    assert len(journal) == 4
-    assert [e.requests()[0]["sku"] for e in journal.entries()] == ["a-2", "b-0", "b-1", "b-2"]
+    journal.record(_entry(catalog, "b", 0))
+    journal.record(_entry(catalog, "a", 3))  # a is active again: b is now the least recent
+    assert [e.session for e in journal.entries()] == ["a", "a", "a", "a"]  # b went: 4 entries
+    journal.record(_entry(catalog, "c", 0))  # 5 > 4: a, now the least recent, goes whole
+    assert [e.requests()[0]["sku"] for e in journal.entries()] == ["c-0"]
 
 
 def test_bound_holds_across_resets_and_full_rings(catalog: Catalog) -> None:
-    """Entries already gone (ring overflow, a cleared session) never make the bound drop live ones twice."""
+    """Entries already gone (ring overflow, a cleared session) are not counted against the bound."""
     journal = Journal(size=2, max_entries=5)
     for n in range(4):
         journal.record(_entry(catalog, "a", n))  # the ring keeps a-2, a-3

@@ -11,7 +11,7 @@ import base64
 import itertools
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -102,7 +102,8 @@ Subscriber = Callable[[Entry], None]
 class Journal:
     """Ring buffers of entries keyed by (scenario, session): ``size`` entries each, ``max_entries`` in all.
 
-    Memory is bounded by ``min(sessions x size, max_entries)`` entries (about 1 KB each for small calls).
+    Memory is bounded by ``min(sessions x size, max_entries)`` entries (about 1 KB each for small calls):
+    past ``max_entries`` the journal of the least recently active session is dropped first.
     """
 
     def __init__(self, size: int = 500, max_entries: int = 100_000) -> None:
@@ -112,12 +113,12 @@ class Journal:
             raise ValueError("the journal's total bound must be at least 1")
         self.size = size
         self.max_entries = max_entries
-        self._rings: dict[tuple[str, str], deque[Entry]] = {}
+        # Least recently active session first: past max_entries its whole journal goes, so many
+        # sessions cannot add up past the bound while each active session keeps its recent history.
+        self._rings: OrderedDict[tuple[str, str], deque[Entry]] = OrderedDict()
+        self._total = 0
         self._lock = threading.Lock()
         self._subscribers: list[Subscriber] = []
-        # Every entry in arrival order, with its ring: past max_entries the oldest entry of the whole
-        # journal goes, whichever session holds it, so many sessions cannot add up past the bound.
-        self._order: deque[tuple[deque[Entry], Entry]] = deque()
 
     def record(self, entry: Entry) -> None:
         key = (entry.scenario, entry.session)
@@ -125,13 +126,14 @@ class Journal:
             ring = self._rings.get(key)
             if ring is None:
                 ring = self._rings[key] = deque(maxlen=self.size)
-            if len(self._order) >= self.max_entries:
-                old_ring, old = self._order.popleft()
-                # The entry may have left already (ring full, session reset): then nothing to drop.
-                if old_ring and old_ring[0] is old:
-                    old_ring.popleft()
+            else:
+                self._rings.move_to_end(key)
+            if len(ring) < self.size:
+                self._total += 1
             ring.append(entry)
-            self._order.append((ring, entry))
+            while self._total > self.max_entries and len(self._rings) > 1:
+                _, oldest = self._rings.popitem(last=False)
+                self._total -= len(oldest)
         for subscriber in self._subscribers:
             subscriber(entry)
 
@@ -162,12 +164,13 @@ class Journal:
 
     def clear(self, scenario: str, session: str) -> None:
         with self._lock:
-            self._rings.pop((scenario, session), None)
+            ring = self._rings.pop((scenario, session), None)
+            self._total -= len(ring) if ring is not None else 0
 
     def drop_scenario(self, scenario: str) -> None:
         with self._lock:
             for key in [k for k in self._rings if k[0] == scenario]:
-                del self._rings[key]
+                self._total -= len(self._rings.pop(key))
 
     def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
         """Calls ``subscriber`` with every new entry (on the serving thread: keep it quick)."""

@@ -205,7 +205,8 @@ class RuleBuilder:
         """Answers with ``body`` (proto3 JSON whose strings may be templates, or a message)."""
         self._set("reply", _body(body))
         self._extras(headers, trailers, delay)
-        return self
+        __tracebackhide__ = True  # a failing change points at the user's line, not this one
+        return self._changed()
 
     def fail(
         self,
@@ -220,7 +221,8 @@ class RuleBuilder:
         """Fails the call with a status; ``details`` are rich error messages (``{"@type": ...}`` dicts)."""
         self._set("status", _make_status(code, message, details))
         self._extras(headers, trailers, delay)
-        return self
+        __tracebackhide__ = True  # a failing change points at the user's line, not this one
+        return self._changed()
 
     def stream(
         self,
@@ -236,7 +238,8 @@ class RuleBuilder:
         if status is not None:
             self._set("status", _status_value(status))
         self._extras(headers, trailers, delay)
-        return self
+        __tracebackhide__ = True  # a failing change points at the user's line, not this one
+        return self._changed()
 
     def sequence(
         self,
@@ -254,7 +257,8 @@ class RuleBuilder:
         if after != "repeat_last":
             self._set("after", after)
         self._extras(headers, trailers, delay)
-        return self
+        __tracebackhide__ = True  # a failing change points at the user's line, not this one
+        return self._changed()
 
     def each_request(
         self,
@@ -270,17 +274,24 @@ class RuleBuilder:
         if status is not None:
             self._set("status", _status_value(status))
         self._extras(headers, trailers, delay)
-        return self
+        __tracebackhide__ = True  # a failing change points at the user's line, not this one
+        return self._changed()
 
     def fault(self, kind: str | enum.Enum, *, delay: Any = None) -> RuleBuilder:
         """Misbehaves: ``drop`` (never answer), ``garbage`` (unparseable bytes) or ``reset`` the stream."""
         self._set("fault", kind.value if isinstance(kind, enum.Enum) else kind)
         self._extras(None, None, delay)
-        return self
+        __tracebackhide__ = True  # a failing change points at the user's line, not this one
+        return self._changed()
 
     def handler(self, fn: Callable[..., Any]) -> RuleBuilder:
         """Answers with ``fn(request, context)``; see ``Scenario.handler`` for the decorator form."""
         self._set("handler", fn)
+        __tracebackhide__ = True  # a failing change points at the user's line, not this one
+        return self._changed()
+
+    def _changed(self) -> RuleBuilder:
+        """Called after every change; builders that act on changes (the pytest plugin's) override it."""
         return self
 
     def __repr__(self) -> str:

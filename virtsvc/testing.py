@@ -29,7 +29,7 @@ import os
 import re
 import sys
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -436,76 +436,6 @@ class InlineRule(RuleBuilder):
     def finished(self) -> bool:
         return any(k in self.data for k in _ANSWER_KEYS)
 
-    def reply(
-        self,
-        body: Mapping[str, Any] | Message | None = None,
-        *,
-        headers: Mapping[str, str] | None = None,
-        trailers: Mapping[str, str] | None = None,
-        delay: Any = None,
-    ) -> InlineRule:
-        __tracebackhide__ = True
-        super().reply(body, headers=headers, trailers=trailers, delay=delay)
-        return self._changed()
-
-    def fail(
-        self,
-        code: str | int | grpc.StatusCode,
-        message: str = "",
-        details: Sequence[Mapping[str, Any] | Message] | None = None,
-        *,
-        headers: Mapping[str, str] | None = None,
-        trailers: Mapping[str, str] | None = None,
-        delay: Any = None,
-    ) -> InlineRule:
-        __tracebackhide__ = True
-        super().fail(code, message, details, headers=headers, trailers=trailers, delay=delay)
-        return self._changed()
-
-    def stream(
-        self,
-        items: Iterable[Any],
-        status: Any = None,
-        *,
-        headers: Mapping[str, str] | None = None,
-        trailers: Mapping[str, str] | None = None,
-        delay: Any = None,
-    ) -> InlineRule:
-        __tracebackhide__ = True
-        super().stream(items, status, headers=headers, trailers=trailers, delay=delay)
-        return self._changed()
-
-    def sequence(
-        self,
-        items: Iterable[Any],
-        after: str = "repeat_last",
-        *,
-        headers: Mapping[str, str] | None = None,
-        trailers: Mapping[str, str] | None = None,
-        delay: Any = None,
-    ) -> InlineRule:
-        __tracebackhide__ = True
-        super().sequence(items, after, headers=headers, trailers=trailers, delay=delay)
-        return self._changed()
-
-    def each_request(
-        self,
-        reply_or_step: Any,
-        *,
-        status: Any = None,
-        headers: Mapping[str, str] | None = None,
-        trailers: Mapping[str, str] | None = None,
-        delay: Any = None,
-    ) -> InlineRule:
-        __tracebackhide__ = True
-        super().each_request(reply_or_step, status=status, headers=headers, trailers=trailers, delay=delay)
-        return self._changed()
-
-    def fault(self, kind: Any, *, delay: Any = None) -> InlineRule:
-        __tracebackhide__ = True
-        super().fault(kind, delay=delay)
-        return self._changed()
-
     def handler(self, fn: Callable[..., Any]) -> InlineRule:
         __tracebackhide__ = True
         backend = self._owner._backend
@@ -517,8 +447,8 @@ class InlineRule(RuleBuilder):
                 "--virtsvc-address) that cannot run it; answer with .reply(), .fail(), .sequence() or "
                 ".stream() there, or run the tests with the in-process server"
             )
-        super().handler(fn)
-        return self._changed()
+        super().handler(fn)  # which calls _changed
+        return self
 
     def _changed(self) -> InlineRule:
         __tracebackhide__ = True
