@@ -52,6 +52,7 @@ log = structlog.get_logger("virtsvc.calls")
 # whereas some accept a truncated length-delimited field.
 GARBAGE = b"\x08\x80"
 MAX_JOURNALED_MESSAGES = 100  # per call, so a long stream cannot blow up the journal
+_DEADLINE_SLACK = 0.1  # seconds: a cancellation this close to the deadline is the deadline
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # gRPC's own default
 
 _current: contextvars.ContextVar[Session | None] = contextvars.ContextVar("virtsvc_session", default=None)
@@ -411,7 +412,9 @@ class Dispatcher(grpc.GenericRpcHandler):
 
     def _finish_cancelled(self, entry: Entry, context: grpc.ServicerContext, t0: float) -> None:
         remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
+        # The client's own timer fires a little before ours (our deadline counts from when the call
+        # arrived), so its cancellation lands with a sliver of time left: that is still the deadline.
+        if remaining is not None and remaining <= _DEADLINE_SLACK:
             self._finish(entry, grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline expired", t0)
         else:
             self._finish(entry, grpc.StatusCode.CANCELLED, "the client went away", t0)

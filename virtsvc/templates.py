@@ -1112,7 +1112,10 @@ def _eval_tree(tree: Any, ctx: dict[str, Any]) -> Any:
     return tree
 
 
+@lru_cache(maxsize=8192)
 def _compile_source(source: str) -> _Compiled | _Lookups:
+    # Cached: compiling is pure, and the same template text comes back in every test that declares the
+    # same inline rule (Jinja's parse + compile is most of the cost of a per-test session's rules).
     """Compiles one template string; raises TemplateSyntaxError or a ValueError naming an unknown variable."""
     ast = ENV.parse(source)
     undeclared = find_undeclared_variables(ast)
