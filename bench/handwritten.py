@@ -7,6 +7,9 @@
 ``--mode generic``: one generic handler, no (de)serialisers, answers pre-serialised bytes: the floor of
 what a Python grpcio server costs per call.
 
+``--mode aio-generic``: the same generic handler on grpc.aio, to choose between the two servers by
+measurement.
+
 Both use the thread pool size of virtsvc's own server (``VirtualServer``'s ``max_workers`` default).
 The stubs are compiled into a temporary directory at start. Prints ``{"event": "serving", "port": N}``
 on stdout once it accepts calls; stops on SIGTERM/SIGINT.
@@ -15,6 +18,7 @@ on stdout once it accepts calls; stops on SIGTERM/SIGINT.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import inspect
 import json
 import signal
@@ -78,11 +82,37 @@ def generic_server(pb2: Any, workers: int) -> grpc.Server:
     return server
 
 
+async def _serve_aio(pb2: Any, host: str, port: int, stop: threading.Event) -> None:
+    """The generic handler on grpc.aio: the same pre-serialised answer from a coroutine."""
+    static = pb2.SayReply(text="hello", n=1).SerializeToString()
+    item = pb2.SayReply(text="m").SerializeToString()
+
+    async def say(request: bytes, context: Any) -> bytes:
+        return static
+
+    async def stream(request: bytes, context: Any) -> Any:
+        for _ in range(STREAM_COUNT):
+            yield item
+
+    handlers = {
+        "Say": grpc.unary_unary_rpc_method_handler(say),
+        "Stream": grpc.unary_stream_rpc_method_handler(stream),
+    }
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("bench.v1.Echo", handlers)])
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    print(json.dumps({"event": "serving", "port": bound, "mode": "aio-generic"}), flush=True)
+    while not stop.is_set():
+        await asyncio.sleep(0.5)
+    await server.stop(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--mode", choices=("servicer", "generic"), default="servicer")
+    parser.add_argument("--mode", choices=("servicer", "generic", "aio-generic"), default="servicer")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--max-workers", type=int, default=None, help="default: virtsvc's own default")
@@ -93,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     with tempfile.TemporaryDirectory(prefix="bench-stubs-") as tmp:
         pb2, pb2_grpc = compile_stubs(Path(tmp))
+        if args.mode == "aio-generic":
+            asyncio.run(_serve_aio(pb2, args.host, args.port, stop))
+            return 0
         server = (
             servicer_server(pb2, pb2_grpc, workers)
             if args.mode == "servicer"
