@@ -18,7 +18,7 @@ import contextlib
 import contextvars
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -249,35 +249,17 @@ class Dispatcher(grpc.GenericRpcHandler):
     def _unary(self, spec: MethodSpec, raw: bytes, context: grpc.ServicerContext) -> bytes | None:
         t0 = time.perf_counter()
         call, entry = self._begin(spec, context, [raw])
-        try:
-            try:
-                msg = spec.input_class.FromString(raw)
-            except Exception as exc:
-                raise _BadRequest(_unparsable(spec, exc)) from None
+
+        def answer() -> tuple[bytes, Rule]:
+            msg = _parse(spec, raw)
             call.set_messages([msg])
             rule = self._select(call, entry, context, t0)
             if rule.handler is not None:
-                reply = self._run_unary_handler(rule, call, context, msg, entry, t0)
-            else:
-                step, index = self._step(rule, call, entry, context, t0)
-                reply = self._single_reply(step, call, index, context, entry, t0)
-            if len(reply) > self.max_message_bytes:
-                raise _TooBig(self._too_big(spec, rule, len(reply)))
-        except _Cancelled:
-            self._finish_cancelled(entry, context, t0)
-            return None
-        except _Garbage:
-            return GARBAGE
-        except _BadRequest as exc:
-            self._end(entry, context, grpc.StatusCode.INVALID_ARGUMENT, exc.message, t0)
-        except _TooBig as exc:
-            self._end(entry, context, grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message, t0)
-        finally:
-            if self._limited:
-                self._release(call)
-        entry.raw_replies.append(reply)
-        self._finish(entry, grpc.StatusCode.OK, "", t0)
-        return reply
+                return self._run_unary_handler(rule, call, context, msg, entry, t0), rule
+            step, index = self._step(rule, call, entry, context, t0)
+            return self._single_reply(step, call, index, context, entry, t0), rule
+
+        return self._answered(spec, call, entry, context, t0, answer)
 
     def _client_streaming(
         self, spec: MethodSpec, request_iterator: Iterator[bytes], context: grpc.ServicerContext
@@ -285,28 +267,82 @@ class Dispatcher(grpc.GenericRpcHandler):
         t0 = time.perf_counter()
         raws: list[bytes] = []
         call, entry = self._begin(spec, context, raws)
-        try:
-            messages: list[Message] = []
-            call.set_messages(messages)
-            rule_candidates = self._candidates(call)
-            rule: Rule | None = None
-            if any(r.handler is not None for r in rule_candidates):
-                # Handlers consume the stream themselves; pick the rule on what is known up front.
-                rule = self._select(call, entry, context, t0)
-            if rule is not None and rule.handler is not None:
-                reply = self._run_unary_handler(
-                    rule, call, context, self._decoded(call, request_iterator), entry, t0
-                )
-            else:
-                for raw in request_iterator:
-                    call.add_request(raw, _parse(spec, raw))
+
+        def answer() -> tuple[bytes, Rule]:
+            call.set_messages([])
+            if any(r.handler is not None for r in self._candidates(call)):
+                # Handlers consume the stream themselves: pick the rule on what is known up front.
                 rule = self._select(call, entry, context, t0)
                 if rule.handler is not None:
-                    messages_read = iter(call.request_messages)
-                    reply = self._run_unary_handler(rule, call, context, messages_read, entry, t0)
-                else:
-                    step, index = self._step(rule, call, entry, context, t0)
-                    reply = self._single_reply(step, call, index, context, entry, t0)
+                    requests = self._decoded(call, request_iterator)
+                    return self._run_unary_handler(rule, call, context, requests, entry, t0), rule
+            for raw in request_iterator:
+                call.add_request(raw, _parse(spec, raw))
+            rule = self._select(call, entry, context, t0)
+            if rule.handler is not None:
+                requests = iter(call.request_messages)
+                return self._run_unary_handler(rule, call, context, requests, entry, t0), rule
+            step, index = self._step(rule, call, entry, context, t0)
+            return self._single_reply(step, call, index, context, entry, t0), rule
+
+        return self._answered(spec, call, entry, context, t0, answer)
+
+    def _streaming(self, spec: MethodSpec, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        t0 = time.perf_counter()
+        call, entry = self._begin(spec, context, [raw])
+
+        def answer() -> Iterator[bytes]:
+            msg = _parse(spec, raw)
+            call.set_messages([msg])
+            rule = self._select(call, entry, context, t0)
+            if rule.handler is not None:
+                yield from self._run_stream_handler(rule, call, context, msg, entry, t0)
+            else:
+                step, index = self._step(rule, call, entry, context, t0)
+                yield from self._stream_reply(step, call, index, context, entry, t0, None)
+
+        yield from self._streamed(call, entry, context, t0, answer())
+
+    def _bidi(
+        self, spec: MethodSpec, request_iterator: Iterator[bytes], context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
+        t0 = time.perf_counter()
+        raws: list[bytes] = []
+        call, entry = self._begin(spec, context, raws)
+
+        def answer() -> Iterator[bytes]:
+            messages: list[Message] = []
+            call.set_messages(messages)
+            # Read the first message only when some rule must see it: a server that speaks first
+            # must not wait for the client.
+            if any(r.needs_request for r in self._candidates(call)):
+                first = next(request_iterator, None)
+                if first is not None:
+                    call.add_request(first, _parse(spec, first))
+            rule = self._select(call, entry, context, t0)
+            if rule.handler is not None:
+                requests = self._decoded(call, request_iterator, list(messages))
+                yield from self._run_stream_handler(rule, call, context, requests, entry, t0)
+            else:
+                step, index = self._step(rule, call, entry, context, t0)
+                yield from self._stream_reply(step, call, index, context, entry, t0, request_iterator)
+
+        yield from self._streamed(call, entry, context, t0, answer())
+
+    # -- how a call ends: one place for the four kinds -------------------------------------------
+
+    def _answered(
+        self,
+        spec: MethodSpec,
+        call: Call,
+        entry: Entry,
+        context: grpc.ServicerContext,
+        t0: float,
+        answer: Callable[[], tuple[bytes, Rule]],
+    ) -> bytes | None:
+        """Runs a single-reply answer; every way it can end is journaled and turned into a status."""
+        try:
+            reply, rule = answer()
             if len(reply) > self.max_message_bytes:
                 raise _TooBig(self._too_big(spec, rule, len(reply)))
         except _Cancelled:
@@ -328,66 +364,16 @@ class Dispatcher(grpc.GenericRpcHandler):
         self._finish(entry, grpc.StatusCode.OK, "", t0)
         return reply
 
-    def _streaming(self, spec: MethodSpec, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-        t0 = time.perf_counter()
-        call, entry = self._begin(spec, context, [raw])
-        try:
-            try:
-                msg = spec.input_class.FromString(raw)
-            except Exception as exc:
-                raise _BadRequest(_unparsable(spec, exc)) from None
-            call.set_messages([msg])
-            rule = self._select(call, entry, context, t0)
-            if rule.handler is not None:
-                yield from self._run_stream_handler(rule, call, context, msg, entry, t0)
-            else:
-                step, index = self._step(rule, call, entry, context, t0)
-                yield from self._stream_reply(step, call, index, context, entry, t0, None)
-        except _Cancelled:
-            self._finish_cancelled(entry, context, t0)
-            return
-        except GeneratorExit:  # grpc stopped pulling replies: the client cancelled or went away
-            self._finish_cancelled(entry, context, t0)
-            raise
-        except _Garbage:
-            yield GARBAGE
-            return
-        except _BadRequest as exc:
-            self._end(entry, context, grpc.StatusCode.INVALID_ARGUMENT, exc.message, t0)
-        except _TooBig as exc:
-            self._end(entry, context, grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message, t0)
-        finally:
-            if self._limited:
-                self._release(call)
-        self._finish(entry, grpc.StatusCode.OK, "", t0)
-
-    def _bidi(
-        self, spec: MethodSpec, request_iterator: Iterator[bytes], context: grpc.ServicerContext
+    def _streamed(
+        self, call: Call, entry: Entry, context: grpc.ServicerContext, t0: float, replies: Iterator[bytes]
     ) -> Iterator[bytes]:
-        t0 = time.perf_counter()
-        raws: list[bytes] = []
-        call, entry = self._begin(spec, context, raws)
+        """Streams an answer's replies; every way it can end is journaled and turned into a status."""
         try:
-            messages: list[Message] = []
-            call.set_messages(messages)
-            candidates = self._candidates(call)
-            # Read the first message only when some rule must see it: a server that speaks first
-            # must not wait for the client.
-            if any(r.needs_request for r in candidates):
-                first = next(request_iterator, None)
-                if first is not None:
-                    call.add_request(first, _parse(spec, first))
-            rule = self._select(call, entry, context, t0)
-            if rule.handler is not None:
-                requests = self._decoded(call, request_iterator, list(messages))
-                yield from self._run_stream_handler(rule, call, context, requests, entry, t0)
-            else:
-                step, index = self._step(rule, call, entry, context, t0)
-                yield from self._stream_reply(step, call, index, context, entry, t0, request_iterator)
+            yield from replies
         except _Cancelled:
             self._finish_cancelled(entry, context, t0)
             return
-        except (GeneratorExit, grpc.RpcError):  # the client cancelled or went away
+        except (GeneratorExit, grpc.RpcError):  # grpc stopped pulling replies, or the request stream broke
             self._finish_cancelled(entry, context, t0)
             raise
         except _Garbage:
