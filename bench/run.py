@@ -75,9 +75,9 @@ from common import (
 from make_scenarios import filler_name, write_bench_yaml, write_scale_tree
 
 CHECK_THRESHOLD = 0.5
-CLIENTS, STREAMS = 4, 16  # the load shape of the issue's figures
+CLIENTS, STREAMS = 4, 16  # the load shape of the published targets
 
-# Published by the peers' own benchmarks, quoted in the issue; NOT measured here (different machine).
+# The peers' own published figures; NOT measured here (different machine).
 PEERS = [
     ("@alenon/grpc-mock-server (npm)", 24_700),
     ("grpc-mock (npm)", 31_300),
@@ -1212,10 +1212,10 @@ def table(results: dict[str, Any]) -> str:
         w("")
         w(f"Profile: n/a ({results['profile'].get('reason')})")
     w("")
-    w("npm peers: reported, not measured here (the issue's figures, another machine)")
+    w("npm peers: reported, not measured here (their published figures, another machine)")
     for name, rate in PEERS:
         w(f"  {name:<50}{rate:>10,} calls/s")
-    w("  the issue's own grpcio figures, on its machine (reported, not measured here):")
+    w("  the targets' own grpcio figures, on their machine (reported, not measured here):")
     for k, v in ISSUE_FIGURES.items():
         w(f"    {k}: {v}")
     return "\n".join(lines)
