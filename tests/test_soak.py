@@ -37,6 +37,7 @@ pytestmark = [
 SESSIONS = 50
 JOURNAL_SIZE = 50
 WORKERS = 16
+CORE_THREADS = 2  # grpc core's own threads come and go
 
 SCENARIO = """\
 scenario: soak
@@ -316,7 +317,7 @@ def test_soak(generated: Path, tmp_path: Path) -> None:
         main = _drive(served.address, descriptors, calls - warm_calls, clients, threads, seed=2)
         main_s = time.monotonic() - t1
         server_cpu = _cpu_seconds(pid) - cpu1
-        end = _settle(pid, start["fds"], warmed["Threads"])
+        end = _settle(pid, start["fds"], warmed["Threads"])  # waits for the baseline; asserted below
         with grpc.insecure_channel(served.address) as ch:
             journal = AdminClient(ch, timeout=60).call("GetJournal").entries
         alive = served.proc.poll() is None
@@ -350,8 +351,10 @@ def test_soak(generated: Path, tmp_path: Path) -> None:
     assert figures["mismatches"] == 0, warm["examples"] + main["examples"]
     assert total_calls == calls
     assert growth < 0.10, f"resident memory grew {growth:.1%} after warm-up"
-    assert warmed["Threads"] <= start["Threads"] + WORKERS, figures["threads"]
-    assert end["Threads"] <= warmed["Threads"], figures["threads"]
+    # /proc counts OS threads, and grpc's C core starts and ends a couple of its own as it sees fit (its
+    # executor and timer threads): a leak is one thread per call or per session, thousands here, not two.
+    assert warmed["Threads"] <= start["Threads"] + WORKERS + CORE_THREADS, figures["threads"]
+    assert end["Threads"] <= warmed["Threads"] + CORE_THREADS, figures["threads"]
     assert end["fds"] <= start["fds"], figures["fds"]
     assert len(per_session) <= SESSIONS and max(per_session.values()) <= JOURNAL_SIZE, per_session
     assert len(journal) <= JOURNAL_SIZE * SESSIONS
