@@ -29,6 +29,7 @@ from typing import Any
 import structlog
 from google.protobuf import descriptor_pb2
 
+from virtsvc.descriptors import method_kind  # the manifest and the run time name kinds alike
 from virtsvc.errors import ConfigError, Problem, ProtoError
 
 __all__ = [
@@ -64,17 +65,6 @@ class GenResult:
     written: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     manifest: dict[str, Any] = field(default_factory=dict)
-
-
-def method_kind(client_streaming: bool, server_streaming: bool) -> str:
-    """``unary``, ``server_streaming``, ``client_streaming`` or ``bidi_streaming``."""
-    if client_streaming and server_streaming:
-        return "bidi_streaming"
-    if client_streaming:
-        return "client_streaming"
-    if server_streaming:
-        return "server_streaming"
-    return "unary"
 
 
 # ---------------------------------------------------------------------------------------------- include path
