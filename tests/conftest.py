@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import grpc
 import pytest
@@ -44,3 +47,56 @@ def channel_to() -> Iterator[object]:
     yield open_channel
     for channel in channels:
         channel.close()
+
+
+@pytest.fixture(scope="session")
+def pb(generated: Path) -> SimpleNamespace:
+    """The estate's generated modules: ``pb.inv.ReserveRequest``, ``pb.pay_grpc.PaymentsStub``..."""
+    from common.v1 import money_pb2, types_pb2
+    from shop.v1 import (
+        inventory_pb2,
+        inventory_pb2_grpc,
+        orders_pb2,
+        orders_pb2_grpc,
+        payments_pb2,
+        payments_pb2_grpc,
+    )
+
+    return SimpleNamespace(
+        inv=inventory_pb2,
+        inv_grpc=inventory_pb2_grpc,
+        orders=orders_pb2,
+        orders_grpc=orders_pb2_grpc,
+        pay=payments_pb2,
+        pay_grpc=payments_pb2_grpc,
+        money=money_pb2,
+        types=types_pb2,
+    )
+
+
+@pytest.fixture(scope="module")
+def channel(server: Any) -> Iterator[grpc.Channel]:
+    """A channel to the module's own ``server`` fixture."""
+    with grpc.insecure_channel(server.address) as ch:
+        yield ch
+
+
+@pytest.fixture(scope="module")
+def inv(channel: grpc.Channel, pb: SimpleNamespace) -> Any:
+    return pb.inv_grpc.InventoryStub(channel)
+
+
+@pytest.fixture(scope="module")
+def pay(channel: grpc.Channel, pb: SimpleNamespace) -> Any:
+    return pb.pay_grpc.PaymentsStub(channel)
+
+
+@pytest.fixture(scope="module")
+def orders(channel: grpc.Channel, pb: SimpleNamespace) -> Any:
+    return pb.orders_grpc.OrdersStub(channel)
+
+
+@pytest.fixture
+def sid() -> str:
+    """A session id of this test's own: state never leaks between tests sharing a server."""
+    return f"t-{uuid.uuid4().hex[:12]}"

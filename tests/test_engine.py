@@ -21,6 +21,7 @@ import pytest
 from google.protobuf import empty_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from helpers import fails
 
 from virtsvc import VirtualServer
 from virtsvc._serving import load_scenarios
@@ -52,69 +53,11 @@ def md(scenario: str, session: str | None = None, **extra: str) -> tuple[tuple[s
     return tuple(pairs)
 
 
-def fails(fn: Any, *args: Any, **kwargs: Any) -> grpc.RpcError:
-    """The RpcError a call raises (the test fails if it answers)."""
-    with pytest.raises(grpc.RpcError) as info:
-        fn(*args, **kwargs)
-    return info.value
-
-
-@pytest.fixture(scope="module")
-def pb(generated: Path) -> SimpleNamespace:
-    from common.v1 import money_pb2, types_pb2
-    from shop.v1 import (
-        inventory_pb2,
-        inventory_pb2_grpc,
-        orders_pb2,
-        orders_pb2_grpc,
-        payments_pb2,
-        payments_pb2_grpc,
-    )
-
-    return SimpleNamespace(
-        inv=inventory_pb2,
-        inv_grpc=inventory_pb2_grpc,
-        orders=orders_pb2,
-        orders_grpc=orders_pb2_grpc,
-        pay=payments_pb2,
-        pay_grpc=payments_pb2_grpc,
-        money=money_pb2,
-        types=types_pb2,
-    )
-
-
 @pytest.fixture(scope="module")
 def server(catalog: Catalog) -> Iterator[VirtualServer]:
     scenarios = load_scenarios([OPERATORS, ENGINE, SCRIPTED, INTEROP], catalog)
     with VirtualServer(catalog, scenarios) as srv:
         yield srv
-
-
-@pytest.fixture(scope="module")
-def channel(server: VirtualServer) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(server.address) as ch:
-        yield ch
-
-
-@pytest.fixture(scope="module")
-def inv(channel: grpc.Channel, pb: SimpleNamespace) -> Any:
-    return pb.inv_grpc.InventoryStub(channel)
-
-
-@pytest.fixture(scope="module")
-def pay(channel: grpc.Channel, pb: SimpleNamespace) -> Any:
-    return pb.pay_grpc.PaymentsStub(channel)
-
-
-@pytest.fixture(scope="module")
-def orders(channel: grpc.Channel, pb: SimpleNamespace) -> Any:
-    return pb.orders_grpc.OrdersStub(channel)
-
-
-@pytest.fixture
-def sid() -> str:
-    """A session id of this test's own: state never leaks between tests sharing the server."""
-    return f"t-{uuid.uuid4().hex[:12]}"
 
 
 def near_miss(method: str, scenario: str, session: str, *lines: str) -> str:

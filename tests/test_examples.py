@@ -17,6 +17,7 @@ import pytest
 from google.protobuf import empty_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from helpers import fails
 
 from virtsvc import VirtualServer, cli
 from virtsvc._loader import check_paths
@@ -45,36 +46,6 @@ def md(scenario: str, session: str, **extra: str) -> list[tuple[str, str]]:
     ]
 
 
-def fails(fn: Any, *args: Any, **kwargs: Any) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as info:
-        fn(*args, **kwargs)
-    return info.value
-
-
-@pytest.fixture(scope="module")
-def pb(generated: Path) -> SimpleNamespace:
-    from common.v1 import money_pb2, types_pb2
-    from shop.v1 import (
-        inventory_pb2,
-        inventory_pb2_grpc,
-        orders_pb2,
-        orders_pb2_grpc,
-        payments_pb2,
-        payments_pb2_grpc,
-    )
-
-    return SimpleNamespace(
-        inv=inventory_pb2,
-        inv_grpc=inventory_pb2_grpc,
-        orders=orders_pb2,
-        orders_grpc=orders_pb2_grpc,
-        pay=payments_pb2,
-        pay_grpc=payments_pb2_grpc,
-        money=money_pb2,
-        types=types_pb2,
-    )
-
-
 @pytest.fixture(scope="module")
 def server(catalog: Catalog) -> Iterator[VirtualServer]:
     """Every example served at once, loaded as ``virtsvc serve`` run from the repository root loads them (so
@@ -87,32 +58,6 @@ def server(catalog: Catalog) -> Iterator[VirtualServer]:
         os.chdir(here)
     with VirtualServer(catalog, scenarios) as srv:
         yield srv
-
-
-@pytest.fixture(scope="module")
-def channel(server: VirtualServer) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(server.address) as ch:
-        yield ch
-
-
-@pytest.fixture(scope="module")
-def inv(channel: grpc.Channel, pb: SimpleNamespace) -> Any:
-    return pb.inv_grpc.InventoryStub(channel)
-
-
-@pytest.fixture(scope="module")
-def pay(channel: grpc.Channel, pb: SimpleNamespace) -> Any:
-    return pb.pay_grpc.PaymentsStub(channel)
-
-
-@pytest.fixture(scope="module")
-def orders(channel: grpc.Channel, pb: SimpleNamespace) -> Any:
-    return pb.orders_grpc.OrdersStub(channel)
-
-
-@pytest.fixture
-def sid() -> str:
-    return f"ex-{uuid.uuid4().hex[:12]}"
 
 
 # -- the examples as a set --------------------------------------------------------------------------------

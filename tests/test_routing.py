@@ -4,7 +4,6 @@ that cannot be routed is told (texts asserted word for word)."""
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,6 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
+from helpers import fails
 
 from virtsvc import VirtualServer
 from virtsvc._serving import load_scenarios
@@ -30,46 +30,10 @@ def at(marker: str) -> str:
     raise AssertionError(f"no rule tagged {marker!r}")
 
 
-def fails(fn: Any, *args: Any, **kwargs: Any) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as info:
-        fn(*args, **kwargs)
-    return info.value
-
-
-@pytest.fixture(scope="module")
-def pb(generated: Path) -> SimpleNamespace:
-    from shop.v1 import inventory_pb2, inventory_pb2_grpc, payments_pb2, payments_pb2_grpc
-
-    return SimpleNamespace(
-        inv=inventory_pb2, inv_grpc=inventory_pb2_grpc, pay=payments_pb2, pay_grpc=payments_pb2_grpc
-    )
-
-
 @pytest.fixture(scope="module")
 def server(catalog: Catalog) -> Iterator[VirtualServer]:
     with VirtualServer(catalog, load_scenarios([ROUTING], catalog)) as srv:
         yield srv
-
-
-@pytest.fixture(scope="module")
-def channel(server: VirtualServer) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(server.address) as ch:
-        yield ch
-
-
-@pytest.fixture(scope="module")
-def inv(channel: grpc.Channel, pb: SimpleNamespace) -> Any:
-    return pb.inv_grpc.InventoryStub(channel)
-
-
-@pytest.fixture(scope="module")
-def pay(channel: grpc.Channel, pb: SimpleNamespace) -> Any:
-    return pb.pay_grpc.PaymentsStub(channel)
-
-
-@pytest.fixture
-def sid() -> str:
-    return f"s-{uuid.uuid4().hex[:12]}"
 
 
 def reserve(inv: Any, pb: SimpleNamespace, metadata: Any, **fields: Any) -> str:
