@@ -35,13 +35,12 @@ from virtsvc.templates import (
     json_default,
     map_key,
     message_class,
-    message_info,
+    named_fields,
     set_field,
     show,
     special_type,
     suggest,
     type_name,
-    unknown_field_message,
 )
 
 __all__ = ["MAX_REGEX", "MAX_REGEX_INPUT", "OPERATORS", "compile_when"]
@@ -313,18 +312,7 @@ class _Compiler:
         self, desc: Descriptor, node: Mapping[Any, Any], keys: tuple[str, ...], label: str, path: str
     ) -> None:
         """Subset match: every field named must match."""
-        info = message_info(desc)
-        seen: dict[str, Any] = {}
-        for key, value in node.items():
-            kpath = f"{path}.{key}"
-            field = info.fields.get(key) if isinstance(key, str) else None
-            if field is None:
-                self.site.error(node, key, f"{kpath}: {unknown_field_message(desc, key)}")
-                continue
-            if field.name in seen:
-                self.site.error(node, key, f'{kpath}: "{seen[field.name]}" and "{key}" name the same field')
-                continue
-            seen[field.name] = key
+        for key, field, value, kpath in named_fields(desc, node, path, self.site):
             self.field(field, value, node, key, (*keys, field.name), f"{label}.{key}", kpath)
 
     def field(

@@ -206,6 +206,26 @@ def suggest(word: str, candidates: Iterable[str]) -> str:
     return "; did you mean " + " or ".join(f'"{c}"' for c in close) + "?"
 
 
+def named_fields(
+    desc: Descriptor, node: Mapping[Any, Any], path: str, site: Site
+) -> Iterator[tuple[Any, FieldDescriptor, Any, str]]:
+    """The (key, field, value, key path) of a JSON mapping for ``desc``; unknown names and two names for
+    one field are reported on ``site`` and skipped."""
+    info = message_info(desc)
+    seen: dict[str, Any] = {}
+    for key, value in node.items():
+        kpath = f"{path}.{key}"
+        field = info.fields.get(key) if isinstance(key, str) else None
+        if field is None:
+            site.error(node, key, f"{kpath}: {unknown_field_message(desc, key)}")
+            continue
+        if field.name in seen:
+            site.error(node, key, f'{kpath}: "{seen[field.name]}" and "{key}" name the same field')
+            continue
+        seen[field.name] = key
+        yield key, field, value, kpath
+
+
 def unknown_field_message(desc: Descriptor, key: Any) -> str:
     info = message_info(desc)
     hint = suggest(str(key), info.fields) if isinstance(key, str) else ""
@@ -1436,20 +1456,8 @@ class _Builder:
         return False
 
     def message(self, msg: Message, value: Mapping[Any, Any], path: str, steps: tuple[_Nav, ...]) -> None:
-        desc = msg.DESCRIPTOR
-        info = message_info(desc)
         oneofs: dict[str, str] = {}
-        seen: dict[str, str] = {}
-        for key, v in value.items():
-            kpath = f"{path}.{key}"
-            field = info.fields.get(key) if isinstance(key, str) else None
-            if field is None:
-                self.site.error(value, key, f"{kpath}: {unknown_field_message(desc, key)}")
-                continue
-            if field.name in seen:
-                self.site.error(value, key, f'{kpath}: "{seen[field.name]}" and "{key}" name the same field')
-                continue
-            seen[field.name] = key
+        for key, field, v, kpath in named_fields(msg.DESCRIPTOR, value, path, self.site):
             oneof = field.containing_oneof
             if oneof is not None and v is not None:
                 if oneof.name in oneofs:
