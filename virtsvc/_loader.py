@@ -723,12 +723,7 @@ class _Compiler:
                 node, "each_request", f"{prefix}each_request: use either stream or each_request, not both"
             )
 
-        body = None
-        if "reply" in node and spec is not None:
-            value = node["reply"]
-            body = templates.compile_message(
-                value if value is not None else {}, spec.output, site, prefix + "reply"
-            )
+        body = _reply(node, spec, site, prefix + "reply")
         stream = None
         if "stream" in node:
             if spec is not None and not spec.server_streaming:
@@ -813,12 +808,7 @@ class _Compiler:
                 item_site.error(
                     item, "fault", f"{path}.fault: a fault replaces the message; remove reply or fault"
                 )
-            body = None
-            if "reply" in item and spec is not None:
-                value = item["reply"]
-                body = templates.compile_message(
-                    value if value is not None else {}, spec.output, item_site, f"{path}.reply"
-                )
+            body = _reply(item, spec, item_site, f"{path}.reply")
             delay = self._delay(item, "delay", item_site, f"{path}.delay") if "delay" in item else None
             fault = self._fault(item, item_site, f"{path}.") if "fault" in item else None
             if len(self.problems.items) == before:
@@ -847,12 +837,7 @@ class _Compiler:
             each_site.error(
                 value, "reply", f"{path}.reply: a failing call carries no reply; drop one of them"
             )
-        body = None
-        if "reply" in value and spec is not None:
-            reply = value["reply"]
-            body = templates.compile_message(
-                reply if reply is not None else {}, spec.output, each_site, f"{path}.reply"
-            )
+        body = _reply(value, spec, each_site, f"{path}.reply")
         delay = self._delay(value, "delay", each_site, f"{path}.delay") if "delay" in value else None
         if len(self.problems.items) != before:
             return None
@@ -1241,3 +1226,11 @@ def _show(value: Any) -> str:
         text = repr(value)
         return text if len(text) <= 40 else text[:37] + "..."
     return type(value).__name__
+
+
+def _reply(node: Mapping[Any, Any], spec: MethodSpec | None, site: Site, path: str) -> Any:
+    """The compiled ``reply`` of a rule, step or item (an empty ``reply:`` is the empty message)."""
+    if "reply" not in node or spec is None:
+        return None
+    value = node["reply"]
+    return templates.compile_message(value if value is not None else {}, spec.output, site, path)
