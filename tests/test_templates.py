@@ -763,3 +763,123 @@ def test_request_records_feed_replies(shop: Catalog) -> None:
     spec = message_spec(shop, "shop.v1.Item", "shop.v1.ListItemsResponse")
     out = render(spec, {"items": "{{ requests | list }}"}, {"sku": "a", "on_hand": 1}, {"sku": "b"})
     assert out == {"items": [{"sku": "a", "on_hand": "1"}, {"sku": "b"}]}
+
+
+# -- the fast evaluator: simple expressions without Jinja, always agreeing with Jinja
+
+_atoms = st.sampled_from(
+    [
+        "request.sku",
+        "request.qty",
+        "request['order_id']",
+        "request.labels.a",
+        "request.labels['b']",
+        "request.region",
+        "request.nope",
+        "requests[0].qty",
+        "requests[-1].sku",
+        "requests[3].sku",
+        "index",
+        "session.calls",
+        "metadata['x-k']",
+        "metadata.missing",
+        "0",
+        "1",
+        "-2",
+        "2.5",
+        "0.0",
+        "'a'",
+        "''",
+        "true",
+        "false",
+        "none",
+        "99999999999999999999",
+    ]
+)
+_binary = ["+", "-", "*", "/", "//", "%", "~", "==", "!=", "<", "<=", ">", ">=", "and", "or"]
+
+
+def _expressions(children: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    return st.one_of(
+        st.tuples(children, st.sampled_from(_binary), children).map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
+        st.tuples(st.sampled_from(["-", "+", "not "]), children).map(lambda t: f"({t[0]}{t[1]})"),
+        st.tuples(children, children, children).map(lambda t: f"({t[0]} if {t[1]} else {t[2]})"),
+        st.tuples(children, children, children).map(lambda t: f"({t[0]} < {t[1]} <= {t[2]})"),
+    )
+
+
+fast_expressions = _expressions(_expressions(_atoms) | _atoms)  # always an operation, often nested
+
+
+def _outcome(evaluate: Any, ctx: dict[str, Any]) -> tuple[str, Any]:
+    try:
+        value = evaluate(dict(ctx))
+    except Exception as exc:
+        return "error", (type(exc), str(exc))
+    return "value", (type(value), value)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    expr=fast_expressions,
+    text=st.booleans(),
+    sku=st.sampled_from(["", "s-1", "10"]),
+    qty=st.integers(-3, 3),
+)
+def test_fast_evaluator_agrees_with_jinja(shop: Catalog, expr: str, text: bool, sku: str, qty: int) -> None:
+    spec = shop.method(RESERVE)
+    source = f"v={{{{ {expr} }}}}." if text else f"{{{{ {expr} }}}}"
+    try:
+        compiled = templates._compile_source(source)
+    except Exception:
+        return  # not a template the loader would accept: nothing to evaluate
+    call = make_call(spec, {"sku": sku, "qty": qty, "labels": {"a": "x"}}, metadata={"x-k": "v"})
+    ctx = templates._context(call, 2, templates.CONTEXT_NAMES - {"uuid", "randint", "now"})
+    jinja = compiled.fallback if isinstance(compiled, templates._Fast) else compiled
+    assert _outcome(compiled.evaluate, ctx) == _outcome(jinja.evaluate, ctx)
+
+
+@pytest.mark.parametrize(
+    "expr",
+    [
+        "request.qty - 1",
+        "request.qty * index + 1",
+        "request.qty / 2",
+        "request.qty // -2",
+        "request.qty % 2",
+        "request.sku + '-x'",
+        "request.sku ~ request.qty ~ true ~ 2.5",
+        "request.qty > 1 and request.sku",
+        "request.sku or 'none'",
+        "request.qty < 3 <= index",
+        "request.qty == 2.0",
+        "'x' if request.qty >= 2 else 'y'",
+    ],
+)
+def test_fast_evaluator_table(shop: Catalog, expr: str) -> None:
+    inner = test_fast_evaluator_agrees_with_jinja.hypothesis.inner_test  # type: ignore[attr-defined]
+    for qty in (0, 2, 3):
+        inner(shop, expr=expr, text=False, sku="s-1", qty=qty)
+        inner(shop, expr=expr, text=True, sku="s-1", qty=qty)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{{ request.qty + 1 }}",
+        "r-{{ request.sku }}-{{ index }}",
+        "{{ request.sku ~ '/' ~ request.qty }}",
+        "{{ 'big' if request.qty > 2 else 'small' }}",
+        "{{ not request.sku and request.qty == 0 }}",
+    ],
+)
+def test_simple_expressions_skip_jinja(source: str) -> None:
+    assert isinstance(templates._compile_source(source), templates._Fast)
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["{{ request.sku | upper }}", "{{ uuid() }}", "{{ 'x' if request.qty }}", "{{ request.qty ** 2 }}"],
+)
+def test_other_expressions_run_in_jinja(source: str) -> None:
+    assert not isinstance(templates._compile_source(source), templates._Fast)

@@ -20,6 +20,7 @@ import datetime as _dt
 import difflib
 import json
 import math
+import operator
 import re
 import string
 import threading
@@ -1133,7 +1134,7 @@ def _eval_tree(tree: Any, ctx: dict[str, Any]) -> Any:
 
 
 @lru_cache(maxsize=8192)
-def _compile_source(source: str) -> _Compiled | _Lookups:
+def _compile_source(source: str) -> _Compiled | _Fast:
     # Cached: compiling is pure, and the same template text comes back in every test that declares the
     # same inline rule (Jinja's parse + compile is most of the cost of a per-test session's rules).
     """Compiles one template string; raises TemplateSyntaxError or a ValueError naming an unknown variable."""
@@ -1155,79 +1156,264 @@ def _compile_source(source: str) -> _Compiled | _Lookups:
     return _fast_path(ast, compiled) or compiled
 
 
-_Lookup = tuple[str, tuple[str | int, ...]]  # a context name and the keys below it
+_MISSING = object()
 
 
-class _Lookups(_Evaluator):
-    """A template made only of text and plain look-ups (``r-{{ request.sku }}``, ``{{ request.lines }}``).
+class _Fallback(Exception):
+    """The fast evaluator met a value or an operation only Jinja knows how to handle."""
 
-    Evaluated by walking our own request/metadata/session mappings, without Jinja: the commonest templates
-    cost a few dict look-ups. Anything else along the way (a missing key, a non-mapping, a value whose
-    text Jinja might render differently) falls back to the compiled template, so results and errors are
+
+_Fn = Callable[[dict[str, Any]], Any]
+
+
+class _Fast(_Evaluator):
+    """A template made of text and simple expressions, evaluated by Python closures instead of Jinja.
+
+    The commonest templates are plain look-ups (``r-{{ request.sku }}``) and a little arithmetic or joining
+    on them (``{{ request.n + 1 }}``, ``{{ a ~ "-" ~ b }}``, ``x if c else y``): compiled at load into
+    closures over our own request/metadata/session mappings, they cost a few dict look-ups. Anything off the
+    plain path (a missing key, a value that is not a string, number, bool or None, an operation the sandbox
+    guards) raises _Fallback and the compiled Jinja template runs instead, so results and errors stay
     Jinja's own.
     """
 
     __slots__ = ("fallback", "names", "native", "parts")
 
-    def __init__(self, parts: tuple[str | _Lookup, ...], fallback: _Compiled) -> None:
+    def __init__(self, parts: tuple[str | _Fn, ...], fallback: _Compiled) -> None:
         self.parts = parts
         self.fallback = fallback
         self.names = fallback.names
         self.native = fallback.native
 
     def evaluate(self, ctx: dict[str, Any]) -> Any:
-        values: list[Any] = []
-        for part in self.parts:
-            if isinstance(part, str):
-                values.append(part)
-                continue
-            name, keys = part
-            value = ctx.get(name, _MISSING)
-            for key in keys:
-                if not isinstance(value, Mapping) or key not in value:
-                    return self.fallback.evaluate(ctx)
-                value = value[key]
+        try:
             if self.native:
+                value = self.parts[0](ctx)  # type: ignore[operator]
+                if type(value) is str and len(value) > MAX_TEXT:
+                    raise _Fallback
                 return value
-            if type(value) is not str and type(value) is not int:
-                return self.fallback.evaluate(ctx)
-            values.append(value if type(value) is str else str(value))
-        text = "".join(values)
-        if len(text) > MAX_TEXT:
-            raise _too_long("rendered text")
-        return text
+            texts: list[str] = []
+            for part in self.parts:
+                if type(part) is str:
+                    texts.append(part)
+                else:
+                    texts.append(_text_of(part(ctx)))  # type: ignore[operator]
+            text = "".join(texts)
+            if len(text) > MAX_TEXT:
+                raise _Fallback
+            return text
+        except _Fallback:
+            return self.fallback.evaluate(ctx)
 
 
-_MISSING = object()
-_LOOKUP_ROOTS = frozenset({"request", "metadata", "session"})
+_SCALARS = (str, int, float, bool, type(None))
+_FAST_ROOTS = frozenset({"request", "requests", "metadata", "session", "index"})
 
 
-def _fast_path(ast: nodes.Template, fallback: _Compiled) -> _Lookups | None:
-    """The look-up form of a template made of text and ``{{ a.b["c"] }}`` outputs only, else None."""
+def _text_of(value: Any) -> str:
+    if type(value) is str:
+        return value
+    if type(value) in (int, float, bool):
+        return str(value)
+    raise _Fallback
+
+
+def _number(value: Any) -> int | float:
+    if type(value) is int or type(value) is float:
+        return value
+    raise _Fallback
+
+
+def _scalar(value: Any) -> Any:
+    if type(value) in _SCALARS:
+        return value
+    raise _Fallback
+
+
+def _fast_path(ast: nodes.Template, fallback: _Compiled) -> _Fast | None:
+    """The closure form of a template made of text and simple expressions only, else None."""
     if len(ast.body) != 1 or not isinstance(ast.body[0], nodes.Output):
         return None
-    parts: list[str | _Lookup] = []
+    parts: list[str | _Fn] = []
     for node in ast.body[0].nodes:
         if isinstance(node, nodes.TemplateData):
             parts.append(node.data)
             continue
-        keys: list[str | int] = []
-        while isinstance(node, (nodes.Getattr, nodes.Getitem)):
-            if isinstance(node, nodes.Getattr):
-                keys.append(node.attr)
-            elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, (str, int)):
-                keys.append(node.arg.value)
-            else:
-                return None
-            node = node.node
-        if not isinstance(node, nodes.Name) or node.name not in _LOOKUP_ROOTS or any(
-            isinstance(k, str) and k.startswith("_") for k in keys
-        ):
+        fn = _fast_expr(node)
+        if fn is None:
             return None
-        parts.append((node.name, tuple(reversed(keys))))
-    if fallback.native and len(parts) != 1:
+        parts.append(fn)
+    if fallback.native:
+        parts = [p for p in parts if not isinstance(p, str) or p.strip()]
+        if len(parts) != 1 or isinstance(parts[0], str):
+            return None
+    return _Fast(tuple(parts), fallback)
+
+
+def _fast_expr(node: nodes.Node) -> _Fn | None:
+    """A closure computing ``node`` as Jinja would (or raising _Fallback), None for unsupported nodes."""
+    if isinstance(node, nodes.Const):
+        value = node.value
+        if type(value) not in _SCALARS:
+            return None
+        return lambda ctx: value
+    if isinstance(node, (nodes.Name, nodes.Getattr, nodes.Getitem)):
+        return _fast_lookup(node)
+    if isinstance(node, (nodes.Add, nodes.Sub, nodes.Mul, nodes.Div, nodes.FloorDiv, nodes.Mod)):
+        left, right = _fast_expr(node.left), _fast_expr(node.right)
+        if left is None or right is None:
+            return None
+        return _fast_binop(type(node).__name__, left, right)
+    if isinstance(node, (nodes.Neg, nodes.Pos, nodes.Not)):
+        inner = _fast_expr(node.node)
+        if inner is None:
+            return None
+        if isinstance(node, nodes.Not):
+            return lambda ctx: not _scalar(inner(ctx))
+        if isinstance(node, nodes.Neg):
+            return lambda ctx: -_number(inner(ctx))
+        return lambda ctx: +_number(inner(ctx))
+    if isinstance(node, (nodes.And, nodes.Or)):
+        left, right = _fast_expr(node.left), _fast_expr(node.right)
+        if left is None or right is None:
+            return None
+        if isinstance(node, nodes.And):
+            return lambda ctx: _scalar(left(ctx)) and right(ctx)
+        return lambda ctx: _scalar(left(ctx)) or right(ctx)
+    if isinstance(node, nodes.CondExpr):
+        if node.expr2 is None:  # Jinja gives an undefined value there
+            return None
+        test, yes, no = _fast_expr(node.test), _fast_expr(node.expr1), _fast_expr(node.expr2)
+        if test is None or yes is None or no is None:
+            return None
+        return lambda ctx: yes(ctx) if _scalar(test(ctx)) else no(ctx)
+    if isinstance(node, nodes.Concat):
+        return _fast_concat(node)
+    if isinstance(node, nodes.Compare):
+        return _fast_compare(node)
+    return None
+
+
+def _fast_lookup(node: nodes.Name | nodes.Getattr | nodes.Getitem) -> _Fn | None:
+    """``request.a["b"][0]``: item-first, as the sandbox looks up attributes of mappings."""
+    keys: list[str | int] = []
+    cur: nodes.Node = node
+    while isinstance(cur, (nodes.Getattr, nodes.Getitem)):
+        if isinstance(cur, nodes.Getattr):
+            keys.append(cur.attr)
+        elif isinstance(cur.arg, nodes.Const) and type(cur.arg.value) in (str, int):
+            keys.append(cur.arg.value)
+        else:
+            return None
+        cur = cur.node
+    if not isinstance(cur, nodes.Name) or cur.name not in _FAST_ROOTS:
         return None
-    return _Lookups(tuple(parts), fallback)
+    if any(isinstance(k, str) and k.startswith("_") for k in keys):
+        return None
+    name, path = cur.name, tuple(reversed(keys))
+
+    def lookup(ctx: dict[str, Any]) -> Any:
+        value = ctx.get(name, _MISSING)
+        if value is _MISSING:
+            raise _Fallback
+        for key in path:
+            if isinstance(value, Mapping):
+                if key not in value:
+                    raise _Fallback
+                value = value[key]
+            elif type(key) is int and type(value) is list and -len(value) <= key < len(value):
+                value = value[key]
+            else:
+                raise _Fallback
+        return value
+
+    return lookup
+
+
+def _fast_binop(op: str, left: _Fn, right: _Fn) -> _Fn:
+    if op == "Add":
+
+        def add(ctx: dict[str, Any]) -> Any:
+            a, b = left(ctx), right(ctx)
+            if type(a) is str and type(b) is str:
+                if len(a) + len(b) > MAX_TEXT:
+                    raise _Fallback
+                return a + b
+            return _number(a) + _number(b)
+
+        return add
+    if op == "Sub":
+        return lambda ctx: _number(left(ctx)) - _number(right(ctx))
+    if op == "Mul":
+
+        def mul(ctx: dict[str, Any]) -> Any:
+            a, b = _number(left(ctx)), _number(right(ctx))
+            if type(a) is int and type(b) is int and a.bit_length() + b.bit_length() > MAX_INT_BITS:
+                raise _Fallback
+            return a * b
+
+        return mul
+    python = {"Div": operator.truediv, "FloorDiv": operator.floordiv, "Mod": operator.mod}[op]
+
+    def divide(ctx: dict[str, Any]) -> Any:
+        a, b = _number(left(ctx)), _number(right(ctx))
+        if not b:
+            raise _Fallback  # Jinja's own error for a division by zero
+        return python(a, b)
+
+    return divide
+
+
+def _fast_concat(node: nodes.Concat) -> _Fn | None:
+    fns = [_fast_expr(n) for n in node.nodes]
+    pieces = tuple(fn for fn in fns if fn is not None)
+    if len(pieces) != len(fns):
+        return None
+
+    def concat(ctx: dict[str, Any]) -> str:
+        text = "".join([_text_of(fn(ctx)) for fn in pieces])
+        if len(text) > MAX_TEXT:
+            raise _Fallback
+        return text
+
+    return concat
+
+
+_COMPARISONS: dict[str, Callable[[Any, Any], bool]] = {
+    "eq": operator.eq,
+    "ne": operator.ne,
+    "lt": operator.lt,
+    "lteq": operator.le,
+    "gt": operator.gt,
+    "gteq": operator.ge,
+}
+
+
+def _fast_compare(node: nodes.Compare) -> _Fn | None:
+    first = _fast_expr(node.expr)
+    ops: list[tuple[Callable[[Any, Any], bool], bool, _Fn]] = []
+    for operand in node.ops:
+        test, fn = _COMPARISONS.get(operand.op), _fast_expr(operand.expr)
+        if test is None or fn is None:
+            return None
+        ops.append((test, operand.op in ("eq", "ne"), fn))
+    if first is None:
+        return None
+
+    def compare(ctx: dict[str, Any]) -> bool:
+        a = _scalar(first(ctx))
+        for test, equality, fn in ops:  # a < b < c is (a < b) and (b < c), each operand computed once
+            b = _scalar(fn(ctx))
+            if not equality and not (
+                (type(a) is str and type(b) is str) or (type(a) in (int, float) and type(b) in (int, float))
+            ):
+                raise _Fallback  # Jinja's TypeError for ordering mixed types
+            if not test(a, b):
+                return False
+            a = b
+        return True
+
+    return compare
 
 
 def _single_expression(ast: nodes.Template) -> nodes.Expr | None:
@@ -1240,7 +1426,7 @@ def _single_expression(ast: nodes.Template) -> nodes.Expr | None:
     return None
 
 
-def _compile_at(source: str, site: Site, node: Any, key: Any, path: str) -> _Compiled | _Lookups | None:
+def _compile_at(source: str, site: Site, node: Any, key: Any, path: str) -> _Compiled | _Fast | None:
     try:
         return _compile_source(source)
     except TemplateSyntaxError as exc:
@@ -1285,7 +1471,7 @@ class _StaticText:
 class _TextTemplate:
     static: str | None = None
 
-    def __init__(self, compiled: _Compiled | _Lookups, path: str) -> None:
+    def __init__(self, compiled: _Compiled | _Fast, path: str) -> None:
         self._compiled = compiled
         self._path = path
         self.needs_request = bool(compiled.names & _REQUEST_NAMES)
