@@ -190,6 +190,36 @@ class Rule:
     def needs_request(self) -> bool:
         return self.when is not None and self.when.needs_request
 
+    @cached_property
+    def plain_reply(self) -> bytes | None:
+        """The reply, when this rule answers every call alike with nothing else to do (no condition, count,
+        sequence, handler, template, delay, fault, metadata or error status): sent as it is, at once."""
+        if self.when is not None or self.times is not None or self.handler is not None or self.is_sequence:
+            return None
+        if len(self.steps) != 1:
+            return None
+        step = self.steps[0]
+        if step.delay or step.fault or step.headers or step.trailers or step.stream or step.each_request:
+            return None
+        if step.status is not None and not step.status.ok:
+            return None
+        return b"" if step.body is None else step.body.static
+
+    @cached_property
+    def selection(self) -> Selection:
+        """This rule as the choice for a call, made once: choosing a rule allocates nothing per call."""
+        return Selection(self)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The rule chosen for a call, or why none was."""
+
+    rule: Rule | None
+    near_miss: str | None = None
+    misses: Sequence[tuple[Rule, MatchResult]] = ()
+    used_up: Sequence[Rule] = ()
+
 
 @dataclass(eq=False)
 class CompiledScenario:

@@ -249,6 +249,23 @@ class Dispatcher(grpc.GenericRpcHandler):
     def _unary(self, spec: MethodSpec, raw: bytes, context: grpc.ServicerContext) -> bytes | None:
         t0 = time.perf_counter()
         call, entry = self._begin(spec, context, [raw])
+        if not call.session.rules:
+            # The commonest answer, a fixed reply, straight from the index: no selection, steps or templates.
+            rules = self.router.registry.rules_for(call.scenario, spec.full_name)
+            reply = rules[0].plain_reply if rules else None
+            if reply is not None and len(reply) <= self.max_message_bytes:
+                try:
+                    msg: Message | None = spec.input_class.FromString(raw)
+                except Exception:
+                    msg = None  # not a valid request: the full path below refuses it with INVALID_ARGUMENT
+                if msg is not None:
+                    call.set_messages([msg])
+                    if self._limited:
+                        self._release(call)
+                    entry.rule = rules[0].where
+                    entry.raw_replies.append(reply)
+                    self._finish(entry, grpc.StatusCode.OK, "", t0)
+                    return reply
 
         def answer() -> tuple[bytes, Rule]:
             msg = _parse(spec, raw)

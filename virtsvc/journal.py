@@ -29,7 +29,7 @@ __all__ = ["Entry", "Journal"]
 _SEQ = itertools.count(1)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Entry:
     """One call as the journal saw it. ``to_dict()`` is its public, JSON-ready form."""
 

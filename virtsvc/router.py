@@ -11,11 +11,11 @@ import difflib
 import threading
 import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 
-from virtsvc._model import Call, CompiledScenario, MatchResult, Rule
+from virtsvc._model import Call, CompiledScenario, MatchResult, Rule, Selection
 from virtsvc.sessions import DEFAULT_SESSION, Session, Store
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "Registry",
     "RouteError",
     "Router",
+    "Selection",
     "parse_baggage",
 ]
 
@@ -140,16 +141,6 @@ def parse_baggage(value: str) -> dict[str, str]:
     return out
 
 
-@dataclass
-class Selection:
-    """The rule chosen for a call, or why none was."""
-
-    rule: Rule | None
-    near_miss: str | None = None
-    misses: list[tuple[Rule, MatchResult]] = field(default_factory=list)
-    used_up: list[Rule] = field(default_factory=list)
-
-
 class Router:
     """Turns a call's metadata into (scenario, session) and picks the rule that answers it."""
 
@@ -199,7 +190,7 @@ class Router:
                 if rule.times is not None and not session.take(_counter_key(rule), rule.times):
                     used_up.append(rule)
                     continue
-                return Selection(rule)
+                return rule.selection
         return Selection(None, self._near_miss(call, session_rules, rules, misses, used_up), misses, used_up)
 
     # -- messages: part of the API, asserted by tests ---------------------------------------------

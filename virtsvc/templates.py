@@ -1553,6 +1553,30 @@ def _assign_field(field: FieldDescriptor, path: str) -> _Assign:
     def assign(target: Any, value: Any) -> None:
         set_field(target, field, value, False, path)
 
+    if field.is_repeated or field.message_type is not None:
+        return assign
+    # Singular text and integer fields given a value of their own type (what templates mostly yield):
+    # set directly; anything else converts (or fails) through set_field.
+    name = field.name
+    if field.type == F.TYPE_STRING:
+
+        def assign_text(target: Any, value: Any) -> None:
+            if type(value) is str:
+                setattr(target, name, value)
+            else:
+                assign(target, value)
+
+        return assign_text
+    if field.type in _INT_RANGES:
+        lo, hi, _ = _INT_RANGES[field.type]
+
+        def assign_int(target: Any, value: Any) -> None:
+            if type(value) is int and lo <= value <= hi:
+                setattr(target, name, value)
+            else:
+                assign(target, value)
+
+        return assign_int
     return assign
 
 
