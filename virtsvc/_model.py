@@ -268,14 +268,24 @@ class Call:
         msgs = self.request_messages
         return msgs[0] if msgs else self.method.input_class()
 
-    @cached_property
+    # Cached in the instance dict by hand: functools.cached_property takes a lock on every first access,
+    # i.e. on every call here.
+    @property
     def request_json(self) -> dict[str, Any]:
         """The first request as proto3 JSON with proto field names, defaults omitted (presence)."""
-        return to_json(self.request_message)
+        d = self.__dict__
+        value: dict[str, Any] | None = d.get("request_json")
+        if value is None:
+            value = d["request_json"] = to_json(self.request_message)
+        return value
 
-    @cached_property
+    @property
     def requests_json(self) -> list[dict[str, Any]]:
-        return [to_json(m) for m in self.request_messages]
+        d = self.__dict__
+        value: list[dict[str, Any]] | None = d.get("requests_json")
+        if value is None:
+            value = d["requests_json"] = [to_json(m) for m in self.request_messages]
+        return value
 
     def set_messages(self, messages: list[Message]) -> None:
         """The parsed forms of ``raw_requests``, in order (the handlers parse up front)."""

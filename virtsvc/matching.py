@@ -77,12 +77,13 @@ class _Leaf:
 class _When:
     """A compiled ``when``: leaves over ``call.request_json`` and over ``call.metadata``."""
 
-    __slots__ = ("_metadata", "_request", "_total")
+    __slots__ = ("_matched", "_metadata", "_request", "_total")
 
     def __init__(self, request: tuple[_Leaf, ...], metadata: tuple[_Leaf, ...]) -> None:
         self._request = request
         self._metadata = metadata
         self._total = len(request) + len(metadata)
+        self._matched = MatchResult(True, self._total, self._total)  # the same answer for every match
 
     @property
     def needs_request(self) -> bool:
@@ -106,7 +107,9 @@ class _When:
                 failure = leaf.test(present, value if present else None)
                 if failure is not None:
                     failures.append(failure)
-        return MatchResult(not failures, self._total - len(failures), self._total, tuple(failures))
+        if not failures:
+            return self._matched
+        return MatchResult(False, self._total - len(failures), self._total, tuple(failures))
 
 
 def _lookup(root: Any, keys: tuple[str, ...]) -> tuple[bool, Any]:

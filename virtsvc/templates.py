@@ -1811,7 +1811,8 @@ class _TemplatedMessage:
 
             def go() -> Message:
                 out = self._cls()
-                out.ParseFromString(self._skeleton)
+                if self._skeleton:
+                    out.ParseFromString(self._skeleton)
                 ctx = _context(call, index, self._names)
                 for leaf in self._leaves:
                     leaf.apply(out, ctx)
