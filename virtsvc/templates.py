@@ -142,6 +142,7 @@ class MessageInfo:
     names: tuple[str, ...]  # proto names, declaration order
     view_plan: tuple[tuple[str, Callable[[Any], Any]], ...]  # request view: fields whose JSON needs reshaping
     view_defaults: Mapping[str, Any]  # request view: values of fields absent even with defaults=True
+    view_base: Mapping[str, Any]  # request view: what proto3 JSON prints for fields without presence
 
 
 @lru_cache(maxsize=4096)
@@ -157,7 +158,8 @@ def message_info(desc: Descriptor) -> MessageInfo:
         if shaper is not None:
             plan.append((f.name, shaper))
         defaults[f.name] = None if (f.message_type is not None and not f.is_repeated) else _view_default(f)
-    return MessageInfo(desc, fields, tuple(f.name for f in desc.fields), tuple(plan), defaults)
+    base = {f.name: defaults[f.name] for f in desc.fields if not f.has_presence}
+    return MessageInfo(desc, fields, tuple(f.name for f in desc.fields), tuple(plan), defaults, base)
 
 
 @lru_cache(maxsize=4096)
@@ -610,7 +612,7 @@ class _View(dict[str, Any]):
 
     __slots__ = ("info",)
 
-    def __init__(self, info: MessageInfo, data: dict[str, Any]) -> None:
+    def __init__(self, info: MessageInfo, data: Mapping[str, Any]) -> None:
         super().__init__(data)
         self.info = info
 
@@ -629,20 +631,15 @@ class _View(dict[str, Any]):
             return default
 
 
-@lru_cache(maxsize=4096)
-def _view_base(desc: Descriptor) -> dict[str, Any]:
-    """The defaults proto3 JSON prints for fields without presence (what ``defaults=True`` adds)."""
-    info = message_info(desc)
-    return {f.name: info.view_defaults[f.name] for f in desc.fields if not f.has_presence}
-
-
 def make_view(desc: Descriptor, data: dict[str, Any]) -> _View:
+    """A request's proto3 JSON as templates see it: defaults filled in, int64 as numbers, JSON names too."""
     info = message_info(desc)
-    data = {**_view_base(desc), **data}
+    view = _View(info, info.view_base)  # one copy: the base, then the request's fields over it
+    view.update(data)
     for name, shaper in info.view_plan:
-        if name in data:
-            data[name] = shaper(data[name])
-    return _View(info, data)
+        if name in view:
+            view[name] = shaper(view[name])
+    return view
 
 
 def _view_default(field: FieldDescriptor) -> Any:
@@ -727,10 +724,9 @@ def _context(call: Call, index: int, names: frozenset[str]) -> dict[str, Any]:
         ctx["session"] = {"id": call.session.id, "calls": call.session.calls}
     if "index" in names:
         ctx["index"] = index
-    rng = call.session.rng
-    if "uuid" in names:
+    if "uuid" in names or "randint" in names:
+        rng = call.session.rng
         ctx["uuid"] = lambda: str(_uuid.UUID(int=rng.getrandbits(128), version=4))
-    if "randint" in names:
         ctx["randint"] = lambda a, b: rng.randint(a, b)
     if "now" in names:
         ctx["now"] = now  # looked up per render, so replacing virtsvc.templates.now takes effect
@@ -1437,14 +1433,14 @@ def _compile_at(source: str, site: Site, node: Any, key: Any, path: str) -> _Com
     return None
 
 
-def _run(path: str, fn: Callable[[], Any]) -> Any:
+def _run(path: str, fn: Callable[..., Any], *args: Any) -> Any:
     """Runs a render step under the step budget; every failure becomes a TemplateError naming ``path``."""
     outer = getattr(_budget, "left", None)
     if outer is None:
         _budget.left = MAX_STEPS
         _budget.deadline = time.monotonic() + MAX_SECONDS
     try:
-        return fn()
+        return fn(*args)
     except TemplateError:
         raise
     except ConversionError as exc:
@@ -1806,21 +1802,20 @@ class _TemplatedMessage:
         # Only the latest message per template is kept, so a long bidi stream does not pile them up.
         memo = _stash(call).setdefault("bodies", {})
         last = memo.get(id(self))
-        msg: Message | None = last[1] if last is not None and last[0] == index else None
-        if msg is None:
-
-            def go() -> Message:
-                out = self._cls()
-                if self._skeleton:
-                    out.ParseFromString(self._skeleton)
-                ctx = _context(call, index, self._names)
-                for leaf in self._leaves:
-                    leaf.apply(out, ctx)
-                return out
-
-            msg = _run(self._path, go)
-            memo[id(self)] = (index, msg)
+        if last is not None and last[0] == index:
+            return last[1]
+        msg: Message = _run(self._path, self._fill, call, index)
+        memo[id(self)] = (index, msg)
         return msg
+
+    def _fill(self, call: Call, index: int) -> Message:
+        out = self._cls()
+        if self._skeleton:
+            out.ParseFromString(self._skeleton)
+        ctx = _context(call, index, self._names)
+        for leaf in self._leaves:
+            leaf.apply(out, ctx)
+        return out
 
     def render(self, call: Call, index: int) -> bytes:
         return self.build(call, index).SerializeToString(deterministic=True)
