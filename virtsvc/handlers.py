@@ -200,7 +200,7 @@ class Dispatcher(grpc.GenericRpcHandler):
             if "baggage" in metadata:  # W3C: members of several baggage headers combine
                 metadata["baggage"] = ",".join(v for k, v in pairs if k == "baggage" and isinstance(v, str))
             try:
-                scenario, session = self.router.route(metadata)
+                compiled, session = self.router.route(metadata)
             except RouteError as exc:
                 # Journaled under the names the call sent, from headers or baggage as the router reads them.
                 baggage = parse_baggage(metadata.get("baggage", ""))
@@ -215,10 +215,10 @@ class Dispatcher(grpc.GenericRpcHandler):
                 self._finish(entry, exc.code, exc.message, time.perf_counter())
                 context.abort(exc.code, exc.message)
             session.touch()
+            scenario = session.scenario
             call = Call(spec, scenario, session, metadata, raws)
             entry = Entry(scenario, session.id, spec, tuple(metadata.items()), time.time(), raws)
-            scenario_obj = self.router.registry.get(scenario)
-            entry.scenario_version = scenario_obj.version if scenario_obj else None
+            entry.scenario_version = compiled.version if compiled is not None else None
             limit = self.max_concurrency_per_session
             if limit is not None and not session.enter(limit):
                 message = session_busy_message(limit, scenario, session.id)

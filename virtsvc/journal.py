@@ -46,7 +46,7 @@ class Entry:
     near_miss: str | None = None  # why no rule answered
     duration: float = 0.0  # seconds
     scenario_version: int | str | None = None
-    seq: int = field(default_factory=lambda: next(_SEQ))
+    seq: int = field(default_factory=_SEQ.__next__)
 
     @property
     def method(self) -> str:

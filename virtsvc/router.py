@@ -149,8 +149,9 @@ class Router:
         self.store = store
         self.default_scenario = default_scenario
 
-    def route(self, metadata: Mapping[str, str]) -> tuple[str, Session]:
-        """Picks the scenario and session named by the call's metadata (explicit headers win over baggage)."""
+    def route(self, metadata: Mapping[str, str]) -> tuple[CompiledScenario | None, Session]:
+        """Picks the scenario and session named by the call's metadata (explicit headers win over baggage);
+        no scenario (None) for a session that holds only session-scoped rules."""
         scenario = metadata.get(SCENARIO_HEADER)
         session_id = metadata.get(SESSION_HEADER)
         if (scenario is None or session_id is None) and "baggage" in metadata:
@@ -165,11 +166,12 @@ class Router:
                 # A session that holds only session-scoped rules (pytest inline rules) needs no scenario.
                 bare = self.store.find(NO_SCENARIO, session_id)
                 if bare is not None and bare.rules:
-                    return NO_SCENARIO, bare
+                    return None, bare
                 raise RouteError(grpc.StatusCode.FAILED_PRECONDITION, self._no_scenario_message())
-        if scenario not in self.registry:
+        compiled = self.registry.get(scenario)
+        if compiled is None:
             raise RouteError(grpc.StatusCode.NOT_FOUND, self._unknown_scenario_message(scenario))
-        return scenario, self.store.get(scenario, session_id)
+        return compiled, self.store.get(scenario, session_id)
 
     def select(self, call: Call) -> Selection:
         """The first rule (session rules, then the scenario's, best first) whose ``when`` holds and that
