@@ -4,32 +4,33 @@
 into an output directory, incrementally (content hashes, not mtimes) and atomically per file.
 :func:`compile_descriptor_set` gives the FileDescriptorSet of a tree, cached on disk, for ``virtsvc serve``.
 
+``virtsvc gen`` is meant to cost little more than protoc itself, so this module imports neither structlog
+(its loggers come from :mod:`virtsvc._logs`) nor importlib.metadata, tempfile, shutil or the protobuf
+runtime: the few descriptor fields it reads are read off the wire (:func:`_read_set`).
+
 Include path order: the tree itself, the user's ``-I`` paths, then the well-known types shipped with
 grpcio-tools and the googleapis protos (google/api, google/rpc, google/type, ...) of googleapis-common-protos.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
-import importlib.metadata
+import itertools
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import structlog
-from google.protobuf import descriptor_pb2
-
-from virtsvc.descriptors import method_kind  # the manifest and the run time name kinds alike
+from virtsvc import _logs
+from virtsvc._kinds import method_kind  # the manifest and the run time name kinds alike
 from virtsvc.errors import ConfigError, Problem, ProtoError
 
 __all__ = [
@@ -43,7 +44,7 @@ __all__ = [
     "method_kind",
 ]
 
-_log = structlog.get_logger("virtsvc.gen")
+_log = _logs.get_logger("virtsvc.gen")
 
 MANIFEST_VERSION = 1
 DESCRIPTORS_NAME = "descriptors.binpb"
@@ -77,17 +78,26 @@ def _grpc_tools_include() -> Path:
     return (Path(grpc_tools.__file__).parent / "_proto").resolve()
 
 
+# How importlib.metadata finds googleapis-common-protos: its metadata directory in a sys.path entry.
+_GOOGLEAPIS_DIST = re.compile(r"googleapis[-_.]common[-_.]protos-[^-]+\.(?:dist|egg)-info", re.IGNORECASE)
+
+
 @functools.cache
 def _googleapis_include() -> Path | None:
-    """The directory holding the ``google`` package of googleapis-common-protos (site-packages)."""
-    try:
-        located = importlib.metadata.distribution("googleapis-common-protos").locate_file(
-            "google/api/annotations.proto"
-        )
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    path = Path(str(located))
-    return path.parents[2].resolve() if path.is_file() else None
+    """The directory holding the ``google`` package of googleapis-common-protos (site-packages).
+
+    The first sys.path entry holding the distribution's metadata, as importlib.metadata would find it,
+    without importing importlib.metadata (a tenth of a `virtsvc gen` run).
+    """
+    for entry in sys.path:
+        try:
+            names = os.listdir(entry or ".")
+        except OSError:  # missing directories, zip files
+            continue
+        if any(_GOOGLEAPIS_DIST.fullmatch(name) for name in names):
+            path = Path(entry or ".", "google", "api", "annotations.proto")
+            return path.parents[2].resolve() if path.is_file() else None
+    return None
 
 
 def _dedupe(paths: Iterable[Path]) -> list[Path]:
@@ -124,6 +134,11 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _read_file(path: str | Path) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
 @dataclass
 class _Tree:
     """The .proto files under one directory, by import path ("virtual" name in protoc's terms)."""
@@ -143,16 +158,17 @@ def _scan(proto_dir: Path) -> _Tree:
         raise ConfigError(f"{shown}: not a directory (expected a directory of .proto files)")
     root = proto_dir.resolve()
     files: dict[str, Path] = {}
+    skip = len(str(root)) + 1
     for dirpath, dirnames, filenames in os.walk(root):
         # hidden directories (.git, our own .virtsvc-gen-* staging dirs) are never part of the contract
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        prefix = dirpath[skip:].replace(os.sep, "/") + "/" if len(dirpath) >= skip else ""
         for name in sorted(filenames):
             if name.endswith(".proto") and not name.startswith("."):
-                path = Path(dirpath, name)
-                files[path.relative_to(root).as_posix()] = path
+                files[prefix + name] = Path(dirpath, name)
     if not files:
         raise ConfigError(f"{shown}: no .proto files found")
-    hashes = {name: _sha256(path.read_bytes()) for name, path in files.items()}
+    hashes = {name: _sha256(_read_file(path)) for name, path in files.items()}
     return _Tree(root=root, shown=shown, files=dict(sorted(files.items())), hashes=hashes)
 
 
@@ -174,18 +190,17 @@ def _resolve(name: str, search: Sequence[Path]) -> Path | None:
 
 def _hash_resolved(name: str, search: Sequence[Path]) -> str | None:
     path = _resolve(name, search)
-    return None if path is None else _sha256(path.read_bytes())
+    return None if path is None else _sha256(_read_file(path))
 
 
 @functools.cache
 def _tool_versions() -> dict[str, str]:
-    versions = {}
-    for dist in ("grpcio-tools", "protobuf"):
-        try:
-            versions[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:  # pragma: no cover - both are dependencies
-            versions[dist] = "?"
-    return versions
+    """The versions of grpcio-tools and protobuf: what their distributions' metadata say, read from the
+    version strings the packages carry (no importlib.metadata; a tenth of a `virtsvc gen` run)."""
+    from google.protobuf import __version__ as protobuf
+    from grpc_tools.grpc_version import VERSION as grpcio_tools
+
+    return {"grpcio-tools": grpcio_tools, "protobuf": protobuf}
 
 
 def _options_hash(search: Sequence[Path]) -> str:
@@ -260,18 +275,25 @@ def _stderr_to(target: int) -> Iterator[None]:
         os.close(saved)
 
 
-def _run_protoc(args: Sequence[str], roots: Sequence[tuple[Path, str]]) -> None:
-    """Run protoc in-process; raise ProtoError with one located Problem per protoc error."""
+def _run_protoc(args: Sequence[str], roots: Sequence[tuple[Path, str]], scratch: Path) -> None:
+    """Run protoc in-process; raise ProtoError with one located Problem per protoc error.
+
+    ``scratch``: a private directory where protoc's diagnostics are collected (and removed).
+    """
     # grpc_tools.protoc.main() is a thin wrapper around _protoc_compiler.run_main(); importing
     # grpc_tools.protoc however installs import hooks and appends to sys.path of the whole process.
     from grpc_tools import _protoc_compiler
 
     argv = [b"grpc_tools.protoc", *(os.fsencode(a) for a in args)]
-    with _PROTOC_LOCK, tempfile.TemporaryFile() as err:
-        with _stderr_to(err.fileno()):
-            status = _protoc_compiler.run_main(argv)
-        err.seek(0)
-        text = err.read().decode("utf-8", "replace")
+    err_path = scratch / ".protoc-stderr"
+    with _PROTOC_LOCK, open(err_path, "w+b") as err:
+        try:
+            with _stderr_to(err.fileno()):
+                status = _protoc_compiler.run_main(argv)
+            err.seek(0)
+            text = err.read().decode("utf-8", "replace")
+        finally:
+            err_path.unlink()
     problems, warnings = _parse_protoc_output(text, roots)
     for warning in warnings:
         _log.warning("protoc.warning", message=warning)
@@ -284,9 +306,123 @@ def _roots_shown(tree: _Tree, includes: Sequence[Path]) -> list[tuple[Path, str]
 
 
 # -------------------------------------------------------------------------------------------- descriptor sets
+#
+# gen reads a handful of fields of each FileDescriptorProto (name, package, dependency, services) and writes
+# the set back as the files' serialised records in dependency order. Reading them off the wire spares it the
+# protobuf runtime's import (a sixth of a run), and writing back each file's record exactly as it was read
+# (protoc's own bytes, or last run's) makes an incremental set equal to a full compile's byte for byte.
 
 
-def _ordered(names: Iterable[str], pool: Mapping[str, descriptor_pb2.FileDescriptorProto]) -> list[str]:
+class _WireError(ValueError):
+    """Bytes that are not a well-formed protobuf message."""
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while shift < 64:
+        try:
+            byte = data[pos]
+        except IndexError:
+            raise _WireError("truncated varint") from None
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+    raise _WireError("varint longer than 10 bytes")
+
+
+def _fields(data: bytes, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int, int, int]]:
+    """Each field of the message in ``data[start:end]``: (number, a, b, start of the field's record).
+
+    Length-delimited fields: ``data[a:b]`` is the payload and ``b`` the record's end. Varints: ``a`` is the
+    value. Fixed 32/64-bit fields (never read here): ``a`` and ``b`` are -1.
+    """
+    end = len(data) if end is None else end
+    pos = start
+    while pos < end:
+        record = pos
+        key, pos = _varint(data, pos)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            value, pos = _varint(data, pos)
+            yield number, value, pos, record
+            continue
+        if wire_type == 2:
+            size, pos = _varint(data, pos)
+            payload, pos = pos, pos + size
+        elif wire_type in (1, 5):
+            payload, pos = -1, pos + (8 if wire_type == 1 else 4)
+        else:  # groups (3, 4) do not occur in descriptors; 6 and 7 are not wire types
+            raise _WireError(f"wire type {wire_type}")
+        if number == 0 or pos > end:
+            raise _WireError("field 0 or a field past the end")
+        yield number, payload, pos if payload >= 0 else -1, record
+
+
+def _text(data: bytes, start: int, end: int) -> str:
+    if start < 0:
+        raise _WireError("a string field that is not length-delimited")
+    return data[start:end].decode("utf-8")
+
+
+@dataclass
+class _File:
+    """What gen reads of one FileDescriptorProto, and its record in the set (tag, length, payload)."""
+
+    name: str
+    package: str
+    dependency: list[str]
+    services: list[tuple[str, list[tuple[str, str, str, bool, bool]]]]  # (name, methods)
+    record: bytes
+
+
+def _read_service(data: bytes, start: int, end: int) -> tuple[str, list[tuple[str, str, str, bool, bool]]]:
+    """A ServiceDescriptorProto's name, and each method's name, input and output types and streaming."""
+    service = ""
+    methods = []
+    for number, a, b, _ in _fields(data, start, end):
+        if number == 1:
+            service = _text(data, a, b)
+        elif number == 2:  # MethodDescriptorProto
+            name = input_type = output_type = ""
+            client_streaming = server_streaming = False
+            for field_number, x, y, _ in _fields(data, a, b):
+                if field_number == 1:
+                    name = _text(data, x, y)
+                elif field_number == 2:
+                    input_type = _text(data, x, y)
+                elif field_number == 3:
+                    output_type = _text(data, x, y)
+                elif field_number == 5:
+                    client_streaming = bool(x)
+                elif field_number == 6:
+                    server_streaming = bool(x)
+            methods.append((name, input_type, output_type, client_streaming, server_streaming))
+    return service, methods
+
+
+def _read_set(data: bytes) -> dict[str, _File]:
+    """The files of a serialised FileDescriptorSet by name; raises _WireError (or UnicodeDecodeError)."""
+    files: dict[str, _File] = {}
+    for number, start, end, record in _fields(data):
+        if number != 1 or start < 0:
+            continue
+        name, package, dependency, services = "", "", [], []
+        for field_number, a, b, _ in _fields(data, start, end):
+            if field_number == 1:
+                name = _text(data, a, b)
+            elif field_number == 2:
+                package = _text(data, a, b)
+            elif field_number == 3:
+                dependency.append(_text(data, a, b))
+            elif field_number == 6:
+                services.append(_read_service(data, a, b))
+        files[name] = _File(name, package, dependency, services, data[record:end])
+    return files
+
+
+def _ordered(names: Iterable[str], pool: Mapping[str, _File]) -> list[str]:
     """``names`` and everything they import, dependencies before dependents (deterministic)."""
     order: list[str] = []
     seen: set[str] = set()
@@ -304,24 +440,24 @@ def _ordered(names: Iterable[str], pool: Mapping[str, descriptor_pb2.FileDescrip
     return order
 
 
-def _services(fds: descriptor_pb2.FileDescriptorSet, names: set[str]) -> dict[str, Any]:
+def _services(files: Iterable[_File], names: set[str]) -> dict[str, Any]:
     services: dict[str, Any] = {}
-    for file in fds.file:
+    for file in files:
         if file.name not in names:
             continue
         prefix = f"{file.package}." if file.package else ""
-        for service in file.service:
-            full = prefix + service.name
+        for service_name, methods in file.services:
+            full = prefix + service_name
             services[full] = {
                 "file": file.name,
                 "methods": {
-                    m.name: {
-                        "full_name": f"{full}/{m.name}",
-                        "kind": method_kind(m.client_streaming, m.server_streaming),
-                        "input_type": m.input_type.lstrip("."),
-                        "output_type": m.output_type.lstrip("."),
+                    name: {
+                        "full_name": f"{full}/{name}",
+                        "kind": method_kind(client_streaming, server_streaming),
+                        "input_type": input_type.lstrip("."),
+                        "output_type": output_type.lstrip("."),
                     }
-                    for m in service.method
+                    for name, input_type, output_type, client_streaming, server_streaming in methods
                 },
             }
     return services
@@ -332,20 +468,23 @@ def _services(fds: descriptor_pb2.FileDescriptorSet, names: set[str]) -> dict[st
 
 def _read(path: Path) -> bytes | None:
     try:
-        return path.read_bytes()
+        return _read_file(path)
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return None
 
 
-def _load_previous(out: Path) -> tuple[dict[str, Any], dict[str, descriptor_pb2.FileDescriptorProto]] | None:
+_Previous = tuple[dict[str, Any], dict[str, _File]]  # the last run's manifest, and its descriptors by file
+
+
+def _load_previous(out: Path) -> _Previous | None:
     """The previous run's manifest and descriptors, or None when there is no usable previous run."""
     raw_manifest, raw_fds = _read(out / MANIFEST_NAME), _read(out / DESCRIPTORS_NAME)
     if raw_manifest is None or raw_fds is None:
         return None
     try:
         manifest = json.loads(raw_manifest)
-        fds = descriptor_pb2.FileDescriptorSet.FromString(raw_fds)
-    except Exception:  # anything unreadable just means "rebuild everything"
+        pool = _read_set(raw_fds)
+    except ValueError:  # not json, not a descriptor set: it just means "rebuild everything"
         return None
     if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
         return None
@@ -354,19 +493,18 @@ def _load_previous(out: Path) -> tuple[dict[str, Any], dict[str, descriptor_pb2.
         return None
     if not all(isinstance(e, dict) and isinstance(e.get("imports"), list) for e in files.values()):
         return None
-    pool = {f.name: f for f in fds.file}
     # unchanged files keep these descriptors, so the set must hold every file and everything it imports
-    if any(name not in pool for name in files) or any(d not in pool for f in fds.file for d in f.dependency):
+    if any(n not in pool for n in files) or any(d not in pool for f in pool.values() for d in f.dependency):
         return None
     return manifest, pool
 
 
 def _to_compile(
     tree: _Tree,
-    search: Sequence[Path],
     out: Path,
     options: str,
-    previous: tuple[dict[str, Any], dict[str, descriptor_pb2.FileDescriptorProto]] | None,
+    previous: _Previous | None,
+    dep_hash: Callable[[str], str | None],
 ) -> set[str]:
     """Tree files whose outputs must be regenerated: changed ones and all their (transitive) importers."""
     if previous is None or previous[0].get("options_sha256") != options:
@@ -376,7 +514,7 @@ def _to_compile(
     # an import path is "changed" when what it resolves to now differs from what was compiled last time
     changed = {n for n in tree.files if old_files.get(n, {}).get("sha256") != tree.hashes[n]}
     changed |= set(old_files) - set(tree.files)
-    changed |= {n for n, h in manifest["dependencies"].items() if _hash_resolved(n, search) != h}
+    changed |= {n for n, h in manifest["dependencies"].items() if dep_hash(n) != h}
     memo: dict[str, bool] = {}
 
     def stale(name: str, trail: frozenset[str] = frozenset()) -> bool:
@@ -389,7 +527,10 @@ def _to_compile(
 
     recompile = {n for n in tree.files if stale(n)}
     # outputs someone deleted by hand come back, without disturbing their importers
-    recompile |= {n for n in tree.files if any(not (out / o).is_file() for o in _python_outputs(n))}
+    out_dir = str(out)
+    recompile |= {
+        n for n in tree.files if not all(os.path.isfile(os.path.join(out_dir, o)) for o in _python_outputs(n))
+    }
     return recompile
 
 
@@ -399,6 +540,22 @@ def _near_existing(path: Path) -> Path:
         if candidate.is_dir():
             return candidate
     return Path.cwd()
+
+
+def _make_staging(parent: Path) -> Path:
+    """A new private directory ``.virtsvc-gen-*`` in ``parent``.
+
+    Made by mkdir, not tempfile.mkdtemp: it gets the permissions the umask gives any new directory, so that
+    a first run can rename it into OUT whole (and tempfile's import is spared).
+    """
+    for n in itertools.count():
+        path = parent / f".virtsvc-gen-{os.getpid()}-{threading.get_ident()}-{n}"
+        try:
+            path.mkdir()
+        except FileExistsError:  # left by a crashed run of a process with the same pid
+            continue
+        return path
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _replace(dest: Path, data: bytes) -> None:
@@ -413,6 +570,16 @@ def _replace(dest: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _move(staged: Path, dest: Path) -> None:
+    """``staged`` to ``dest`` atomically: a rename, or a copy through _replace across file systems."""
+    try:
+        os.replace(staged, dest)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:  # OUT (or a directory in it) is another mount than the staging dir
+            raise
+        _replace(dest, _read_file(staged))
 
 
 def _inside(rel: object) -> bool:
@@ -430,6 +597,23 @@ def _prune_empty_dirs(out: Path, rel: str) -> None:
         parent = parent.parent
 
 
+def _rename_whole(staging: Path, out: Path, files: Mapping[str, bytes]) -> bool:
+    """First run into a directory that does not exist: ``files`` join protoc's modules in ``staging``, which
+    becomes ``out`` in one rename. False (``staging`` as it was) when ``out`` appeared meanwhile or the
+    rename cannot be done: the caller then moves file by file."""
+    for rel, data in files.items():
+        with open(staging / rel, "wb") as fh:
+            fh.write(data)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(staging, out)
+    except OSError:
+        for rel in files:
+            (staging / rel).unlink()
+        return False
+    return True
+
+
 def generate(proto_dir: Path, out: Path, includes: Sequence[Path] = ()) -> GenResult:
     """Compile every .proto under ``proto_dir`` into ``out``: modules, descriptors.binpb, manifest.json.
 
@@ -444,72 +628,76 @@ def generate(proto_dir: Path, out: Path, includes: Sequence[Path] = ()) -> GenRe
     out_abs = out.resolve()
     search = _dedupe([tree.root, *include_paths(includes)])
     options = _options_hash(search)
-    previous = _load_previous(out_abs)
-    recompile = _to_compile(tree, search, out_abs, options, previous)
+    hashed: dict[str, str | None] = {}
 
-    pool: dict[str, descriptor_pb2.FileDescriptorProto] = {}
+    def dep_hash(name: str) -> str | None:
+        """The hash of what import ``name`` resolves to; each file is read and hashed once a run."""
+        if name not in hashed:
+            hashed[name] = _hash_resolved(name, search)
+        return hashed[name]
+
+    previous = _load_previous(out_abs)
+    recompile = _to_compile(tree, out_abs, options, previous, dep_hash)
+
+    pool: dict[str, _File] = {}
     if previous is not None and recompile != set(tree.files):
         pool.update(previous[1])
-    desired: dict[str, bytes] = {}  # output path relative to OUT -> content
-    if recompile:
-        staging = Path(tempfile.mkdtemp(prefix=".virtsvc-gen-", dir=_near_existing(out_abs.parent)))
-        try:
-            modules, raw = staging / "modules", staging / "compiled.binpb"
-            modules.mkdir()
+    staging = None
+    try:
+        if recompile:
+            # protoc writes into a private directory next to OUT: nothing in OUT changes unless it succeeds
+            staging = _make_staging(_near_existing(out_abs.parent))
+            raw = staging / ".compiled.binpb"
             _run_protoc(
                 [
                     *(f"--proto_path={p}" for p in search),
-                    f"--python_out={modules}",
-                    f"--pyi_out={modules}",
-                    f"--grpc_python_out={modules}",
+                    f"--python_out={staging}",
+                    f"--pyi_out={staging}",
+                    f"--grpc_python_out={staging}",
                     f"--descriptor_set_out={raw}",
                     "--include_imports",
                     "--include_source_info",
                     *(str(tree.files[n]) for n in sorted(recompile)),
                 ],
                 _roots_shown(tree, includes),
+                staging,
             )
-            for name in sorted(recompile):
+            pool.update(_read_set(_read_file(raw)))
+            raw.unlink()
+            for name in recompile:
                 for rel in _python_outputs(name):
-                    data = _read(modules / rel)
-                    if data is None:  # pragma: no cover - would mean protoc changed its naming rule
+                    if not os.path.isfile(staging / rel):  # pragma: no cover - protoc changed its naming rule
                         raise RuntimeError(f"protoc did not write the expected {rel} for {name}")
-                    desired[rel] = data
-            fresh = descriptor_pb2.FileDescriptorSet.FromString(raw.read_bytes())
-        finally:
+
+        # Unchanged files keep their previous descriptors (their imports did not change either), so the
+        # merged set equals what compiling the whole tree would give.
+        order = _ordered(tree.files, pool)
+        modules = sorted({o for n in tree.files for o in _python_outputs(n)})
+        outputs = sorted([*modules, DESCRIPTORS_NAME, MANIFEST_NAME])
+        manifest: dict[str, Any] = {
+            "version": MANIFEST_VERSION,
+            "options_sha256": options,
+            "files": {n: {"sha256": tree.hashes[n], "imports": list(pool[n].dependency)} for n in tree.files},
+            "dependencies": {n: dep_hash(n) for n in order if n not in tree.files},
+            "services": _services((pool[n] for n in order), set(tree.files)),
+            "outputs": outputs,
+        }
+        desired = {  # what goes into OUT besides the modules protoc wrote into staging
+            DESCRIPTORS_NAME: b"".join(pool[n].record for n in order),
+            MANIFEST_NAME: (json.dumps(manifest, indent=2) + "\n").encode(),
+        }
+
+        removed: list[str] = []
+        if staging is not None and not out_abs.exists() and _rename_whole(staging, out_abs, desired):
+            written, staging = outputs, None
+        else:
+            written, removed = _update(out_abs, staging, recompile, desired, previous, set(outputs))
+    finally:
+        if staging is not None:
+            import shutil  # what is left in staging: files that did not change, directories
+
             shutil.rmtree(staging, ignore_errors=True)
-        pool.update({f.name: f for f in fresh.file})
 
-    # Unchanged files keep their previous descriptors (their imports did not change either), so the
-    # merged set equals what compiling the whole tree would give.
-    order = _ordered(tree.files, pool)
-    fds = descriptor_pb2.FileDescriptorSet(file=[pool[n] for n in order])
-    desired[DESCRIPTORS_NAME] = fds.SerializeToString(deterministic=True)
-    outputs = sorted({o for n in tree.files for o in _python_outputs(n)} | {DESCRIPTORS_NAME, MANIFEST_NAME})
-    manifest: dict[str, Any] = {
-        "version": MANIFEST_VERSION,
-        "options_sha256": options,
-        "files": {n: {"sha256": tree.hashes[n], "imports": list(pool[n].dependency)} for n in tree.files},
-        "dependencies": {n: _hash_resolved(n, search) for n in order if n not in tree.files},
-        "services": _services(fds, set(tree.files)),
-        "outputs": outputs,
-    }
-    desired[MANIFEST_NAME] = (json.dumps(manifest, indent=2) + "\n").encode()
-
-    written = [rel for rel, data in desired.items() if _read(out_abs / rel) != data]
-    old_outputs = set(previous[0].get("outputs", [])) if previous is not None else set()
-    removed = sorted(rel for rel in old_outputs - set(outputs) if _inside(rel) and (out_abs / rel).is_file())
-    # the manifest goes last: if anything above fails, the old manifest makes the next run redo the work
-    for rel in written:
-        if rel != MANIFEST_NAME:
-            _replace(out_abs / rel, desired[rel])
-    for rel in removed:
-        (out_abs / rel).unlink()
-        _prune_empty_dirs(out_abs, rel)
-    if MANIFEST_NAME in written:
-        _replace(out_abs / MANIFEST_NAME, desired[MANIFEST_NAME])
-
-    written.sort()
     _log.info(
         "gen.completed",
         out=_shown(out),
@@ -519,6 +707,42 @@ def generate(proto_dir: Path, out: Path, includes: Sequence[Path] = ()) -> GenRe
         removed=len(removed),
     )
     return GenResult(compiled=sorted(recompile), written=written, removed=removed, manifest=manifest)
+
+
+def _update(
+    out: Path,
+    staging: Path | None,
+    recompiled: Iterable[str],
+    desired: Mapping[str, bytes],
+    previous: _Previous | None,
+    outputs: set[str],
+) -> tuple[list[str], list[str]]:
+    """Bring an existing OUT up to date, file by file; returns (written, removed), sorted."""
+    rewrite = [rel for rel, data in desired.items() if _read(out / rel) != data]
+    old_outputs = set(previous[0].get("outputs", [])) if previous is not None else set()
+    removed = sorted(rel for rel in old_outputs - outputs if _inside(rel) and (out / rel).is_file())
+    changed: list[str] = []
+    if staging is not None:
+        # only what differs is written: a recompiled file's modules often come out the same
+        staged = [rel for name in recompiled for rel in _python_outputs(name)]
+        changed = [rel for rel in staged if _read(out / rel) != _read_file(staging / rel)]
+        made: set[Path] = set()
+        for rel in changed:
+            dest = out / rel
+            if dest.parent not in made:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                made.add(dest.parent)
+            _move(staging / rel, dest)
+    # the manifest goes last: if anything above fails, the old manifest makes the next run redo the work
+    for rel in rewrite:
+        if rel != MANIFEST_NAME:
+            _replace(out / rel, desired[rel])
+    for rel in removed:
+        (out / rel).unlink()
+        _prune_empty_dirs(out, rel)
+    if MANIFEST_NAME in rewrite:
+        _replace(out / MANIFEST_NAME, desired[MANIFEST_NAME])
+    return sorted(changed + rewrite), removed
 
 
 # ----------------------------------------------------------------------------------- compile_descriptor_set
@@ -554,6 +778,8 @@ def compile_descriptor_set(
         except ValueError:
             pass  # a damaged cache entry is simply recompiled
 
+    import tempfile  # here only: `virtsvc gen` does without it
+
     with tempfile.TemporaryDirectory(prefix="virtsvc-protoc-") as tmp:
         raw = Path(tmp) / "set.binpb"
         _run_protoc(
@@ -565,10 +791,11 @@ def compile_descriptor_set(
                 *(str(path) for path in tree.files.values()),
             ],
             _roots_shown(tree, includes),
+            Path(tmp),
         )
         data = raw.read_bytes()
-    fds = descriptor_pb2.FileDescriptorSet.FromString(data)
-    deps = {f.name: _hash_resolved(f.name, search) for f in fds.file if f.name not in tree.files}
+    files = _read_set(data)
+    deps = {name: _hash_resolved(name, search) for name in files if name not in tree.files}
     try:
         _replace(entry, data)
         _replace(deps_file, json.dumps(deps, sort_keys=True).encode())
@@ -578,5 +805,5 @@ def compile_descriptor_set(
             stale.with_name(stale.name[: -len(".binpb")] + ".deps.json").unlink(missing_ok=True)
     except OSError as exc:  # a read-only cache only costs a recompile next time
         _log.warning("descriptors.cache_unwritable", cache_dir=str(cache), error=str(exc))
-    _log.info("descriptors.compiled", protos=len(tree.files), files=len(fds.file))
+    _log.info("descriptors.compiled", protos=len(tree.files), files=len(files))
     return data

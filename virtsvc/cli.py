@@ -10,21 +10,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
-import structlog
-
+from virtsvc import _logs
 from virtsvc.config import Settings, load_settings
 from virtsvc.errors import ConfigError, VirtsvcError
+
+if TYPE_CHECKING:
+    import structlog
 
 __all__ = ["build_parser", "configure_logging", "main"]
 
 PROG = "virtsvc"
 LOG_FORMATS = ("json", "console")
+# logging.INFO. Heavy modules (structlog, grpc) are imported by what runs, not here: start-up time.
+_INFO = 20
 
 
 class _StreamLoggerFactory:
@@ -34,20 +37,30 @@ class _StreamLoggerFactory:
         self.stream = stream
 
     def __call__(self, *args: Any) -> structlog.PrintLogger:
+        import structlog
+
         return structlog.PrintLogger(getattr(sys, self.stream))
 
 
-def configure_logging(fmt: str | None, level: int = logging.INFO, stream: str = "stderr") -> None:
+def _log_format(fmt: str | None) -> str:
+    """``fmt``, or for None: json when stdout is not a terminal (piped, CI, containers), else console."""
+    if fmt is None:
+        fmt = "console" if sys.stdout.isatty() else "json"
+    if fmt not in LOG_FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, not {fmt!r}")
+    return fmt
+
+
+def configure_logging(fmt: str | None, level: int = _INFO, stream: str = "stderr") -> None:
     """Set up structlog: ``json`` lines or a ``console`` rendering, written to stderr.
 
     ``fmt=None`` picks json when stdout is not a terminal (piped, CI, containers) and console otherwise.
     stderr keeps stdout free for the commands' own output; ``serve``, whose output *is* its event
     stream, logs to stdout as a service in a container should.
     """
-    if fmt is None:
-        fmt = "console" if sys.stdout.isatty() else "json"
-    if fmt not in LOG_FORMATS:
-        raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, not {fmt!r}")
+    import structlog
+
+    fmt = _log_format(fmt)
     processors: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -398,7 +411,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits for --help (0) and usage errors (2)
         return exc.code if isinstance(exc.code, int) else 2
-    configure_logging(args.log_format, stream="stdout" if args.command == "serve" else "stderr")
+    stream = "stdout" if args.command == "serve" else "stderr"
+    undo: Callable[[], None] | None = None
+    if args.command == "gen" and "structlog" not in sys.modules and _log_format(args.log_format) == "json":
+        # gen logs a line or two: rendering them must not cost structlog's import, a third of the run
+        undo = _logs.json_lines(_INFO, stream, lambda: configure_logging("json", stream=stream))
+    else:
+        configure_logging(args.log_format, stream=stream)
     try:
         settings = load_settings()
         return int(args.handler(args, settings))
@@ -411,6 +430,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    finally:
+        if undo is not None:
+            undo()
 
 
 if __name__ == "__main__":

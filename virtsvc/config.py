@@ -15,7 +15,6 @@ Paths are resolved relative to the directory of the pyproject that names them; c
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
 import sys
@@ -25,11 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from virtsvc.errors import ConfigError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "Settings", "load_settings"]
 
@@ -150,6 +144,12 @@ def load_settings(start: Path | None = None) -> Settings:
     pyproject = base if base.suffix == ".toml" else base / "pyproject.toml"
     if not pyproject.is_file():
         return Settings()
+    # Only now: every command starts here, most often where there is no pyproject.toml (start-up time).
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised on 3.10 only
+        import tomli as tomllib
+
     pyproject = pyproject.resolve()
     shown = _shown(pyproject)
     try:
@@ -173,6 +173,8 @@ def load_settings(start: Path | None = None) -> Settings:
 
     for key, value in table.items():
         if key not in _KEYS:
+            import difflib  # only for this message
+
             close = difflib.get_close_matches(key, list(_KEYS), n=1)
             hint = f"did you mean {close[0]!r}?" if close else "known keys: " + ", ".join(sorted(_KEYS))
             raise ConfigError(f"{where(key)}: [tool.virtsvc] unknown key {key!r} ({hint})")

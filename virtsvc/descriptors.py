@@ -11,28 +11,15 @@ import difflib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.descriptor import Descriptor, FileDescriptor, MethodDescriptor
 from google.protobuf.message import DecodeError, Message
 
+from virtsvc._kinds import MethodKind, method_kind
 from virtsvc.errors import DescriptorError
 
 __all__ = ["Catalog", "MethodKind", "MethodSpec", "method_kind"]
-
-MethodKind = Literal["unary", "server_streaming", "client_streaming", "bidi_streaming"]
-
-
-def method_kind(client_streaming: bool, server_streaming: bool) -> MethodKind:
-    """The gRPC cardinality of a method, in the words the manifest and scenarios use."""
-    if client_streaming and server_streaming:
-        return "bidi_streaming"
-    if client_streaming:
-        return "client_streaming"
-    if server_streaming:
-        return "server_streaming"
-    return "unary"
 
 
 @dataclass(frozen=True, eq=False)

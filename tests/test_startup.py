@@ -1,0 +1,128 @@
+"""What keeps `virtsvc gen` quick to start: its lean import set and its own json log lines, and its reading of
+descriptor sets off the wire. Timings live in bench/, not here."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from google.protobuf import descriptor_pb2
+
+from virtsvc import _logs, _protoc
+from virtsvc.cli import configure_logging, main
+
+ROOT = Path(__file__).resolve().parent.parent
+ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z")
+
+
+def test_gen_imports_neither_structlog_nor_the_serving_stack(tmp_path: Path) -> None:
+    code = textwrap.dedent(
+        f"""
+        import sys
+        before = set(sys.modules)  # the interpreter's own, and what site's .pth files import
+        from virtsvc.cli import main
+        argv = ["--log-format", "json", "gen", {str(ROOT / "protos")!r}, "-o", {str(tmp_path / "out")!r}]
+        assert main(argv) == 0
+        heavy = ("structlog", "grpc", "jinja2", "yaml", "regex", "google.protobuf.descriptor_pb2",
+                 "importlib.metadata", "tempfile", "shutil", "logging", "asyncio", "ssl", "datetime")
+        print(sorted(name for name in heavy if name in set(sys.modules) - before))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[]"
+    event = json.loads(done.stderr.strip().splitlines()[-1])
+    assert (event["event"], event["level"], event["protos"]) == ("gen.completed", "info", 5)
+
+
+class _Thing:
+    def __repr__(self) -> str:
+        return "<thing>"
+
+
+@pytest.mark.parametrize("method", ["debug", "info", "warning", "error"])
+def test_json_lines_render_as_structlog_does(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """_logs' own json lines and structlog's chain (configure_logging("json")) give the same line."""
+    kw = {"out": "gen/", "protos": 5, "path": Path("a b"), "thing": _Thing(), "text": "é\n\"", "n": None}
+    structlog_out, own_out = io.StringIO(), io.StringIO()
+
+    monkeypatch.setattr(sys, "stderr", structlog_out)
+    configure_logging("json")
+    getattr(_logs.get_logger("virtsvc.test"), method)("some.event", **kw)
+
+    monkeypatch.setattr(sys, "stderr", own_out)
+    undo = _logs.json_lines(20, "stderr", lambda: configure_logging("json"))
+    try:
+        getattr(_logs.get_logger("virtsvc.test"), method)("some.event", **kw)
+    finally:
+        undo()
+
+    assert own_out.getvalue().count("\n") == structlog_out.getvalue().count("\n") == (method != "debug")
+    if method == "debug":
+        return
+    ours, theirs = json.loads(own_out.getvalue()), json.loads(structlog_out.getvalue())
+    assert ISO_UTC.fullmatch(ours.pop("timestamp")) and ISO_UTC.fullmatch(theirs.pop("timestamp"))
+    assert list(ours.items()) == list(theirs.items())  # keys in the same order too
+
+
+def test_gen_logs_the_same_line_with_or_without_structlog(tmp_path: Path, capsys) -> None:
+    def strip(err: str) -> str:
+        return re.sub(r'"timestamp": "[^"]+"', "", err)
+
+    # in this process structlog is imported, so main() configures it; in a fresh one it is not
+    assert main(["--log-format", "json", "gen", str(ROOT / "protos"), "-o", str(tmp_path / "a")]) == 0
+    with_structlog = capsys.readouterr().err
+    done = subprocess.run(
+        [sys.executable, "-m", "virtsvc.cli", "--log-format", "json", "gen", str(ROOT / "protos"), "-o",
+         str(tmp_path / "a")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    first, second = json.loads(with_structlog), json.loads(done.stderr)
+    assert list(first) == list(second)
+    assert (first["written"], second["written"]) == (17, 0)
+
+
+def test_descriptor_sets_read_off_the_wire_match_protobuf(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "shop/v1").mkdir(parents=True)
+    (tree / "shop/v1/http.proto").write_text(
+        textwrap.dedent(
+            """\
+            syntax = "proto3";
+            package shop.v1;
+            import "google/api/annotations.proto";
+            import "google/protobuf/empty.proto";
+            service Catalog {
+              rpc Get(google.protobuf.Empty) returns (google.protobuf.Empty) {
+                option (google.api.http) = { get: "/v1/catalog" };
+              }
+              rpc Chat(stream google.protobuf.Empty) returns (stream google.protobuf.Empty);
+            }
+            """
+        )
+    )
+    data = _protoc.compile_descriptor_set(tree, cache_dir=tmp_path / "cache")
+    files = _protoc._read_set(data)
+    fds = descriptor_pb2.FileDescriptorSet.FromString(data)
+    assert list(files) == [f.name for f in fds.file]
+    for file in fds.file:
+        ours = files[file.name]
+        assert (ours.package, ours.dependency) == (file.package, list(file.dependency))
+        assert ours.services == [
+            (s.name, [(m.name, m.input_type, m.output_type, m.client_streaming, m.server_streaming)
+                      for m in s.method])
+            for s in file.service
+        ]
+        assert ours.record == descriptor_pb2.FileDescriptorSet(file=[file]).SerializeToString()
+    assert b"".join(f.record for f in files.values()) == data
+    for garbage in (b"garbage", b"\n\xff", b"\x0a\x05ab"):
+        with pytest.raises(ValueError):
+            _protoc._read_set(garbage)
