@@ -1,8 +1,9 @@
-"""What keeps `virtsvc gen` quick to start: its lean import set and its own json log lines, and its reading of
-descriptor sets off the wire. Timings live in bench/, not here."""
+"""What keeps the commands quick to start: gen's lean import set and its own json log lines, gen's reading of
+descriptor sets off the wire, and serve's garbage-collector handling. Timings live in bench/, not here."""
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import re
@@ -126,3 +127,11 @@ def test_descriptor_sets_read_off_the_wire_match_protobuf(tmp_path: Path) -> Non
     for garbage in (b"garbage", b"\n\xff", b"\x0a\x05ab"):
         with pytest.raises(ValueError):
             _protoc._read_set(garbage)
+
+
+def test_serve_failing_to_start_leaves_the_collector_as_it_was(capsys) -> None:
+    assert gc.isenabled()
+    assert main(["serve", "--descriptors", "missing.binpb"]) == 1
+    assert "no such descriptor set" in capsys.readouterr().err
+    assert gc.isenabled()
+    assert gc.get_freeze_count() == 0

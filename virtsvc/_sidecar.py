@@ -169,7 +169,8 @@ def _settle_heap(refreeze: bool = False) -> None:
     Tens of thousands of long-lived rule objects otherwise get walked by every full collection, which
     made per-call cost grow with the number of rules loaded. Only the sidecar does this: it owns its
     process. (Raising the collection thresholds as well let garbage cycles from cancelled calls pile
-    up: the soak's memory more than doubled. The defaults stay.)
+    up: the soak's memory more than doubled. The defaults stay.) `virtsvc serve` has frozen what it
+    imported already (cli._cmd_serve), so this collection walks only what was loaded.
     """
     if refreeze:
         gc.unfreeze()  # the replaced scenarios must become collectable
