@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import math
+from collections.abc import Callable
 from typing import Any
 
 from google.protobuf import json_format
@@ -59,16 +60,44 @@ def message_to_json(message: Message) -> Any:
         return _generic(message)
     out: dict[str, Any] = {}
     for field, value in message.ListFields():
-        if field.is_extension:
-            return _generic(message)  # extensions have bracketed JSON names: leave them to json_format
-        if field.message_type is not None and field.message_type.GetOptions().map_entry:
-            value_field = field.message_type.fields_by_name["value"]
-            out[field.name] = {_map_key(k): _value(value_field, v) for k, v in value.items()}
-        elif field.is_repeated:
-            out[field.name] = [_value(field, v) for v in value]
-        else:
-            out[field.name] = _value(field, value)
+        plan = _PLANS.get(field)
+        if plan is None:
+            if field.is_extension:
+                return _generic(message)  # extensions have bracketed JSON names: leave them to json_format
+            plan = _PLANS[field] = _plan(field)
+        name, convert = plan
+        out[name] = value if convert is None else convert(value)
     return out
+
+
+# How each field's value turns into JSON, worked out once per field (None: the value as it is).
+_PLANS: dict[FieldDescriptor, tuple[str, Callable[[Any], Any] | None]] = {}
+
+
+def _plan(field: FieldDescriptor) -> tuple[str, Callable[[Any], Any] | None]:
+    if field.message_type is not None and field.message_type.GetOptions().map_entry:
+        value_field = field.message_type.fields_by_name["value"]
+        convert_value = _converter(value_field)
+        if convert_value is None:
+            return field.name, lambda value: {_map_key(k): v for k, v in value.items()}
+        return field.name, lambda value: {_map_key(k): convert_value(v) for k, v in value.items()}
+    convert = _converter(field)
+    if field.is_repeated:
+        if convert is None:
+            return field.name, list
+        return field.name, lambda value: [convert(v) for v in value]
+    return field.name, convert
+
+
+def _converter(field: FieldDescriptor) -> Callable[[Any], Any] | None:
+    """One value of ``field`` as JSON; None when the Python value is its JSON form already."""
+    t = field.type
+    if t == F.TYPE_MESSAGE or t == F.TYPE_GROUP:
+        return message_to_json
+    if t == F.TYPE_STRING or t == F.TYPE_BOOL or (t not in _INT64 and t not in _FLOAT and t != F.TYPE_BYTES
+                                                  and t != F.TYPE_ENUM):
+        return None
+    return lambda value: _value(field, value)
 
 
 def _generic(message: Message) -> Any:
