@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -836,6 +837,36 @@ class Bench:
                 str(calls),
             ]
         )
+        self.handler_in_server()
+
+    def handler_in_server(self) -> None:
+        """The same handlers' thread CPU time per call inside ``virtsvc serve`` under the unary load."""
+        cfg, env = self.cfg, self.env
+        self.log("virtsvc's handler timed inside the loaded server (bench/timed_serve.py)")
+        serve = env.serve("--port", "0")
+        cmd = [sys.executable, str(BENCH / "timed_serve.py"), *serve[serve.index("serve") + 1 :]]
+        out: dict[str, Any] = {}
+        with server_process("virtsvc-timed", cmd) as vs:
+            stdout = vs.logdir / f"{vs.name}.out"
+            for case in (env.static, env.matched):
+                target = Target("virtsvc (timed)", vs, case.name)
+                verify(vs.target, case, target.metadata(), env.pb2, target.label)
+                load(env, target, case, cfg.warmup_requests)
+                runs: list[dict[str, Any]] = []
+                for _ in range(cfg.repeats):
+                    _handler_report(vs, stdout)  # reset
+                    res = load(env, target, case, cfg.unary_requests)
+                    report = _handler_report(vs, stdout)
+                    report["server_cpu_us_per_call"] = (res.cpu_seconds or 0) / res.requests * 1e6
+                    runs.append(report)
+                out[case.name] = {
+                    "cpu_us_per_call": median([r["cpu_us_per_call"] for r in runs]),
+                    "wall_us_per_call": median([r["wall_us_per_call"] for r in runs]),
+                    "server_cpu_us_per_call": median([r["server_cpu_us_per_call"] for r in runs]),
+                    "clock_us": runs[-1]["clock_us"],
+                    "runs": runs,
+                }
+        self.results["handler_in_server"] = out
 
     # py-spy
     def profile(self) -> None:
@@ -919,6 +950,19 @@ class Bench:
         if done.returncode != 0 or not raw.exists():
             raise BenchError(f"py-spy failed ({done.returncode}): {done.stderr[-500:]}")
         return {"seconds": seconds, "server_cpu_s": cpu1 - cpu0, **summarise_profile(raw.read_text())}
+
+
+def _handler_report(server: Server, stdout: Path, timeout: float = 10.0) -> dict[str, Any]:
+    """Asks bench/timed_serve.py for its totals since the last ask (SIGUSR1) and reads its JSON line."""
+    before = stdout.read_text().count('"handler_cpu"') if stdout.exists() else 0
+    os.kill(server.pid, signal.SIGUSR1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = [ln for ln in stdout.read_text().splitlines() if '"handler_cpu"' in ln]
+        if len(lines) > before:
+            return json.loads(lines[-1])
+        time.sleep(0.01)
+    raise BenchError(f"{server.name} did not report its handler time within {timeout:.0f}s")
 
 
 def summarise_profile(text: str, top: int = 12) -> dict[str, Any]:
@@ -1185,6 +1229,18 @@ def table(results: dict[str, Any]) -> str:
             )
         )
         w("  (compare: the server's CPU per call under load in the unary table above)")
+    if "handler_in_server" in results:
+        hs = results["handler_in_server"]
+        w("")
+        w("virtsvc's own code per call inside the loaded server (thread CPU time around its unary handler,")
+        w("h2load 4x16; caches shared with grpc's own per-call work, so several times the direct figure)")
+        for name, r in hs.items():
+            share = r["cpu_us_per_call"] / r["server_cpu_us_per_call"] if r["server_cpu_us_per_call"] else 0
+            w(
+                f"  {name:<12}{r['cpu_us_per_call']:>8.1f} µs/call of the server's "
+                f"{r['server_cpu_us_per_call']:.0f} µs ({share * 100:.0f}%; "
+                f"clock reads {r['clock_us']:.2f} µs)"
+            )
     if results.get("profile", {}).get("available"):
         for name in ("static", "matched"):
             p = results["profile"].get(name)
