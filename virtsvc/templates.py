@@ -683,28 +683,24 @@ def _int_or_keep(value: Any) -> Any:
         return value
 
 
-def _stash(call: Call) -> dict[str, Any]:
-    """Per-call memo (request views, rendered bodies) kept on the call object itself."""
-    stash: dict[str, Any] | None = call.__dict__.get("_virtsvc_templates")
-    if stash is None:
-        stash = call.__dict__["_virtsvc_templates"] = {}
-    return stash
+# Per-call memos (request views, rendered bodies) live in the call object's own dict, under these keys.
+_FIRST_VIEW = "_virtsvc_first_view"
+_ALL_VIEWS = "_virtsvc_all_views"
 
 
 def _first_view(call: Call) -> _View:
-    stash = _stash(call)
-    view: _View | None = stash.get("first")
+    memo = call.__dict__
+    view: _View | None = memo.get(_FIRST_VIEW)
     if view is None:
         # Fields left at their default come from the view's __missing__, so only set fields convert.
         # The JSON form the matchers already made (make_view copies, never changes it).
-        view = stash["first"] = make_view(call.method.input, call.request_json)
+        view = memo[_FIRST_VIEW] = make_view(call.method.input, call.request_json)
     return view
 
 
 def _all_views(call: Call) -> list[_View]:
     """Views of every request so far; a stream that grows is decoded incrementally, not all over again."""
-    stash = _stash(call)
-    views: list[_View] = stash.setdefault("all", [])
+    views: list[_View] = call.__dict__.setdefault(_ALL_VIEWS, [])
     if len(views) < len(call.raw_requests):
         desc, messages = call.method.input, call.request_messages
         views.extend(make_view(desc, message_to_json(msg)) for msg in messages[len(views) :])
@@ -1313,7 +1309,8 @@ def _fast_lookup(node: nodes.Name | nodes.Getattr | nodes.Getitem) -> _Fn | None
         if value is _MISSING:
             raise _Fallback
         for key in path:
-            if isinstance(value, Mapping):
+            kind = type(value)  # exact types first: the Mapping ABC check is the slow part
+            if kind is _View or kind is dict or isinstance(value, Mapping):
                 if key not in value:
                     raise _Fallback
                 value = value[key]
@@ -1796,16 +1793,17 @@ class _TemplatedMessage:
         self._path = path
         self._names = frozenset().union(*(leaf.evaluator.names for leaf in leaves))
         self.needs_request = bool(self._names & _REQUEST_NAMES)
+        self._memo_key = f"_virtsvc_body_{id(self)}"
 
     def build(self, call: Call, index: int) -> Message:
         """The rendered message, once per (call, index): the bytes sent and the JSON journalled agree."""
         # Only the latest message per template is kept, so a long bidi stream does not pile them up.
-        memo = _stash(call).setdefault("bodies", {})
-        last = memo.get(id(self))
+        memo = call.__dict__
+        last = memo.get(self._memo_key)
         if last is not None and last[0] == index:
             return last[1]
         msg: Message = _run(self._path, self._fill, call, index)
-        memo[id(self)] = (index, msg)
+        memo[self._memo_key] = (index, msg)
         return msg
 
     def _fill(self, call: Call, index: int) -> Message:
