@@ -163,16 +163,25 @@ class ScenarioWatcher(threading.Thread):
         self._stop.set()
 
 
+_YOUNG_THRESHOLD = 7_000
+
+
 def _settle_heap(refreeze: bool = False) -> None:
     """Moves what was loaded (descriptors, compiled scenarios) out of the cyclic collector's sight.
 
     Tens of thousands of long-lived rule objects otherwise get walked by every full collection, which
     made per-call cost grow with the number of rules loaded. Only the sidecar does this: it owns its
-    process. (Raising the collection thresholds as well let garbage cycles from cancelled calls pile
-    up: the soak's memory more than doubled. The defaults stay.) `virtsvc serve` has frozen what it
-    imported already (cli._cmd_serve), so this collection walks only what was loaded.
+    process. `virtsvc serve` has frozen what it imported already (cli._cmd_serve), so this collection
+    walks only what was loaded.
+
+    The youngest generation is collected after 7,000 net allocations instead of 700: a call allocates a few
+    dozen objects that reference counting frees anyway, and collecting ten times less often cut the
+    server's CPU per call by 4-7% (bench, same run). The older generations keep their defaults: raising
+    those let garbage cycles from cancelled calls pile up (the soak's memory more than doubled).
     """
     if refreeze:
         gc.unfreeze()  # the replaced scenarios must become collectable
     gc.collect()
     gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(_YOUNG_THRESHOLD, older, oldest)
