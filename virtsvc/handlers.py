@@ -189,6 +189,13 @@ class Dispatcher(grpc.GenericRpcHandler):
     def _begin(
         self, spec: MethodSpec, context: grpc.ServicerContext, raws: list[bytes]
     ) -> tuple[Call, Entry]:
+        """``_admit``, and the Call that matchers, templates and handlers see."""
+        session, entry, metadata = self._admit(spec, context, raws)
+        return Call(spec, session.scenario, session, metadata, raws), entry
+
+    def _admit(
+        self, spec: MethodSpec, context: grpc.ServicerContext, raws: list[bytes]
+    ) -> tuple[Session, Entry, dict[str, str]]:
         """Routes the call and admits it under the concurrency limits; ``_release`` must follow when it
         returns (handlers call it in ``finally``). Refusals end the call here (abort raises)."""
         gauge = self.gauge
@@ -209,15 +216,14 @@ class Dispatcher(grpc.GenericRpcHandler):
                     metadata.get(SESSION_HEADER, baggage.get(BAGGAGE_SESSION, "")) or DEFAULT_SESSION
                 )
                 entry = Entry(
-                    scenario_name, session_id, spec, tuple(metadata.items()), time.time(), list(raws)
+                    scenario_name, session_id, spec, metadata, time.time(), list(raws)
                 )
                 entry.near_miss = exc.message
                 self._finish(entry, exc.code, exc.message, time.perf_counter())
                 context.abort(exc.code, exc.message)
             session.touch()
             scenario = session.scenario
-            call = Call(spec, scenario, session, metadata, raws)
-            entry = Entry(scenario, session.id, spec, tuple(metadata.items()), time.time(), raws)
+            entry = Entry(scenario, session.id, spec, metadata, time.time(), raws)
             entry.scenario_version = compiled.version if compiled is not None else None
             limit = self.max_concurrency_per_session
             if limit is not None and not session.enter(limit):
@@ -228,12 +234,12 @@ class Dispatcher(grpc.GenericRpcHandler):
             if gauge is not None:
                 gauge.leave()
             raise
-        return call, entry
+        return session, entry, metadata
 
-    def _release(self, call: Call) -> None:
-        """Frees the places ``_begin`` claimed (only called when a limit is set)."""
+    def _release(self, session: Session) -> None:
+        """Frees the places ``_admit`` claimed (only called when a limit is set)."""
         if self.max_concurrency_per_session is not None:
-            call.session.leave()
+            session.leave()
         if self.gauge is not None:
             self.gauge.leave()
 
@@ -248,24 +254,22 @@ class Dispatcher(grpc.GenericRpcHandler):
 
     def _unary(self, spec: MethodSpec, raw: bytes, context: grpc.ServicerContext) -> bytes | None:
         t0 = time.perf_counter()
-        call, entry = self._begin(spec, context, [raw])
-        if not call.session.rules:
-            # The commonest answer, a fixed reply, straight from the index: no selection, steps or templates.
-            rules = self.router.registry.rules_for(call.scenario, spec.full_name)
+        raws = [raw]
+        session, entry, metadata = self._admit(spec, context, raws)
+        if not session.rules:
+            # The commonest answer, a fixed reply, straight from the index: no Call, selection, steps or
+            # templates. The request is still parsed: bytes that do not parse take the full path below,
+            # which refuses them with INVALID_ARGUMENT.
+            rules = self.router.registry.rules_for(session.scenario, spec.full_name)
             reply = rules[0].plain_reply if rules else None
-            if reply is not None and len(reply) <= self.max_message_bytes:
-                try:
-                    msg: Message | None = spec.input_class.FromString(raw)
-                except Exception:
-                    msg = None  # not a valid request: the full path below refuses it with INVALID_ARGUMENT
-                if msg is not None:
-                    call.set_messages([msg])
-                    if self._limited:
-                        self._release(call)
-                    entry.rule = rules[0].where
-                    entry.raw_replies.append(reply)
-                    self._finish(entry, grpc.StatusCode.OK, "", t0)
-                    return reply
+            if reply is not None and len(reply) <= self.max_message_bytes and _parses(spec, raw):
+                if self._limited:
+                    self._release(session)
+                entry.rule = rules[0].where
+                entry.raw_replies.append(reply)
+                self._finish(entry, grpc.StatusCode.OK, "", t0)
+                return reply
+        call = Call(spec, session.scenario, session, metadata, raws)
 
         def answer() -> tuple[bytes, Rule]:
             msg = _parse(spec, raw)
@@ -376,7 +380,7 @@ class Dispatcher(grpc.GenericRpcHandler):
             self._end(entry, context, grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message, t0)
         finally:
             if self._limited:
-                self._release(call)
+                self._release(call.session)
         entry.raw_replies.append(reply)
         self._finish(entry, grpc.StatusCode.OK, "", t0)
         return reply
@@ -402,7 +406,7 @@ class Dispatcher(grpc.GenericRpcHandler):
             self._end(entry, context, grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message, t0)
         finally:
             if self._limited:
-                self._release(call)
+                self._release(call.session)
         self._finish(entry, grpc.StatusCode.OK, "", t0)
 
     def _too_big(self, spec: MethodSpec, rule: Rule | None, size: int) -> str:
@@ -714,6 +718,14 @@ def _unparsable(spec: MethodSpec, exc: Exception) -> str:
         f"the request to {spec.full_name} is not a valid {spec.input.full_name} message ({reason}); "
         "send the method's input type, serialised"
     )
+
+
+def _parses(spec: MethodSpec, raw: bytes) -> bool:
+    try:
+        spec.input_class.FromString(raw)
+    except Exception:
+        return False
+    return True
 
 
 def _parse(spec: MethodSpec, raw: bytes) -> Message:

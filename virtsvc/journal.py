@@ -12,8 +12,7 @@ import itertools
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -29,24 +28,66 @@ __all__ = ["Entry", "Journal"]
 _SEQ = itertools.count(1)
 
 
-@dataclass(eq=False, slots=True)
 class Entry:
-    """One call as the journal saw it. ``to_dict()`` is its public, JSON-ready form."""
+    """One call as the journal saw it. ``to_dict()`` is its public, JSON-ready form.
 
-    scenario: str
-    session: str
-    spec: MethodSpec
-    metadata: tuple[tuple[str, str], ...]
-    started_at: float  # wall clock, seconds since the epoch
-    raw_requests: list[bytes] = field(default_factory=list)
-    raw_replies: list[bytes] = field(default_factory=list)
-    code: grpc.StatusCode = grpc.StatusCode.OK
-    message: str = ""
-    rule: str | None = None  # file:line of the rule that answered
-    near_miss: str | None = None  # why no rule answered
-    duration: float = 0.0  # seconds
-    scenario_version: int | str | None = None
-    seq: int = field(default_factory=_SEQ.__next__)
+    A plain slotted class rather than a dataclass: one is made for every call, and the call's metadata is
+    kept as the mapping the router read (``metadata`` gives the pairs when someone asks).
+    """
+
+    __slots__ = (
+        "_metadata",
+        "code",
+        "duration",
+        "message",
+        "near_miss",
+        "raw_replies",
+        "raw_requests",
+        "rule",
+        "scenario",
+        "scenario_version",
+        "seq",
+        "session",
+        "spec",
+        "started_at",
+    )
+
+    def __init__(
+        self,
+        scenario: str,
+        session: str,
+        spec: MethodSpec,
+        metadata: Mapping[str, str],
+        started_at: float,
+        raw_requests: list[bytes] | None = None,
+        raw_replies: list[bytes] | None = None,
+    ) -> None:
+        self.scenario = scenario
+        self.session = session
+        self.spec = spec
+        self._metadata = metadata  # the call's text metadata; never changed once the call is routed
+        self.started_at = started_at  # wall clock, seconds since the epoch
+        self.raw_requests: list[bytes] = [] if raw_requests is None else raw_requests
+        self.raw_replies: list[bytes] = [] if raw_replies is None else raw_replies
+        self.code = grpc.StatusCode.OK
+        self.message = ""
+        self.rule: str | None = None  # file:line of the rule that answered
+        self.near_miss: str | None = None  # why no rule answered
+        self.duration = 0.0  # seconds
+        self.scenario_version: int | str | None = None
+        self.seq = next(_SEQ)
+
+    def __repr__(self) -> str:
+        return (
+            f"Entry(seq={self.seq}, scenario={self.scenario!r}, session={self.session!r}, "
+            f"method={self.method!r}, code={self.code.name}, rule={self.rule!r}, "
+            f"near_miss={self.near_miss!r})"
+        )
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The call's text metadata as (key, value) pairs."""
+        return tuple(self._metadata.items())
 
     @property
     def method(self) -> str:
