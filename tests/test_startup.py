@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -58,11 +59,8 @@ def test_json_lines_render_as_structlog_does(method: str, monkeypatch: pytest.Mo
     getattr(_logs.get_logger("virtsvc.test"), method)("some.event", **kw)
 
     monkeypatch.setattr(sys, "stderr", own_out)
-    undo = _logs.json_lines(20, "stderr", lambda: configure_logging("json"))
-    try:
-        getattr(_logs.get_logger("virtsvc.test"), method)("some.event", **kw)
-    finally:
-        undo()
+    # (its loggers use it only while structlog is not imported, which it is in this process)
+    _logs._JsonLines(20, "stderr", lambda: None).emit(method, "some.event", kw)
 
     assert own_out.getvalue().count("\n") == structlog_out.getvalue().count("\n") == (method != "debug")
     if method == "debug":
@@ -127,6 +125,36 @@ def test_descriptor_sets_read_off_the_wire_match_protobuf(tmp_path: Path) -> Non
     for garbage in (b"garbage", b"\n\xff", b"\x0a\x05ab"):
         with pytest.raises(ValueError):
             _protoc._read_set(garbage)
+
+
+def test_manifest_text_is_json_dumps_with_indent_2(tmp_path: Path) -> None:
+    values: list[object] = [{}, [], {"a": []}, [[{}], [[1, 2]]]]
+    values.append({"é\n\"": [1, None, False, True, "ü", {"b": [[]]}], "n": {"k": "v"}})
+    _protoc.generate(ROOT / "protos", tmp_path / "out")
+    values.append(json.loads((tmp_path / "out" / "manifest.json").read_text()))
+    for value in values:
+        assert _protoc._json_indented(value) == json.dumps(value, indent=2)
+
+
+def test_tree_scan_finds_what_os_walk_does(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    for name in ("a.proto", "b/c.proto", "b/d/e.proto", ".hidden/x.proto", "b/.y.proto", "b/notes.txt"):
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / name).write_text('syntax = "proto3";\n')
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere/z.proto").write_text("")
+    (tree / "linked").symlink_to(tmp_path / "elsewhere")  # a symlinked directory is not entered
+    (tree / "f.proto").symlink_to(tree / "a.proto")  # a symlinked file is a file
+    expected = {}
+    for dirpath, dirnames, filenames in os.walk(tree):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if name.endswith(".proto") and not name.startswith("."):
+                path = Path(dirpath, name)
+                expected[path.relative_to(tree).as_posix()] = path
+    scanned = _protoc._scan(tree)
+    assert scanned.files == dict(sorted(expected.items()))
+    assert sorted(scanned.files) == ["a.proto", "b/c.proto", "b/d/e.proto", "f.proto"]
 
 
 def test_serve_failing_to_start_leaves_the_collector_as_it_was(capsys) -> None:
