@@ -1,11 +1,13 @@
 """Loggers that import structlog only when a line needs it.
 
-``import structlog`` costs about 55 ms (its package imports asyncio, colorama and every processor): more than
-a third of a ``virtsvc gen`` run, which logs one line. While the command line has called :func:`json_lines`
-(json format, structlog not imported yet), the loggers of :func:`get_logger` render their lines themselves,
-exactly as :func:`virtsvc.cli.configure_logging`'s json chain would: the event's keys, then ``event``,
-``level`` and an ISO UTC ``timestamp``, one ``json.dumps`` line, flushed. Otherwise, and for anything that
-chain does more (``exc_info``, ``stack_info``), they hand the call to ``structlog.get_logger(name)``.
+``import structlog`` costs 20 to 55 ms (its package imports every processor, colorama, uuid, and asyncio when
+nothing has yet): more than a third of a ``virtsvc gen`` run, which logs one line. While the command line has
+set :func:`json_lines` up and structlog is not imported, the loggers of :func:`get_logger` write their lines
+themselves, exactly as :func:`virtsvc.cli.configure_logging`'s json chain would: the event's keys, then
+``event``, ``level`` and an ISO UTC ``timestamp``, one ``json.dumps`` line, flushed. Otherwise (library use,
+console format, once anything has imported structlog, and for what that chain does more: ``exc_info``,
+``stack_info``, ``exception()``) they hand the call to ``structlog.get_logger(name)``, after configuring
+structlog the command line's way if it has not been yet.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Logger", "get_logger", "json_lines"]
+__all__ = ["Logger", "get_logger", "json_lines", "structlog_if_imported"]
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
@@ -45,7 +47,7 @@ class _JsonLines:
     def __init__(self, level: int, stream: str, configure: Callable[[], None]) -> None:
         self.level = level
         self.stream = stream
-        self.configure = configure  # sets structlog up the same way, for what this class does not render
+        self._configure: Callable[[], None] | None = configure  # structlog set up the same way
         self.lock = threading.Lock()
 
     def emit(self, method: str, event: str, kw: dict[str, Any]) -> None:
@@ -55,15 +57,22 @@ class _JsonLines:
         with self.lock:
             print(line, file=getattr(sys, self.stream), flush=True)
 
+    def configure_structlog(self) -> None:
+        """Configure structlog (once) for the lines this class does not write."""
+        with self.lock:
+            configure, self._configure = self._configure, None
+        if configure is not None:
+            configure()
+
 
 _lines: _JsonLines | None = None
 
 
 def json_lines(level: int, stream: str, configure: Callable[[], None]) -> Callable[[], None]:
-    """Render this module's loggers' lines as json to ``sys.<stream>`` without structlog; returns the undo.
+    """Write this module's loggers' lines as json to ``sys.<stream>`` while structlog is not imported.
 
-    ``configure`` must set structlog up identically: it runs before a call this module does not render
-    itself is handed to structlog.
+    ``configure`` must set structlog up identically; it runs (once) when a line goes to structlog after
+    all. Returns the undo.
     """
     global _lines
     _lines = _JsonLines(level, stream, configure)
@@ -75,6 +84,14 @@ def json_lines(level: int, stream: str, configure: Callable[[], None]) -> Callab
     return undo
 
 
+def structlog_if_imported() -> None:
+    """Under :func:`json_lines`: configure structlog now if something has imported it, so that modules
+    logging through structlog directly write the same lines from their first one."""
+    lines = _lines
+    if lines is not None and "structlog" in sys.modules:
+        lines.configure_structlog()
+
+
 class Logger:
     """The subset of structlog's bound logger virtsvc uses: ``log.info("event.name", key=value, ...)``."""
 
@@ -84,10 +101,13 @@ class Logger:
     def _log(self, method: str, event: str, kw: dict[str, Any]) -> None:
         lines = _lines
         if lines is not None:
-            if "exc_info" not in kw and "stack_info" not in kw:
+            # Once structlog is imported, someone may have bound context variables or reconfigured it:
+            # from then on the lines are structlog's.
+            plain = method in _LEVELS and "exc_info" not in kw and "stack_info" not in kw
+            if plain and "structlog" not in sys.modules:
                 lines.emit(method, event, kw)
                 return
-            lines.configure()
+            lines.configure_structlog()
         import structlog
 
         getattr(structlog.get_logger(self.name), method)(event, **kw)
@@ -103,6 +123,10 @@ class Logger:
 
     def error(self, event: str, **kw: Any) -> None:
         self._log("error", event, kw)
+
+    def exception(self, event: str, **kw: Any) -> None:
+        """An error with the exception being handled (``exc_info``): always structlog's rendering."""
+        self._log("exception", event, kw)
 
 
 def get_logger(name: str) -> Logger:

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
-import structlog
 
+from virtsvc import _logs
 from virtsvc._serving import load_scenarios
 from virtsvc.descriptors import Catalog
 from virtsvc.errors import ConfigError, ScenarioError
@@ -24,7 +24,7 @@ from virtsvc.server import VirtualServer, tls_credentials
 
 __all__ = ["ScenarioWatcher", "run_sidecar"]
 
-log = structlog.get_logger("virtsvc")
+log = _logs.get_logger("virtsvc")
 
 _SCENARIO_SUFFIXES = {".yaml", ".yml", ".json", ".py"}
 

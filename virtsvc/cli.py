@@ -173,6 +173,7 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         if enabled:
             gc.enable()
     gc.freeze()
+    _logs.structlog_if_imported()  # modules that log through structlog itself write the same lines
     try:
         return run_sidecar(
             catalog=_catalog_from(args, settings),
@@ -430,8 +431,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     stream = "stdout" if args.command == "serve" else "stderr"
     undo: Callable[[], None] | None = None
-    if args.command == "gen" and "structlog" not in sys.modules and _log_format(args.log_format) == "json":
-        # gen logs a line or two: rendering them must not cost structlog's import, a third of the run
+    if args.command != "check" and "structlog" not in sys.modules and _log_format(args.log_format) == "json":
+        # gen and serve log through virtsvc._logs, whose json lines need no structlog (a third of a gen run)
         undo = _logs.json_lines(_INFO, stream, lambda: configure_logging("json", stream=stream))
     else:
         configure_logging(args.log_format, stream=stream)

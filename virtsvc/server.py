@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from virtsvc import _logs
 from virtsvc._model import CompiledScenario
 from virtsvc._reflection import add_reflection
 from virtsvc.descriptors import Catalog
@@ -34,7 +34,7 @@ from virtsvc.sessions import MemoryStore, Store
 
 __all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "VirtualServer", "tls_credentials"]
 
-log = structlog.get_logger("virtsvc.server")
+log = _logs.get_logger("virtsvc.server")
 
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # gRPC's own default
 # Workers kept free beyond --max-concurrency, so that calls over the limit are refused at once rather than

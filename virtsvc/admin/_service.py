@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
-import structlog
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.descriptor import FileDescriptor
 from google.protobuf.message import Message
 
+from virtsvc import _logs
 from virtsvc._model import Rule
 from virtsvc.descriptors import normalize_method_name
 from virtsvc.errors import ConfigError, VirtsvcError
@@ -42,7 +42,7 @@ __all__ = [
     "messages",
 ]
 
-log = structlog.get_logger("virtsvc.admin")
+log = _logs.get_logger("virtsvc.admin")
 
 ADMIN_SERVICE = "virtsvc.admin.v1.Admin"
 PROTO_NAME = "virtsvc/admin/v1/admin.proto"
