@@ -86,8 +86,11 @@ def _grpc_tools_include() -> Path:
     return (Path(grpc_tools.__file__).parent / "_proto").resolve()
 
 
-# How importlib.metadata finds googleapis-common-protos: its metadata directory in a sys.path entry.
-_GOOGLEAPIS_DIST = re.compile(r"googleapis[-_.]common[-_.]protos-[^-]+\.(?:dist|egg)-info", re.IGNORECASE)
+def _is_googleapis_metadata(name: str) -> bool:
+    """Whether ``name`` is googleapis-common-protos' metadata directory, as importlib.metadata matches it."""
+    project, _, rest = name.lower().partition("-")
+    is_metadata = rest.endswith((".dist-info", ".egg-info"))
+    return is_metadata and project.replace(".", "_") == "googleapis_common_protos"
 
 
 @functools.cache
@@ -102,7 +105,7 @@ def _googleapis_include() -> Path | None:
             names = os.listdir(entry or ".")
         except OSError:  # missing directories, zip files
             continue
-        if any(_GOOGLEAPIS_DIST.fullmatch(name) for name in names):
+        if any(_is_googleapis_metadata(name) for name in names):
             path = Path(entry or ".", "google", "api", "annotations.proto")
             return path.parents[2].resolve() if path.is_file() else None
     return None
@@ -747,10 +750,7 @@ def generate(proto_dir: Path, out: Path, includes: Sequence[Path] = ()) -> GenRe
             )
             pool.update(_read_set(_read_file(raw)))
             raw.unlink()
-            for name in recompile:
-                for rel in _python_outputs(name):
-                    if not os.path.isfile(staging / rel):  # pragma: no cover - protoc changed its naming rule
-                        raise RuntimeError(f"protoc did not write the expected {rel} for {name}")
+            # (Were an expected module missing, the next run would see it and compile its file again.)
 
         # Unchanged files keep their previous descriptors (their imports did not change either), so the
         # merged set equals what compiling the whole tree would give.
