@@ -22,11 +22,11 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import grpc
-import structlog
 from google.protobuf import any_pb2, json_format
 from google.protobuf.message import Message
 from google.rpc import status_pb2
 
+from virtsvc import _logs
 from virtsvc._limits import Gauge, server_busy_message, session_busy_message
 from virtsvc._model import Call, Fault, Rule, Step
 from virtsvc.descriptors import Catalog, MethodSpec
@@ -46,7 +46,7 @@ from virtsvc.sessions import DEFAULT_SESSION, Session
 
 __all__ = ["Dispatcher", "current_session"]
 
-log = structlog.get_logger("virtsvc.calls")
+log = _logs.get_logger("virtsvc.calls")
 
 # A truncated varint (field 1, continuation bit set, no next byte): every protobuf parser rejects it,
 # whereas some accept a truncated length-delimited field.
