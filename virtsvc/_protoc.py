@@ -24,7 +24,6 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,14 +65,28 @@ _CACHE_KEEP = 32
 _PROTOC_LOCK = threading.Lock()
 
 
-@dataclass
 class GenResult:
     """What one :func:`generate` run did; paths in ``written``/``removed`` are relative to OUT."""
 
-    compiled: list[str] = field(default_factory=list)
-    written: list[str] = field(default_factory=list)
-    removed: list[str] = field(default_factory=list)
-    manifest: dict[str, Any] = field(default_factory=dict)
+    __slots__ = ("compiled", "manifest", "removed", "written")
+
+    def __init__(
+        self,
+        compiled: list[str] | None = None,
+        written: list[str] | None = None,
+        removed: list[str] | None = None,
+        manifest: dict[str, Any] | None = None,
+    ) -> None:
+        self.compiled = compiled or []
+        self.written = written or []
+        self.removed = removed or []
+        self.manifest = manifest or {}
+
+    def __repr__(self) -> str:
+        return (
+            f"GenResult(compiled={self.compiled!r}, written={self.written!r}, removed={self.removed!r}, "
+            f"manifest=<{len(self.manifest)} keys>)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- include path

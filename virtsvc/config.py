@@ -14,12 +14,10 @@ Paths are resolved relative to the directory of the pyproject that names them; c
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,24 +40,59 @@ def _as_path_tuple(value: object) -> tuple[Path, ...]:
     raise TypeError(f"scenarios: expected a path or a list of paths, got {type(value).__name__}")
 
 
-@dataclass(frozen=True)
 class Settings:
-    """Defaults for every virtsvc command; ``source``: the pyproject that supplied them (None: built-ins)."""
+    """Defaults for every virtsvc command; ``source``: the pyproject that supplied them (None: built-ins).
 
-    protos: Path | None = None
-    scenarios: tuple[Path, ...] = ()
-    generated: Path = Path("generated")
-    host: str = DEFAULT_HOST
-    port: int = DEFAULT_PORT
-    default_scenario: str | None = None
-    source: Path | None = field(default=None, compare=False)
+    Immutable; equal when the settings are (wherever they came from). A plain class rather than a
+    dataclass: every command reads it, and importing ``dataclasses`` was 5% of a ``virtsvc gen`` run.
+    """
+
+    __slots__ = ("default_scenario", "generated", "host", "port", "protos", "scenarios", "source")
+    _COMPARED = ("protos", "scenarios", "generated", "host", "port", "default_scenario")
+
+    protos: Path | None
+    scenarios: tuple[Path, ...]
+    generated: Path
+    host: str
+    port: int
+    default_scenario: str | None
+    source: Path | None
+
+    def __init__(
+        self,
+        protos: Path | None = None,
+        scenarios: tuple[Path, ...] = (),
+        generated: Path = Path("generated"),
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        default_scenario: str | None = None,
+        source: Path | None = None,
+    ) -> None:
+        values = (protos, scenarios, generated, host, port, default_scenario, source)
+        for name, value in zip((*self._COMPARED, "source"), values, strict=True):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"Settings are immutable: use merged() for a copy with {name} changed")
+
+    def _key(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self._COMPARED)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Settings) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in (*self._COMPARED, "source"))
+        return f"Settings({fields})"
 
     def merged(self, **flags: Any) -> Settings:
         """A copy where every flag that is not None wins; paths may be given as ``str`` or ``Path``."""
-        names = {f.name for f in dataclasses.fields(self)}
-        changes: dict[str, Any] = {}
+        values = {name: getattr(self, name) for name in (*self._COMPARED, "source")}
         for name, value in flags.items():
-            if name not in names:
+            if name not in values:
                 raise TypeError(f"Settings has no field {name!r}")
             if value is None:
                 continue
@@ -67,8 +100,8 @@ class Settings:
                 value = Path(value)
             elif name == "scenarios":
                 value = _as_path_tuple(value)
-            changes[name] = value
-        return dataclasses.replace(self, **changes)
+            values[name] = value
+        return Settings(**values)
 
 
 # key -> (what the user is told was expected, check)
