@@ -628,3 +628,49 @@ def test_any_when_compiles_or_reports(
         result = matcher.check(make_call(spec, {}, metadata={"x": "1"}))
         assert result.total >= result.passed >= 0
         assert len(result.failures) == result.total - result.passed
+
+
+# The quick path (top-level literals and metadata keys, decided by dict look-ups) agrees with the leaf tests.
+_literal_conditions = st.fixed_dictionaries(
+    {},
+    optional={
+        "sku": st.sampled_from(["", "A", "B"]),
+        "qty": st.integers(-1, 2),
+        "region": st.sampled_from(["REGION_UNSPECIFIED", "REGION_EU", "REGION_US", 1]),
+        "orderId": st.sampled_from(["", "o-1"]),
+    },
+)
+_literal_requests = st.fixed_dictionaries(
+    {},
+    optional={
+        "sku": st.sampled_from(["", "A", "B"]),
+        "qty": st.integers(-1, 2),
+        "region": st.integers(0, 2),
+        "order_id": st.sampled_from(["", "o-1"]),
+    },
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    condition=_literal_conditions,
+    request_fields=_literal_requests,
+    wanted=st.dictionaries(st.sampled_from(["x-a", "x-b"]), st.sampled_from(["1", "2"]), max_size=2),
+    sent=st.dictionaries(st.sampled_from(["x-a", "x-b"]), st.sampled_from(["1", "2"]), max_size=2),
+)
+def test_quick_match_agrees_with_the_leaf_tests(
+    shop: Catalog,
+    condition: dict[str, Any],
+    request_fields: dict[str, Any],
+    wanted: dict[str, str],
+    sent: dict[str, str],
+) -> None:
+    spec = shop.method(RESERVE)
+    node: dict[str, Any] = {"request": condition, "metadata": wanted}
+    quick = when(spec, node)
+    full = when(spec, node)
+    assert quick._quick is not None
+    full._quick = None  # the leaf tests alone
+    call = make_call(spec, request_fields, metadata=sent)
+    expected = full.check(call)
+    assert quick.check(make_call(spec, request_fields, metadata=sent)) == expected

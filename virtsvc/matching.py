@@ -72,24 +72,39 @@ class _Leaf:
     keys: tuple[str, ...]
     default: Any
     test: Test
+    expected: Any = None  # for plain equality (``equality``): the canonical value the test compares with
+    equality: bool = False
 
 
 class _When:
     """A compiled ``when``: leaves over ``call.request_json`` and over ``call.metadata``."""
 
-    __slots__ = ("_matched", "_metadata", "_request", "_total")
+    __slots__ = ("_matched", "_metadata", "_quick", "_request", "_total")
 
     def __init__(self, request: tuple[_Leaf, ...], metadata: tuple[_Leaf, ...]) -> None:
         self._request = request
         self._metadata = metadata
         self._total = len(request) + len(metadata)
         self._matched = MatchResult(True, self._total, self._total)  # the same answer for every match
+        # The commonest ``when``: top-level fields and metadata keys equal to literals. Such a match is
+        # decided by dict look-ups alone; the leaf tests run only to explain a miss.
+        quick = all(leaf.equality and len(leaf.keys) == 1 for leaf in (*request, *metadata))
+        self._quick: tuple[tuple[tuple[str, Any, Any], ...], tuple[tuple[str, Any], ...]] | None = (
+            (
+                tuple((leaf.keys[0], leaf.default, leaf.expected) for leaf in request),
+                tuple((leaf.keys[0], leaf.expected) for leaf in metadata),
+            )
+            if quick
+            else None
+        )
 
     @property
     def needs_request(self) -> bool:
         return bool(self._request)
 
     def check(self, call: Call) -> MatchResult:
+        if self._quick is not None and self._quick_match(call, *self._quick):
+            return self._matched
         # Every leaf is checked, even after a failure: passed/total rank the near misses.
         failures: list[str] = []
         if self._request:
@@ -110,6 +125,24 @@ class _When:
         if not failures:
             return self._matched
         return MatchResult(False, self._total - len(failures), self._total, tuple(failures))
+
+
+    @staticmethod
+    def _quick_match(
+        call: Call, request: tuple[tuple[str, Any, Any], ...], metadata: tuple[tuple[str, Any], ...]
+    ) -> bool:
+        if request:
+            root = call.request_json
+            if type(root) is not dict:  # a well-known type's JSON (text, a list...): the full check says
+                return False
+            for key, default, expected in request:
+                if root.get(key, default) != expected:
+                    return False
+        md = call.metadata
+        for key, expected in metadata:  # noqa: SIM110 - a plain loop: no generator per call here
+            if md.get(key) != expected:
+                return False
+        return True
 
 
 def _lookup(root: Any, keys: tuple[str, ...]) -> tuple[bool, Any]:
@@ -435,7 +468,8 @@ class _Compiler:
         except ConversionError as exc:
             self.site.error(node, key, f"{path}{exc.path}: {exc.message}")
             return
-        (self.request if out is None else out).append(_Leaf(keys, default, _equal(kind, expected, label)))
+        leaf = _Leaf(keys, default, _equal(kind, expected, label), expected, True)
+        (self.request if out is None else out).append(leaf)
 
     def operators(
         self,
