@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import contextvars
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -178,13 +179,14 @@ class Dispatcher(grpc.GenericRpcHandler):
     # -- handlers per cardinality --------------------------------------------------------------
 
     def _make_handler(self, spec: MethodSpec) -> grpc.RpcMethodHandler:
+        # partial, not a lambda: grpc calls it with (request, context) without a Python frame of ours
         if spec.kind == "unary":
-            return grpc.unary_unary_rpc_method_handler(lambda raw, ctx: self._unary(spec, raw, ctx))
+            return grpc.unary_unary_rpc_method_handler(functools.partial(self._unary, spec))
         if spec.kind == "server_streaming":
-            return grpc.unary_stream_rpc_method_handler(lambda raw, ctx: self._streaming(spec, raw, ctx))
+            return grpc.unary_stream_rpc_method_handler(functools.partial(self._streaming, spec))
         if spec.kind == "client_streaming":
-            return grpc.stream_unary_rpc_method_handler(lambda it, ctx: self._client_streaming(spec, it, ctx))
-        return grpc.stream_stream_rpc_method_handler(lambda it, ctx: self._bidi(spec, it, ctx))
+            return grpc.stream_unary_rpc_method_handler(functools.partial(self._client_streaming, spec))
+        return grpc.stream_stream_rpc_method_handler(functools.partial(self._bidi, spec))
 
     def _begin(
         self, spec: MethodSpec, context: grpc.ServicerContext, raws: list[bytes]
