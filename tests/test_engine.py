@@ -833,3 +833,32 @@ def test_binary_metadata_is_sent_as_bytes(catalog: Catalog, tmp_path: Path) -> N
         )
         assert dict(outcome.initial_metadata())["x-blob-bin"] == b"\x00\x01\x02"
         assert dict(outcome.trailing_metadata())["x-trace-bin"] == b"\xff"
+
+
+# -- the fixed-reply fast path: which rules take it (behaviour is the same either way; tested above)
+
+_PLAIN_CASES = [
+    ("reply: {reservation_id: r-1}", True),
+    ("status: {code: OK}", True),
+    ("reply: {reservation_id: 'r-{{ request.sku }}'}", False),
+    ("when: {request: {sku: A}}\n    reply: {reservation_id: r-1}", False),
+    ("times: 1\n    reply: {reservation_id: r-1}", False),
+    ("delay: 5ms\n    reply: {reservation_id: r-1}", False),
+    ("fault: reset", False),
+    ("trailers: {x-k: v}\n    reply: {reservation_id: r-1}", False),
+    ("status: {code: NOT_FOUND, message: gone}", False),
+    ("sequence:\n      - reply: {reservation_id: a}\n      - reply: {reservation_id: b}", False),
+]
+
+
+@pytest.mark.parametrize(("body", "plain"), _PLAIN_CASES)
+def test_which_rules_are_answered_as_fixed_replies(catalog: Catalog, body: str, plain: bool) -> None:
+    from virtsvc._loader import compile_text
+
+    text = f"scenario: p\nrules:\n  - method: shop.v1.Inventory/Reserve\n    {body}\n"
+    (scenario,) = compile_text(text, catalog)
+    rule = scenario.rules[0]
+    assert (rule.plain_reply is not None) is plain, rule.plain_reply
+    if plain:
+        step = rule.steps[0]
+        assert rule.plain_reply == (step.body.static if step.body is not None else b"")
