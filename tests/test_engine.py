@@ -862,3 +862,27 @@ def test_which_rules_are_answered_as_fixed_replies(catalog: Catalog, body: str, 
     if plain:
         step = rule.steps[0]
         assert rule.plain_reply == (step.body.static if step.body is not None else b"")
+
+
+def test_fixed_replies_remember_requests_that_parse_and_only_those(
+    catalog: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from virtsvc import handlers
+
+    monkeypatch.setattr(handlers, "_PARSED", {})
+    monkeypatch.setattr(handlers, "_PARSED_MAX", 3)
+    spec = catalog.method("shop.v1.Inventory/Reserve")
+    good = [spec.input_class(sku=f"s{i}").SerializeToString() for i in range(4)]
+    garbage = b"\x0a"  # a truncated length-delimited field: no parser accepts it
+    assert handlers._parses(spec, good[0]) and handlers._parses(spec, good[0])
+    assert not handlers._parses(spec, garbage) and not handlers._parses(spec, garbage)
+    assert (spec.input_class, garbage) not in handlers._PARSED
+    assert (spec.input_class, good[0]) in handlers._PARSED
+    for raw in good[1:]:
+        assert handlers._parses(spec, raw)
+    assert len(handlers._PARSED) <= 3  # emptied when full, never past its bound
+    big = spec.input_class(sku="x" * 1000).SerializeToString()
+    assert handlers._parses(spec, big) and (spec.input_class, big) not in handlers._PARSED
+    # Bytes valid for one method's type say nothing of another's: the key is the message class.
+    other = catalog.method("shop.v1.Payments/Charge")
+    assert (other.input_class, good[0]) not in handlers._PARSED
