@@ -163,20 +163,27 @@ class Journal:
 
     def record(self, entry: Entry) -> None:
         key = (entry.scenario, entry.session)
+        rings = self._rings
         with self._lock:
-            ring = self._rings.get(key)
+            ring = rings.get(key)
             if ring is None:
-                ring = self._rings[key] = deque(maxlen=self.size)
+                ring = rings[key] = deque(maxlen=self.size)
             else:
-                self._rings.move_to_end(key)
+                rings.move_to_end(key)
             if len(ring) < self.size:
                 self._total += 1
+                if self._total > self.max_entries:
+                    self._drop_oldest()
             ring.append(entry)
-            while self._total > self.max_entries and len(self._rings) > 1:
-                _, oldest = self._rings.popitem(last=False)
-                self._total -= len(oldest)
         for subscriber in self._subscribers:
             subscriber(entry)
+
+    def _drop_oldest(self) -> None:
+        """Past the total bound: drop whole journals, least recently active first (never the newest)."""
+        rings = self._rings
+        while self._total > self.max_entries and len(rings) > 1:
+            _, oldest = rings.popitem(last=False)
+            self._total -= len(oldest)
 
     def entries(
         self,
