@@ -772,6 +772,8 @@ _atoms = st.sampled_from(
         "request.sku",
         "request.qty",
         "request['order_id']",
+        "request.orderId",
+        "request['orderId']",
         "request.labels.a",
         "request.labels['b']",
         "request.region",

@@ -1311,9 +1311,14 @@ def _fast_lookup(node: nodes.Name | nodes.Getattr | nodes.Getitem) -> _Fn | None
         for key in path:
             kind = type(value)  # exact types first: the Mapping ABC check is the slow part
             if kind is _View or kind is dict or isinstance(value, Mapping):
-                if key not in value:
+                if key in value:
+                    value = value[key]
+                    continue
+                # A field by its JSON name (request.orderId), as the view's __missing__ resolves it
+                field = value.info.fields.get(key) if kind is _View else None
+                if field is None or field.name not in value:
                     raise _Fallback
-                value = value[key]
+                value = dict.__getitem__(value, field.name)
             elif type(key) is int and type(value) is list and -len(value) <= key < len(value):
                 value = value[key]
             else:
