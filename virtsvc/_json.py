@@ -90,14 +90,28 @@ def _plan(field: FieldDescriptor) -> tuple[str, Callable[[Any], Any] | None]:
 
 
 def _converter(field: FieldDescriptor) -> Callable[[Any], Any] | None:
-    """One value of ``field`` as JSON; None when the Python value is its JSON form already."""
+    """One value of ``field`` as JSON, chosen once by the field's type; None when the Python value is its
+    JSON form already (strings, bools, 32-bit integers)."""
     t = field.type
     if t == F.TYPE_MESSAGE or t == F.TYPE_GROUP:
         return message_to_json
-    if t == F.TYPE_STRING or t == F.TYPE_BOOL or (t not in _INT64 and t not in _FLOAT and t != F.TYPE_BYTES
-                                                  and t != F.TYPE_ENUM):
-        return None
-    return lambda value: _value(field, value)
+    if t == F.TYPE_ENUM:
+        by_number = field.enum_type.values_by_number
+
+        def enum_name(value: int) -> Any:
+            known = by_number.get(value)
+            return known.name if known is not None else value  # open enums keep unknown numbers
+
+        return enum_name
+    if t in _INT64:
+        return str
+    if t == F.TYPE_BYTES:
+        return lambda value: base64.b64encode(value).decode("ascii")
+    if t == F.TYPE_DOUBLE:
+        return _double
+    if t == F.TYPE_FLOAT:
+        return lambda value: _double(value) if not math.isfinite(value) else _short_float(value)
+    return None
 
 
 def _generic(message: Message) -> Any:
@@ -112,24 +126,11 @@ def _map_key(key: Any) -> str:
     return str(key)
 
 
-def _value(field: FieldDescriptor, value: Any) -> Any:
-    t = field.type
-    if t == F.TYPE_MESSAGE or t == F.TYPE_GROUP:
-        return message_to_json(value)
-    if t == F.TYPE_ENUM:
-        known = field.enum_type.values_by_number.get(value)
-        return known.name if known is not None else value
-    if t in _INT64:
-        return str(value)
-    if t == F.TYPE_BYTES:
-        return base64.b64encode(value).decode("ascii")
-    if t in _FLOAT:
-        if math.isnan(value):
-            return "NaN"
-        if math.isinf(value):
-            return "Infinity" if value > 0 else "-Infinity"
-        if t == F.TYPE_FLOAT:
-            return _short_float(value)
+def _double(value: float) -> Any:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "Infinity" if value > 0 else "-Infinity"
     return value
 
 

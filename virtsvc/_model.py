@@ -194,9 +194,9 @@ class Rule:
     def plain_reply(self) -> bytes | None:
         """The reply, when this rule answers every call alike with nothing else to do (no condition, count,
         sequence, handler, template, delay, fault, metadata or error status): sent as it is, at once."""
-        if self.when is not None or self.times is not None or self.handler is not None or self.is_sequence:
+        if self.when is not None or self.times is not None or self.handler is not None:
             return None
-        if len(self.steps) != 1:
+        if len(self.steps) != 1 or self.is_sequence:
             return None
         step = self.steps[0]
         if step.delay or step.fault or step.headers or step.trailers or step.stream or step.each_request:

@@ -126,7 +126,6 @@ class _When:
             return self._matched
         return MatchResult(False, self._total - len(failures), self._total, tuple(failures))
 
-
     @staticmethod
     def _quick_match(
         call: Call, request: tuple[tuple[str, Any, Any], ...], metadata: tuple[tuple[str, Any], ...]
