@@ -886,3 +886,84 @@ def test_fixed_replies_remember_requests_that_parse_and_only_those(
     # Bytes valid for one method's type say nothing of another's: the key is the message class.
     other = catalog.method("shop.v1.Payments/Charge")
     assert (other.input_class, good[0]) not in handlers._PARSED
+
+
+_FIXED_SCENARIOS = """\
+scenario: fixed
+rules:
+  - method: shop.v1.Inventory/Reserve
+    reply: {reservation_id: r-fixed}
+---
+scenario: fixed-kid
+extends: fixed
+rules: []
+"""
+
+
+def _journaled(entry: Any) -> dict[str, Any]:
+    seen = entry.to_dict()
+    for varying in ("seq", "started_at", "duration_ms"):
+        seen.pop(varying)
+    return seen
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        (("x-virtsvc-scenario", "fixed"),),
+        (("x-virtsvc-scenario", "fixed"), ("x-virtsvc-session", "s-1"), ("x-other", "v")),
+        (("x-virtsvc-scenario", "fixed-kid"), ("x-virtsvc-session", "s-2")),
+        (("baggage", "virtsvc-scenario=fixed,virtsvc-session=s-3"),),
+        (("x-virtsvc-scenario", "fixed"), ("x-blob-bin", b"\x00\x01")),
+    ],
+    ids=["header", "session", "inherited", "baggage", "binary-metadata"],
+)
+def test_fixed_replies_answer_and_journal_as_the_full_path_does(
+    catalog: Catalog, pb: SimpleNamespace, metadata: tuple[tuple[str, Any], ...]
+) -> None:
+    """Fixed replies take a one-pass path unless a concurrency limit is set: both answer and journal alike."""
+    import dataclasses
+
+    from virtsvc._loader import compile_text
+
+    request = pb.inv.ReserveRequest(sku="A-1", qty=2).SerializeToString()
+    seen = []
+    for limit in (None, 1_000):  # a limit sends every call down the full path
+        scenarios = [
+            dataclasses.replace(s, version=f"v-{s.name}")
+            for s in compile_text(_FIXED_SCENARIOS, catalog, "fixed.yaml")
+        ]
+        with VirtualServer(catalog, scenarios, max_concurrency=limit) as srv, grpc.insecure_channel(
+            srv.address
+        ) as ch:
+            reply = ch.unary_unary("/shop.v1.Inventory/Reserve")(request, metadata=metadata)
+            assert pb.inv.ReserveResponse.FromString(reply).reservation_id == "r-fixed"
+            (entry,) = srv.journal.entries()
+            assert entry.rule == "fixed.yaml:3" and entry.duration > 0
+            seen.append(_journaled(entry))
+    assert seen[0] == seen[1]
+    assert seen[0]["scenario_version"] == f"v-{seen[0]['scenario']}"
+
+
+def test_session_rules_and_garbage_are_not_answered_by_the_scenarios_fixed_reply(
+    catalog: Catalog, pb: SimpleNamespace
+) -> None:
+    from virtsvc._loader import compile_text
+
+    (own,) = compile_text(
+        "scenario: own\nrules:\n  - method: shop.v1.Inventory/Reserve\n    reply: {reservation_id: r-own}\n",
+        catalog,
+        "own.yaml",
+    )
+    scenarios = compile_text(_FIXED_SCENARIOS, catalog, "fixed.yaml")
+    with VirtualServer(catalog, scenarios) as srv, grpc.insecure_channel(srv.address) as ch:
+        reserve = ch.unary_unary("/shop.v1.Inventory/Reserve")
+        srv.store.get("fixed", "mine").rules = {"shop.v1.Inventory/Reserve": own.rules}
+        request = pb.inv.ReserveRequest(sku="A-1").SerializeToString()
+        mine = reserve(request, metadata=md("fixed", "mine"))
+        theirs = reserve(request, metadata=md("fixed", "theirs"))
+        assert pb.inv.ReserveResponse.FromString(mine).reservation_id == "r-own"
+        assert pb.inv.ReserveResponse.FromString(theirs).reservation_id == "r-fixed"
+        with pytest.raises(grpc.RpcError) as refused:
+            reserve(b"\x0a", metadata=md("fixed", "theirs"))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT

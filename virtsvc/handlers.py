@@ -256,21 +256,12 @@ class Dispatcher(grpc.GenericRpcHandler):
 
     def _unary(self, spec: MethodSpec, raw: bytes, context: grpc.ServicerContext) -> bytes | None:
         t0 = time.perf_counter()
+        if not self._limited:
+            reply = self._fixed(spec, raw, context, t0)
+            if reply is not None:
+                return reply
         raws = [raw]
         session, entry, metadata = self._admit(spec, context, raws)
-        if not session.rules:
-            # The commonest answer, a fixed reply, straight from the index: no Call, selection, steps or
-            # templates. The request is still parsed: bytes that do not parse take the full path below,
-            # which refuses them with INVALID_ARGUMENT.
-            rules = self.router.registry.rules_for(session.scenario, spec.full_name)
-            reply = rules[0].plain_reply if rules else None
-            if reply is not None and len(reply) <= self.max_message_bytes and _parses(spec, raw):
-                if self._limited:
-                    self._release(session)
-                entry.rule = rules[0].where
-                entry.raw_replies.append(reply)
-                self._finish(entry, grpc.StatusCode.OK, "", t0)
-                return reply
         call = Call(spec, session.scenario, session, metadata, raws)
 
         def answer() -> tuple[bytes, Rule]:
@@ -283,6 +274,41 @@ class Dispatcher(grpc.GenericRpcHandler):
             return self._single_reply(step, call, index, context, entry, t0), rule
 
         return self._answered(spec, call, entry, context, t0, answer)
+
+    def _fixed(self, spec: MethodSpec, raw: bytes, context: grpc.ServicerContext, t0: float) -> bytes | None:
+        """The commonest answer, a fixed reply (``Rule.plain_reply``), in one pass: routed by explicit
+        headers, counted and journaled like any call, without a Call, selection, steps or templates.
+
+        None when the call needs more (baggage routing, session rules, a rule with conditions, a request
+        that does not parse, a server with concurrency limits): the full path answers it, errors included.
+        The request is still checked to parse (a dict look-up for bytes seen before): garbage gets
+        INVALID_ARGUMENT from the full path, whatever the rule.
+        """
+        pairs = context.invocation_metadata()
+        metadata = {k: v for k, v in pairs if isinstance(v, str)}
+        if "baggage" in metadata:
+            return None
+        router = self.router
+        scenario = metadata.get(SCENARIO_HEADER) or router.default_scenario
+        if not scenario:
+            return None
+        compiled, rules = router.registry.lookup(scenario, spec.full_name)
+        if compiled is None or not rules:
+            return None
+        rule = rules[0]
+        reply = rule.plain_reply
+        if reply is None or len(reply) > self.max_message_bytes or not _parses(spec, raw):
+            return None
+        session = router.store.get(scenario, metadata.get(SESSION_HEADER) or DEFAULT_SESSION)
+        if session.rules:
+            return None
+        session.touch()
+        entry = Entry(scenario, session.id, spec, metadata, time.time(), [raw], [reply])
+        entry.scenario_version = compiled.version
+        entry.rule = rule.where
+        entry.duration = time.perf_counter() - t0 or 1e-9
+        self.journal.record(entry)
+        return reply
 
     def _client_streaming(
         self, spec: MethodSpec, request_iterator: Iterator[bytes], context: grpc.ServicerContext
