@@ -276,8 +276,8 @@ class Dispatcher(grpc.GenericRpcHandler):
         return self._answered(spec, call, entry, context, t0, answer)
 
     def _fixed(self, spec: MethodSpec, raw: bytes, context: grpc.ServicerContext, t0: float) -> bytes | None:
-        """The commonest answer, a fixed reply (``Rule.plain_reply``), in one pass: routed by explicit
-        headers, counted and journaled like any call, without a Call, selection, steps or templates.
+        """The commonest answer, a fixed reply (``Rule.plain_reply``), in one pass: routed, counted and
+        journaled like any call, without admission, a Call, selection, steps or templates.
 
         None when the call needs more (baggage routing, session rules, a rule with conditions, a request
         that does not parse, a server with concurrency limits): the full path answers it, errors included.
@@ -286,26 +286,22 @@ class Dispatcher(grpc.GenericRpcHandler):
         """
         pairs = context.invocation_metadata()
         metadata = {k: v for k, v in pairs if isinstance(v, str)}
-        if "baggage" in metadata:
+        if "baggage" in metadata:  # several baggage headers combine: _admit does that
             return None
-        router = self.router
-        scenario = metadata.get(SCENARIO_HEADER) or router.default_scenario
-        if not scenario:
+        try:
+            compiled, session = self.router.route(metadata)
+        except RouteError:
             return None
-        compiled, rules = router.registry.lookup(scenario, spec.full_name)
-        if compiled is None or not rules:
+        if compiled is None or session.rules:
             return None
-        rule = rules[0]
-        reply = rule.plain_reply
+        rules = self.router.registry.rules_for(compiled.name, spec.full_name)
+        reply = rules[0].plain_reply if rules else None
         if reply is None or len(reply) > self.max_message_bytes or not _parses(spec, raw):
             return None
-        session = router.store.get(scenario, metadata.get(SESSION_HEADER) or DEFAULT_SESSION)
-        if session.rules:
-            return None
         session.touch()
-        entry = Entry(scenario, session.id, spec, metadata, time.time(), [raw], [reply])
+        entry = Entry(compiled.name, session.id, spec, metadata, time.time(), [raw], [reply])
         entry.scenario_version = compiled.version
-        entry.rule = rule.where
+        entry.rule = rules[0].where
         entry.duration = time.perf_counter() - t0 or 1e-9
         self.journal.record(entry)
         return reply

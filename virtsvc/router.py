@@ -120,11 +120,6 @@ class Registry:
     def rules_for(self, scenario: str, method: str) -> tuple[Rule, ...]:
         return self._snapshot.index.get(scenario, {}).get(method, ())
 
-    def lookup(self, scenario: str, method: str) -> tuple[CompiledScenario | None, tuple[Rule, ...]]:
-        """The scenario and its rules for ``method``, best first, from one snapshot."""
-        snapshot = self._snapshot
-        return snapshot.scenarios.get(scenario), snapshot.index.get(scenario, {}).get(method, ())
-
     def methods_of(self, scenario: str) -> list[str]:
         return sorted(self._snapshot.index.get(scenario, {}))
 
