@@ -14,6 +14,7 @@ from google.protobuf import descriptor_pool, json_format, message_factory
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from virtsvc import admin
+from virtsvc._loader import compile_text
 from virtsvc._model import CompiledScenario, Location, Rule, Step
 from virtsvc.admin import ADMIN_SERVICE, AdminClient, build, messages
 from virtsvc.descriptors import Catalog
@@ -281,6 +282,17 @@ def test_script_scenario_can_be_replaced(catalog: Catalog) -> None:
         client.call("PutScenario", text=SHOP_V1)
         assert reserve(catalog, ch) == "r-1"
         assert client.call("ListScenarios").scenarios[0].from_script is False
+
+
+def test_list_names_the_default_scenario(catalog: Catalog, client: AdminClient) -> None:
+    """ListScenarios says which scenario answers calls naming none, and nothing when none does."""
+    assert client.call("ListScenarios").default_scenario == ""
+    (shop,) = compile_text(SHOP_V1, catalog)
+    with VirtualServer(catalog, [shop], admin=True, default_scenario="shop") as srv, grpc.insecure_channel(
+        srv.address
+    ) as ch:
+        assert AdminClient(ch).call("ListScenarios").default_scenario == "shop"
+        assert reserve(catalog, ch, scenario=None) == "r-1"
 
 
 # -- sessions ------------------------------------------------------------------------------------------

@@ -131,7 +131,7 @@ class AdminService:
 
     def ListScenarios(self, request: Any) -> Message:
         registry = self.vserver.registry
-        reply = messages.ListScenariosResponse()
+        reply = messages.ListScenariosResponse(default_scenario=self.vserver.default_scenario or "")
         for scenario in registry.scenarios():  # sorted by name
             reply.scenarios.add(
                 name=scenario.name,
