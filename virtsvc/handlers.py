@@ -29,7 +29,7 @@ from google.rpc import status_pb2
 
 from virtsvc import _logs
 from virtsvc._limits import Gauge, server_busy_message, session_busy_message
-from virtsvc._model import Call, Fault, Rule, Step
+from virtsvc._model import Call, CompiledScenario, Fault, Rule, Step
 from virtsvc.descriptors import Catalog, MethodSpec
 from virtsvc.journal import Entry, Journal
 from virtsvc.router import (
@@ -195,34 +195,34 @@ class Dispatcher(grpc.GenericRpcHandler):
         session, entry, metadata = self._admit(spec, context, raws)
         return Call(spec, session.scenario, session, metadata, raws), entry
 
+    @staticmethod
+    def _call_metadata(context: grpc.ServicerContext) -> dict[str, str]:
+        """The call's text metadata, as the router and the journal read it."""
+        pairs = context.invocation_metadata()
+        metadata = {k: v for k, v in pairs if isinstance(v, str)}
+        if "baggage" in metadata:  # W3C: members of several baggage headers combine
+            metadata["baggage"] = ",".join(v for k, v in pairs if k == "baggage" and isinstance(v, str))
+        return metadata
+
     def _admit(
-        self, spec: MethodSpec, context: grpc.ServicerContext, raws: list[bytes]
+        self,
+        spec: MethodSpec,
+        context: grpc.ServicerContext,
+        raws: list[bytes],
+        routed: _Routed | None = None,
     ) -> tuple[Session, Entry, dict[str, str]]:
-        """Routes the call and admits it under the concurrency limits; ``_release`` must follow when it
-        returns (handlers call it in ``finally``). Refusals end the call here (abort raises)."""
+        """Routes the call (unless ``routed`` says where it goes already) and admits it under the
+        concurrency limits; ``_release`` must follow when it returns (handlers call it in ``finally``).
+        Refusals end the call here (abort raises)."""
         gauge = self.gauge
         if gauge is not None and not gauge.enter():
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, server_busy_message(gauge.limit))
         try:
-            pairs = context.invocation_metadata()
-            metadata = {k: v for k, v in pairs if isinstance(v, str)}
-            if "baggage" in metadata:  # W3C: members of several baggage headers combine
-                metadata["baggage"] = ",".join(v for k, v in pairs if k == "baggage" and isinstance(v, str))
-            try:
-                compiled, session = self.router.route(metadata)
-            except RouteError as exc:
-                # Journaled under the names the call sent, from headers or baggage as the router reads them.
-                baggage = parse_baggage(metadata.get("baggage", ""))
-                scenario_name = metadata.get(SCENARIO_HEADER, baggage.get(BAGGAGE_SCENARIO, NO_SCENARIO))
-                session_id = (
-                    metadata.get(SESSION_HEADER, baggage.get(BAGGAGE_SESSION, "")) or DEFAULT_SESSION
-                )
-                entry = Entry(
-                    scenario_name, session_id, spec, metadata, time.time(), list(raws)
-                )
-                entry.near_miss = exc.message
-                self._finish(entry, exc.code, exc.message, time.perf_counter())
-                context.abort(exc.code, exc.message)
+            if routed is not None:
+                metadata, compiled, session = routed
+            else:
+                metadata = self._call_metadata(context)
+                compiled, session = self._route(spec, metadata, raws, context)
             session.touch()
             scenario = session.scenario
             entry = Entry(scenario, session.id, spec, metadata, time.time(), raws)
@@ -237,6 +237,23 @@ class Dispatcher(grpc.GenericRpcHandler):
                 gauge.leave()
             raise
         return session, entry, metadata
+
+    def _route(
+        self, spec: MethodSpec, metadata: dict[str, str], raws: list[bytes], context: grpc.ServicerContext
+    ) -> tuple[CompiledScenario | None, Session]:
+        """``Router.route``; a call it refuses is journaled and ended here (abort raises)."""
+        try:
+            return self.router.route(metadata)
+        except RouteError as exc:
+            # Journaled under the names the call sent, from headers or baggage as the router reads them.
+            baggage = parse_baggage(metadata.get("baggage", ""))
+            scenario_name = metadata.get(SCENARIO_HEADER, baggage.get(BAGGAGE_SCENARIO, NO_SCENARIO))
+            session_id = metadata.get(SESSION_HEADER, baggage.get(BAGGAGE_SESSION, "")) or DEFAULT_SESSION
+            entry = Entry(scenario_name, session_id, spec, metadata, time.time(), list(raws))
+            entry.near_miss = exc.message
+            self._finish(entry, exc.code, exc.message, time.perf_counter())
+            context.abort(exc.code, exc.message)
+            raise  # not reached: abort raises
 
     def _release(self, session: Session) -> None:
         """Frees the places ``_admit`` claimed (only called when a limit is set)."""
@@ -256,12 +273,20 @@ class Dispatcher(grpc.GenericRpcHandler):
 
     def _unary(self, spec: MethodSpec, raw: bytes, context: grpc.ServicerContext) -> bytes | None:
         t0 = time.perf_counter()
+        routed: _Routed | None = None
         if not self._limited:
-            reply = self._fixed(spec, raw, context, t0)
-            if reply is not None:
-                return reply
+            metadata = self._call_metadata(context)
+            try:
+                compiled, session = self.router.route(metadata)
+            except RouteError:
+                pass  # _admit routes it again, then journals and answers the refusal
+            else:
+                routed = (metadata, compiled, session)
+                reply = self._fixed(spec, raw, routed, t0)
+                if reply is not None:
+                    return reply
         raws = [raw]
-        session, entry, metadata = self._admit(spec, context, raws)
+        session, entry, metadata = self._admit(spec, context, raws, routed)
         call = Call(spec, session.scenario, session, metadata, raws)
 
         def answer() -> tuple[bytes, Rule]:
@@ -275,23 +300,17 @@ class Dispatcher(grpc.GenericRpcHandler):
 
         return self._answered(spec, call, entry, context, t0, answer)
 
-    def _fixed(self, spec: MethodSpec, raw: bytes, context: grpc.ServicerContext, t0: float) -> bytes | None:
-        """The commonest answer, a fixed reply (``Rule.plain_reply``), in one pass: routed, counted and
-        journaled like any call, without admission, a Call, selection, steps or templates.
+    def _fixed(self, spec: MethodSpec, raw: bytes, routed: _Routed, t0: float) -> bytes | None:
+        """The commonest answer, a fixed reply (``Rule.plain_reply``), in one pass: counted and journaled
+        like any call, without admission, a Call, selection, steps or templates.
 
-        None when the call needs more (baggage routing, session rules, a rule with conditions, a request
-        that does not parse, a server with concurrency limits): the full path answers it, errors included.
-        The request is still checked to parse (a dict look-up for bytes seen before): garbage gets
-        INVALID_ARGUMENT from the full path, whatever the rule.
+        None when the call needs more (session rules, a rule with conditions, a request that does not
+        parse): the full path answers it with the routing done here, errors included. The request is still
+        checked to parse (a dict look-up for bytes seen before): garbage gets INVALID_ARGUMENT from the
+        full path, whatever the rule. Servers with concurrency limits never come here: admission and
+        release stay in one place.
         """
-        pairs = context.invocation_metadata()
-        metadata = {k: v for k, v in pairs if isinstance(v, str)}
-        if "baggage" in metadata:  # several baggage headers combine: _admit does that
-            return None
-        try:
-            compiled, session = self.router.route(metadata)
-        except RouteError:
-            return None
+        metadata, compiled, session = routed
         if compiled is None or session.rules:
             return None
         rules = self.router.registry.rules_for(compiled.name, spec.full_name)
@@ -730,6 +749,10 @@ class Dispatcher(grpc.GenericRpcHandler):
         if len(entry.raw_requests) > MAX_JOURNALED_MESSAGES:  # a long client stream: keep the journal bounded
             entry.raw_requests = entry.raw_requests[:MAX_JOURNALED_MESSAGES]
         self.journal.record(entry)
+
+
+# A routed call: its text metadata, its scenario (None: session rules only) and its session.
+_Routed = tuple[dict[str, str], "CompiledScenario | None", Session]
 
 
 class _Garbage(Exception):
