@@ -55,7 +55,8 @@ FIVE_RULES: list[dict[str, Any]] = [
 
 
 def _load(descriptors: Path, scenarios: Sequence[Path]) -> tuple[Any, list[Any], dict[str, float]]:
-    from virtsvc._serving import load_catalog, load_scenarios
+    from virtsvc.contracts import load_catalog
+    from virtsvc.scenarios import load_scenarios
 
     t0 = time.perf_counter()
     catalog = load_catalog(descriptors=descriptors)
@@ -97,10 +98,10 @@ def startup(descriptors: Path, scenarios: Sequence[Path], repeats: int) -> dict[
 def session_rules(descriptors: Path, scenarios: Sequence[Path], repeats: int) -> dict[str, Any]:
     """Compile five inline rules and assign them to a fresh session, ``repeats`` times; then one call."""
     try:
-        from virtsvc._loader import compile_rules
+        from virtsvc.scenarios import compile_rules
     except ImportError as exc:
-        return {"available": False, "reason": f"virtsvc._loader.compile_rules: {exc}"}
-    from virtsvc.router import NO_SCENARIO
+        return {"available": False, "reason": f"virtsvc.scenarios.loader.compile_rules: {exc}"}
+    from virtsvc.engine.router import NO_SCENARIO
     from virtsvc.server import VirtualServer
 
     catalog, compiled, _ = _load(descriptors, scenarios)

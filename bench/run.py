@@ -206,7 +206,7 @@ class Env:
             self.bodies[case.name] = path
         if not SCENARIOS.exists():
             write_bench_yaml()
-        from virtsvc._protoc import generate
+        from virtsvc.contracts.protoc import generate
 
         with contextlib.redirect_stdout(sys.stderr):  # its log line is not part of the figures
             generate(PROTOS, tmp / "generated")

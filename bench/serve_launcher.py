@@ -2,7 +2,7 @@
 ``virtsvc serve --help`` works).
 
 Same flags as the subset of ``virtsvc serve`` the benchmark uses; serves through
-``virtsvc._serving.serve_in_process`` and prints the same ``{"event": "serving", "port": N}`` line.
+``virtsvc.server.assembly.serve_in_process`` and prints the same ``{"event": "serving", "port": N}`` line.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from virtsvc._serving import serve_in_process
+    from virtsvc import serve_in_process
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

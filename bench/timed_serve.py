@@ -24,7 +24,8 @@ from typing import Any
 
 
 def main(argv: list[str]) -> int:
-    from virtsvc import cli, handlers
+    from virtsvc import cli
+    from virtsvc.engine import pipeline as handlers
 
     lock = threading.Lock()
     totals = [0, 0, 0]  # calls, thread CPU ns, wall ns

@@ -1,6 +1,7 @@
 """Test helpers for matching and templates: the example protos compiled once, calls, located YAML.
 
-The catalog is compiled here with grpc_tools directly, so these tests do not depend on ``virtsvc._protoc``.
+The catalog is compiled here with grpc_tools directly, so these tests do not depend on
+``virtsvc.contracts.protoc``.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ import yaml
 from google.protobuf.message import Message
 from grpc_tools import protoc
 
-from virtsvc._located import LocatedDict, LocatedList, Problems, Site
-from virtsvc._model import Call
-from virtsvc.descriptors import Catalog, MethodSpec
-from virtsvc.sessions import Session
-from virtsvc.templates import message_class
+from virtsvc.contracts import Catalog, MethodSpec
+from virtsvc.engine.store import Session
+from virtsvc.scenarios.located import LocatedDict, LocatedList, Problems, Site
+from virtsvc.scenarios.model import Call
+from virtsvc.scenarios.templates import message_class
 
 PROTOS = Path(__file__).resolve().parent.parent / "protos"
 

@@ -12,8 +12,8 @@ from typing import Any
 import grpc
 import pytest
 
-from virtsvc import _protoc
-from virtsvc.descriptors import Catalog
+from virtsvc.contracts import Catalog
+from virtsvc.contracts import protoc as _protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"

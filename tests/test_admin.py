@@ -14,11 +14,12 @@ from google.protobuf import descriptor_pool, json_format, message_factory
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from virtsvc import admin
-from virtsvc._loader import compile_text
-from virtsvc._model import CompiledScenario, Location, Rule, Step
 from virtsvc.admin import ADMIN_SERVICE, AdminClient, build, messages
-from virtsvc.descriptors import Catalog
+from virtsvc.contracts import Catalog
+from virtsvc.scenarios import compile_text
+from virtsvc.scenarios.model import CompiledScenario, Location, Rule, Step
 from virtsvc.server import VirtualServer
+from virtsvc.server.admin import add_admin
 
 RESERVE = "shop.v1.Inventory/Reserve"
 
@@ -518,7 +519,7 @@ def test_token_given_to_add_admin(catalog: Catalog) -> None:
 
     vserver = VirtualServer(catalog, [])
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    assert admin.add_admin(server, vserver, token="t") == ADMIN_SERVICE
+    assert add_admin(server, vserver, token="t") == ADMIN_SERVICE
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:

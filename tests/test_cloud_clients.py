@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from virtsvc import VirtualServer
-from virtsvc._serving import load_scenarios
-from virtsvc.descriptors import Catalog
+from virtsvc.contracts import Catalog
+from virtsvc.scenarios import load_scenarios
 
 pubsub_v1 = pytest.importorskip("google.cloud.pubsub_v1")
 

@@ -16,8 +16,8 @@ import grpc
 import pytest
 
 from virtsvc import VirtualServer
-from virtsvc._serving import load_scenarios
-from virtsvc.descriptors import Catalog
+from virtsvc.contracts import Catalog
+from virtsvc.scenarios import load_scenarios
 
 ENGINE = Path(__file__).resolve().parent / "scenarios" / "engine.yaml"
 SESSIONS = 80  # at least 64

@@ -24,9 +24,9 @@ from grpc_status import rpc_status
 from helpers import fails
 
 from virtsvc import VirtualServer
-from virtsvc._serving import load_scenarios
-from virtsvc.descriptors import Catalog
-from virtsvc.sessions import Session
+from virtsvc.contracts import Catalog
+from virtsvc.engine.store import Session
+from virtsvc.scenarios import load_scenarios
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent / "scenarios"
@@ -853,7 +853,7 @@ _PLAIN_CASES = [
 
 @pytest.mark.parametrize(("body", "plain"), _PLAIN_CASES)
 def test_which_rules_are_answered_as_fixed_replies(catalog: Catalog, body: str, plain: bool) -> None:
-    from virtsvc._loader import compile_text
+    from virtsvc.scenarios import compile_text
 
     text = f"scenario: p\nrules:\n  - method: shop.v1.Inventory/Reserve\n    {body}\n"
     (scenario,) = compile_text(text, catalog)
@@ -867,7 +867,7 @@ def test_which_rules_are_answered_as_fixed_replies(catalog: Catalog, body: str, 
 def test_fixed_replies_remember_requests_that_parse_and_only_those(
     catalog: Catalog, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from virtsvc import handlers
+    from virtsvc.engine import pipeline as handlers
 
     monkeypatch.setattr(handlers, "_PARSED", {})
     monkeypatch.setattr(handlers, "_PARSED_MAX", 3)
@@ -924,7 +924,7 @@ def test_fixed_replies_answer_and_journal_as_the_full_path_does(
     """Fixed replies take a one-pass path unless a concurrency limit is set: both answer and journal alike."""
     import dataclasses
 
-    from virtsvc._loader import compile_text
+    from virtsvc.scenarios import compile_text
 
     request = pb.inv.ReserveRequest(sku="A-1", qty=2).SerializeToString()
     seen = []
@@ -948,7 +948,7 @@ def test_fixed_replies_answer_and_journal_as_the_full_path_does(
 def test_session_rules_and_garbage_are_not_answered_by_the_scenarios_fixed_reply(
     catalog: Catalog, pb: SimpleNamespace
 ) -> None:
-    from virtsvc._loader import compile_text
+    from virtsvc.scenarios import compile_text
 
     (own,) = compile_text(
         "scenario: own\nrules:\n  - method: shop.v1.Inventory/Reserve\n    reply: {reservation_id: r-own}\n",

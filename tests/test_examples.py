@@ -20,9 +20,8 @@ from grpc_status import rpc_status
 from helpers import fails
 
 from virtsvc import VirtualServer, cli
-from virtsvc._loader import check_paths
-from virtsvc._serving import load_scenarios
-from virtsvc.descriptors import Catalog
+from virtsvc.contracts import Catalog
+from virtsvc.scenarios import check_paths, load_scenarios
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ROOT / "scenarios"

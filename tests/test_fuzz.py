@@ -22,13 +22,13 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from virtsvc._loader import compile_text
-from virtsvc._model import Call, CompiledScenario
-from virtsvc.descriptors import Catalog
+from virtsvc.contracts import Catalog
+from virtsvc.engine.store import Session
 from virtsvc.errors import ScenarioError
+from virtsvc.scenarios import compile_text
+from virtsvc.scenarios.model import Call, CompiledScenario
+from virtsvc.scenarios.templates import TemplateError
 from virtsvc.server import VirtualServer
-from virtsvc.sessions import Session
-from virtsvc.templates import TemplateError
 
 ORIGIN = "<fuzz>"
 _SHARED: dict[str, Any] = {}

@@ -1,4 +1,4 @@
-"""`virtsvc gen` and virtsvc._protoc: real grpcio-tools compiles into tmp dirs, no mocks."""
+"""`virtsvc gen` and virtsvc.contracts.protoc: real grpcio-tools compiles into tmp dirs, no mocks."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from google.protobuf import descriptor_pb2
 
-from virtsvc._protoc import (
+from virtsvc.cli import main
+from virtsvc.contracts.protoc import (
     DESCRIPTORS_NAME,
     MANIFEST_NAME,
     GenResult,
@@ -24,7 +25,6 @@ from virtsvc._protoc import (
     include_paths,
     method_kind,
 )
-from virtsvc.cli import main
 from virtsvc.errors import ConfigError, Problem, ProtoError
 
 ESTATE = Path(__file__).resolve().parents[1] / "protos"

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from virtsvc import VirtualServer
-from virtsvc._protoc import include_paths
-from virtsvc._serving import load_scenarios
-from virtsvc.descriptors import Catalog
+from virtsvc.contracts import Catalog
+from virtsvc.contracts.protoc import include_paths
+from virtsvc.scenarios import load_scenarios
 
 HERE = Path(__file__).resolve().parent
 NODE_DIR = HERE / "interop" / "node"

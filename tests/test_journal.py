@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from virtsvc.descriptors import Catalog
-from virtsvc.journal import Entry, Journal
+from virtsvc.contracts import Catalog
+from virtsvc.engine.journal import Entry, Journal
 
 
 def _entry(catalog: Catalog, session: str, n: int) -> Entry:

@@ -9,8 +9,8 @@ from google.protobuf import json_format
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from virtsvc._json import message_to_json
-from virtsvc.descriptors import Catalog
+from virtsvc.contracts import Catalog
+from virtsvc.scenarios.protojson import message_to_json
 
 EXAMPLES = [
     ("shop.v1.Inventory/Reserve", {}),

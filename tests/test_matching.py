@@ -10,9 +10,9 @@ from _protos_fixture import located, make_call, message_spec, new_site, problems
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from virtsvc._model import Call, MatchResult
-from virtsvc.descriptors import Catalog, MethodSpec
-from virtsvc.matching import MAX_REGEX, compile_when
+from virtsvc.contracts import Catalog, MethodSpec
+from virtsvc.scenarios.matching import MAX_REGEX, compile_when
+from virtsvc.scenarios.model import Call, MatchResult
 
 __all__ = ["shop"]  # the fixture, imported for pytest
 

@@ -349,7 +349,7 @@ def test_settings_from_tool_virtsvc(pytester: pytest.Pytester) -> None:
 
 
 def test_descriptor_set_instead_of_protos(pytester: pytest.Pytester) -> None:
-    from virtsvc import _protoc
+    from virtsvc.contracts import protoc as _protoc
 
     (pytester.path / "shop.binpb").write_bytes(_protoc.compile_descriptor_set(PROTOS))
     pytester.makeini(
@@ -422,7 +422,8 @@ def test_xdist_workers_each_serve_their_own(pytester: pytest.Pytester) -> None:
 def sidecar(tmp_path: Path) -> Iterator[VirtualServer]:
     if importlib.util.find_spec("virtsvc.admin") is None:
         pytest.skip("virtsvc.admin (the admin API the plugin drives a sidecar through) does not exist yet")
-    from virtsvc._serving import load_catalog, load_scenarios
+    from virtsvc.contracts import load_catalog
+    from virtsvc.scenarios import load_scenarios
 
     (tmp_path / "shop.yaml").write_text(SCENARIO)
     catalog = load_catalog(PROTOS)

@@ -31,6 +31,6 @@ def test_exported_names() -> None:
 
 def test_import_does_not_load_grpc() -> None:
     """The pytest plugin loads with every pytest run: importing virtsvc must not import grpc."""
-    code = "import sys, virtsvc, virtsvc.pytest_plugin; print('grpc' in sys.modules)"
+    code = "import sys, virtsvc, virtsvc.testing.plugin; print('grpc' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

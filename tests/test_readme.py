@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from virtsvc import _protoc
+from virtsvc.contracts import protoc as _protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

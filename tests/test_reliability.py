@@ -35,9 +35,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from virtsvc import cli
-from virtsvc._serving import load_scenarios
 from virtsvc.admin import AdminClient
-from virtsvc.descriptors import Catalog
+from virtsvc.contracts import Catalog
+from virtsvc.scenarios import load_scenarios
 from virtsvc.server import VirtualServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -680,7 +680,7 @@ rules:
 def test_reload_under_load(catalog: Catalog, tmp_path: Path) -> None:
     """VirtualServer.reload while 6 threads call: every call is answered OK by one version or the other
     (a stream never mixes two), none fails, and the last version wins."""
-    from virtsvc._loader import compile_text
+    from virtsvc.scenarios import compile_text
 
     versions = [compile_text(RELOAD.format(n=n), catalog, origin=f"v{n}.yaml") for n in range(2)]
     with (
@@ -1012,7 +1012,7 @@ def test_check_refuses_a_huge_file(
 
 @pytest.fixture(scope="module")
 def admin_server(catalog: Catalog) -> Iterator[VirtualServer]:
-    from virtsvc._loader import compile_text
+    from virtsvc.scenarios import compile_text
 
     with VirtualServer(
         catalog, compile_text(GOOD, catalog, origin="keep.yaml"), default_scenario="keep"
@@ -1156,7 +1156,7 @@ def _ascii_failures() -> Iterator[None]:
 
 
 def test_json_escaped_emoji_loads(catalog: Catalog) -> None:
-    from virtsvc._loader import compile_text
+    from virtsvc.scenarios import compile_text
 
     text = json.dumps(
         {

@@ -14,9 +14,9 @@ import pytest
 from helpers import fails
 
 from virtsvc import VirtualServer
-from virtsvc._serving import load_scenarios
-from virtsvc.descriptors import Catalog
+from virtsvc.contracts import Catalog
 from virtsvc.errors import ConfigError
+from virtsvc.scenarios import load_scenarios
 
 ROUTING = Path(__file__).resolve().parent / "scenarios" / "routing.yaml"
 TIMEOUT = 5.0
@@ -297,7 +297,7 @@ def test_lookup_is_indexed_by_scenario_and_method(catalog: Catalog, pb: SimpleNa
         f"  - method: shop.v1.Inventory/GetItem\n    reply: {{title: t-{i}}}\n"
         for i in range(2000)
     ]
-    from virtsvc._loader import compile_text
+    from virtsvc.scenarios import compile_text
 
     scenarios = compile_text("---\n".join(docs), catalog, origin="bulk.yaml")
     with VirtualServer(catalog, scenarios) as srv, grpc.insecure_channel(srv.address) as ch:

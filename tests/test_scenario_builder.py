@@ -15,11 +15,11 @@ from _protos_fixture import compile_catalog
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 
-from virtsvc._loader import check_paths, compile_rules, compile_sources, load_sources
-from virtsvc._model import Fault, Location
-from virtsvc.descriptors import Catalog
+from virtsvc.contracts import Catalog
 from virtsvc.errors import ScenarioError
-from virtsvc.scenario import Scenario, fail, status, step
+from virtsvc.scenarios import Scenario, fail, status, step
+from virtsvc.scenarios.loader import check_paths, compile_rules, compile_sources, load_sources
+from virtsvc.scenarios.model import Fault, Location
 
 HERE = __file__
 
@@ -199,7 +199,7 @@ def test_builder_data_compiles_with_problems_at_the_builder_lines(cat: Catalog) 
 SCRIPT = """\
     import grpc
     from _shared import SKU
-    from virtsvc.scenario import Scenario, fail
+    from virtsvc.scenarios import Scenario, fail
 
     scenario = Scenario("interop", version=1, extends="base")
     scenario.on("shop.v1.Inventory/Reserve", when={"request": {"sku": SKU}}, times=1).reply(

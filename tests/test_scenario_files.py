@@ -17,12 +17,12 @@ from google.rpc import error_details_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from virtsvc import _yaml
-from virtsvc._loader import check_paths, compile_rules, compile_sources, compile_text, load_sources
-from virtsvc._located import LocatedDict, LocatedList, Problems
-from virtsvc._model import Fault, Location
-from virtsvc.descriptors import Catalog
+from virtsvc.contracts import Catalog
 from virtsvc.errors import ConfigError, ScenarioError
+from virtsvc.scenarios import yamltree as _yaml
+from virtsvc.scenarios.loader import check_paths, compile_rules, compile_sources, compile_text, load_sources
+from virtsvc.scenarios.located import LocatedDict, LocatedList, Problems
+from virtsvc.scenarios.model import Fault, Location
 
 
 @pytest.fixture(scope="module")

@@ -24,10 +24,10 @@ from test_reliability import (
     serve_process,
 )
 
-from virtsvc._loader import compile_text
 from virtsvc.admin import AdminClient
-from virtsvc.descriptors import Catalog
+from virtsvc.contracts import Catalog
 from virtsvc.errors import ConfigError, ScenarioError
+from virtsvc.scenarios import compile_text
 from virtsvc.server import VirtualServer, tls_credentials
 
 TOKEN = "tok-7f3a9c1e-do-not-log"  # distinctive, so that a grep for it finds any leak

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from virtsvc.admin import AdminClient
-from virtsvc.descriptors import Catalog
+from virtsvc.contracts import Catalog
 
 ROOT = Path(__file__).resolve().parent.parent
 

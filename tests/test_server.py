@@ -14,8 +14,8 @@ from grpc_reflection.v1alpha import reflection_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from virtsvc import VirtualServer
-from virtsvc._serving import load_scenarios
-from virtsvc.descriptors import Catalog
+from virtsvc.contracts import Catalog
+from virtsvc.scenarios import load_scenarios
 
 SCENARIO = """
 scenario: core

@@ -100,7 +100,7 @@ CLIENT = r"""
 import json, random, sys, threading, time
 from pathlib import Path
 import grpc
-from virtsvc.descriptors import Catalog
+from virtsvc.contracts import Catalog
 
 address, descriptors, calls, threads, seed, first, sessions = sys.argv[1:8]
 calls, threads, seed, first, sessions = int(calls), int(threads), int(seed), int(first), int(sessions)

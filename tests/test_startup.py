@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 from google.protobuf import descriptor_pb2
 
-from virtsvc import _logs, _protoc
+from virtsvc import _logs
 from virtsvc.cli import configure_logging, main
+from virtsvc.contracts import protoc as _protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z")

@@ -12,11 +12,11 @@ from _protos_fixture import located, make_call, message_spec, new_site, problems
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from virtsvc import templates
-from virtsvc._model import Call, to_json
-from virtsvc.descriptors import Catalog, MethodSpec
-from virtsvc.sessions import Session
-from virtsvc.templates import TemplateError, compile_message, compile_text, static_text
+from virtsvc.contracts import Catalog, MethodSpec
+from virtsvc.engine.store import Session
+from virtsvc.scenarios import templates
+from virtsvc.scenarios.model import Call, to_json
+from virtsvc.scenarios.templates import TemplateError, compile_message, compile_text, static_text
 
 __all__ = ["shop"]  # the fixture, imported for pytest
 

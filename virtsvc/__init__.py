@@ -11,12 +11,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from virtsvc._serving import serve_in_process
-    from virtsvc.descriptors import Catalog, MethodSpec
+    from virtsvc.contracts.catalog import Catalog, MethodSpec
+    from virtsvc.engine.pipeline import current_session as session
     from virtsvc.errors import ConfigError, DescriptorError, Problem, ProtoError, ScenarioError, VirtsvcError
-    from virtsvc.handlers import current_session as session
-    from virtsvc.scenario import Scenario
-    from virtsvc.server import VirtualServer
+    from virtsvc.scenarios.builder import Scenario
+    from virtsvc.server.assembly import serve_in_process
+    from virtsvc.server.virtual_server import VirtualServer
 
 __version__ = "0.1.0"
 
@@ -37,18 +37,18 @@ __all__ = [
 ]
 
 _WHERE = {
-    "Catalog": ("virtsvc.descriptors", "Catalog"),
-    "MethodSpec": ("virtsvc.descriptors", "MethodSpec"),
+    "Catalog": ("virtsvc.contracts.catalog", "Catalog"),
+    "MethodSpec": ("virtsvc.contracts.catalog", "MethodSpec"),
     "ConfigError": ("virtsvc.errors", "ConfigError"),
     "DescriptorError": ("virtsvc.errors", "DescriptorError"),
     "Problem": ("virtsvc.errors", "Problem"),
     "ProtoError": ("virtsvc.errors", "ProtoError"),
     "ScenarioError": ("virtsvc.errors", "ScenarioError"),
     "VirtsvcError": ("virtsvc.errors", "VirtsvcError"),
-    "Scenario": ("virtsvc.scenario", "Scenario"),
-    "VirtualServer": ("virtsvc.server", "VirtualServer"),
-    "serve_in_process": ("virtsvc._serving", "serve_in_process"),
-    "session": ("virtsvc.handlers", "current_session"),
+    "Scenario": ("virtsvc.scenarios.builder", "Scenario"),
+    "VirtualServer": ("virtsvc.server.virtual_server", "VirtualServer"),
+    "serve_in_process": ("virtsvc.server.assembly", "serve_in_process"),
+    "session": ("virtsvc.engine.pipeline", "current_session"),
 }
 
 

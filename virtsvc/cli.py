@@ -95,7 +95,7 @@ def _shown_dir(path: Path) -> str:
 
 def _cmd_gen(args: argparse.Namespace, settings: Settings) -> int:
     """virtsvc gen: compile a .proto tree into python modules, descriptors.binpb and manifest.json."""
-    from virtsvc._protoc import generate
+    from virtsvc.contracts.protoc import generate
 
     settings = settings.merged(protos=args.proto_dir, generated=args.out)
     if settings.protos is None:
@@ -116,7 +116,7 @@ def _cmd_gen(args: argparse.Namespace, settings: Settings) -> int:
 
 def _catalog_from(args: argparse.Namespace, settings: Settings) -> Any:
     """The descriptors named by --protos/--descriptors, else [tool.virtsvc] protos, else generated/."""
-    from virtsvc._serving import load_catalog
+    from virtsvc.contracts import load_catalog
 
     includes = [Path(p) for p in getattr(args, "include", [])]
     if args.descriptors is not None:
@@ -142,7 +142,7 @@ def _scenario_paths(args: argparse.Namespace, settings: Settings) -> list[Path]:
 
 def _cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     """virtsvc check: validate scenario files against the descriptors without serving."""
-    from virtsvc._loader import check_paths
+    from virtsvc.scenarios.loader import check_paths
 
     catalog = _catalog_from(args, settings)
     paths = _scenario_paths(args, settings)
@@ -167,8 +167,8 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     enabled = gc.isenabled()
     gc.disable()
     try:
-        from virtsvc import _loader, admin  # noqa: F401 - what serving needs next: imported to be frozen too
-        from virtsvc._sidecar import run_sidecar
+        from virtsvc.scenarios import loader as _loader  # noqa: F401 - what serving needs next: imported to be frozen too
+        from virtsvc.server.sidecar import run_sidecar
     finally:
         if enabled:
             gc.enable()

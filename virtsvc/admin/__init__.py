@@ -1,8 +1,8 @@
 """The admin API of a running virtual server: gRPC service ``virtsvc.admin.v1.Admin``.
 
-Served on the same port as the virtual services (``VirtualServer(..., admin=True)``) and listed by
-reflection, so grpcurl can call it. Its proto is ``virtsvc/admin/v1/admin.proto``; the message classes come
-from the shipped descriptor set, not generated modules::
+Served on the same port as the virtual services and listed by reflection, so grpcurl can call it. Its proto
+is ``virtsvc/admin/v1/admin.proto``; the message classes come from the shipped descriptor set, not generated
+modules::
 
     from virtsvc.admin import AdminClient
 
@@ -10,12 +10,11 @@ from the shipped descriptor set, not generated modules::
     admin.call("PutScenario", text=open("checkout.yaml").read())
 """
 
-from virtsvc.admin._service import (
+from virtsvc.admin.api import (
     ADMIN_SERVICE,
     METHODS,
     ORIGIN,
     AdminClient,
-    add_admin,
     admin_file_descriptor,
     message_class,
     messages,
@@ -26,7 +25,6 @@ __all__ = [
     "METHODS",
     "ORIGIN",
     "AdminClient",
-    "add_admin",
     "admin_file_descriptor",
     "message_class",
     "messages",

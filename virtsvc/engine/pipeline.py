@@ -28,11 +28,10 @@ from google.protobuf.message import Message
 from google.rpc import status_pb2
 
 from virtsvc import _logs
-from virtsvc._limits import Gauge, server_busy_message, session_busy_message
-from virtsvc._model import Call, CompiledScenario, Fault, Rule, Step
-from virtsvc.descriptors import Catalog, MethodSpec
-from virtsvc.journal import Entry, Journal
-from virtsvc.router import (
+from virtsvc.contracts.catalog import Catalog, MethodSpec
+from virtsvc.engine.journal import Entry, Journal
+from virtsvc.engine.limits import Gauge, server_busy_message, session_busy_message
+from virtsvc.engine.router import (
     BAGGAGE_SCENARIO,
     BAGGAGE_SESSION,
     NO_SCENARIO,
@@ -43,7 +42,8 @@ from virtsvc.router import (
     parse_baggage,
     sequence_key,
 )
-from virtsvc.sessions import DEFAULT_SESSION, Session
+from virtsvc.engine.store import DEFAULT_SESSION, Session
+from virtsvc.scenarios.model import Call, CompiledScenario, Fault, Rule, Step
 
 __all__ = ["Dispatcher", "current_session"]
 

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from virtsvc._model import to_json
+from virtsvc.scenarios.model import to_json
 
 if TYPE_CHECKING:
-    from virtsvc.descriptors import MethodSpec
+    from virtsvc.contracts.catalog import MethodSpec
 
 __all__ = ["Entry", "Journal"]
 

@@ -9,7 +9,7 @@ for a three-field reply that build step measured ~3 us against ~65 us with ``jso
 Templates run in an immutable Jinja2 sandbox, tightened further: output, string and list sizes are bounded,
 ``range`` is bounded, and every loop iteration and call draws on a per-render step budget, so a template
 cannot hang a server or exhaust its memory by the usual means. The module also holds the proto3-JSON
-field helpers (name resolution, value conversion) that ``virtsvc.matching`` shares.
+field helpers (name resolution, value conversion) that ``virtsvc.scenarios.matching`` shares.
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ from jinja2.nodes import EvalContext
 from jinja2.runtime import Context, StrictUndefined, Undefined
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from virtsvc._json import message_to_json
-from virtsvc._located import Site
-from virtsvc._model import Call, MessageTemplate, TextTemplate, to_json
+from virtsvc.scenarios.located import Site
+from virtsvc.scenarios.model import Call, MessageTemplate, TextTemplate, to_json
+from virtsvc.scenarios.protojson import message_to_json
 
 __all__ = [
     "MAX_RANGE",
@@ -97,7 +97,7 @@ def is_template(value: Any) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------------
-# proto3 JSON field helpers (shared with virtsvc.matching)
+# proto3 JSON field helpers (shared with virtsvc.scenarios.matching)
 
 TIMESTAMP = "google.protobuf.Timestamp"
 DURATION = "google.protobuf.Duration"
@@ -725,7 +725,7 @@ def _context(call: Call, index: int, names: frozenset[str]) -> dict[str, Any]:
         ctx["uuid"] = lambda: str(_uuid.UUID(int=rng.getrandbits(128), version=4))
         ctx["randint"] = lambda a, b: rng.randint(a, b)
     if "now" in names:
-        ctx["now"] = now  # looked up per render, so replacing virtsvc.templates.now takes effect
+        ctx["now"] = now  # looked up per render, so replacing virtsvc.scenarios.templates.now takes effect
     return ctx
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from virtsvc._located import LocatedDict, LocatedList, Problems
+from virtsvc.scenarios.located import LocatedDict, LocatedList, Problems
 
 __all__ = [
     "MAX_BYTES",

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from virtsvc import _logs
-from virtsvc._kinds import method_kind  # the manifest and the run time name kinds alike
+from virtsvc.contracts.kinds import method_kind  # the manifest and the run time name kinds alike
 from virtsvc.errors import ConfigError, Problem, ProtoError
 
 # CPython's own SHA-256 gives hashlib's digests without hashlib loading OpenSSL (3 ms of a gen run).

@@ -16,10 +16,10 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.descriptor import Descriptor, FileDescriptor, MethodDescriptor
 from google.protobuf.message import DecodeError, Message
 
-from virtsvc._kinds import MethodKind, method_kind
-from virtsvc.errors import DescriptorError
+from virtsvc.contracts.kinds import MethodKind, method_kind
+from virtsvc.errors import ConfigError, DescriptorError
 
-__all__ = ["Catalog", "MethodKind", "MethodSpec", "method_kind"]
+__all__ = ["Catalog", "MethodKind", "MethodSpec", "load_catalog", "method_kind", "normalize_method_name"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -127,7 +127,7 @@ class Catalog:
         cls, proto_dir: Path, includes: Sequence[Path] = (), cache_dir: Path | None = None
     ) -> Catalog:
         """Compiles a proto tree on the fly (cached by content hash, so a restart does not recompile)."""
-        from virtsvc import _protoc
+        from virtsvc.contracts import protoc as _protoc
 
         return cls.from_bytes(
             _protoc.compile_descriptor_set(proto_dir, includes, cache_dir=cache_dir), origin=str(proto_dir)
@@ -203,3 +203,20 @@ def _add_with_dependencies(
         file_desc.CopyToProto(proto)
         pool.Add(proto)
         seen.add(file_desc.name)
+
+
+def load_catalog(
+    protos: str | Path | None = None,
+    descriptors: str | Path | None = None,
+    includes: Sequence[str | Path] = (),
+) -> Catalog:
+    """The descriptors to serve: an exported/generated descriptor set, or a proto tree compiled on the fly."""
+    if descriptors is not None and protos is not None:
+        raise ConfigError("give either protos or descriptors, not both")
+    if descriptors is not None:
+        return Catalog.from_file(Path(descriptors))
+    if protos is not None:
+        return Catalog.from_protos(Path(protos), [Path(i) for i in includes])
+    raise ConfigError(
+        "nothing to serve: give protos (a directory of .proto files) or descriptors (a descriptor set)"
+    )

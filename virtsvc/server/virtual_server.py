@@ -23,18 +23,18 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from virtsvc import _logs
-from virtsvc._model import CompiledScenario
-from virtsvc._reflection import add_reflection
-from virtsvc.descriptors import Catalog
+from virtsvc.contracts.catalog import Catalog
+from virtsvc.contracts.reflection import add_reflection
+from virtsvc.engine.journal import Journal
+from virtsvc.engine.pipeline import Dispatcher
+from virtsvc.engine.router import Registry, Router
+from virtsvc.engine.store import MemoryStore, Store
 from virtsvc.errors import ConfigError
-from virtsvc.handlers import Dispatcher
-from virtsvc.journal import Journal
-from virtsvc.router import Registry, Router
-from virtsvc.sessions import MemoryStore, Store
+from virtsvc.scenarios.model import CompiledScenario
 
 __all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "VirtualServer", "tls_credentials"]
 
-log = _logs.get_logger("virtsvc.server")
+log = _logs.get_logger("virtsvc.server.virtual_server")
 
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # gRPC's own default
 # Workers kept free beyond --max-concurrency, so that calls over the limit are refused at once rather than
@@ -202,7 +202,7 @@ class VirtualServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         services = [*self.catalog.services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         if self._admin:
-            from virtsvc.admin import add_admin
+            from virtsvc.server.admin import add_admin
 
             services.append(add_admin(server, self, token=self._admin_token))
         add_reflection(server, services, self.catalog.pool)

@@ -18,11 +18,11 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from virtsvc._json import message_to_json
+from virtsvc.scenarios.protojson import message_to_json
 
 if TYPE_CHECKING:
-    from virtsvc.descriptors import MethodSpec
-    from virtsvc.sessions import Session
+    from virtsvc.contracts.catalog import MethodSpec
+    from virtsvc.engine.store import Session
 
 __all__ = [
     "After",

@@ -1,7 +1,8 @@
 """A method's gRPC cardinality in the words the manifest and scenarios use.
 
-Its own module so that ``virtsvc gen`` names kinds exactly as the run time does (:mod:`virtsvc.descriptors`
-re-exports both names) without importing the protobuf runtime that module needs.
+Its own module so that ``virtsvc gen`` names kinds exactly as the run time does
+(:mod:`virtsvc.contracts.catalog` re-exports both names) without importing the protobuf runtime that
+module needs.
 """
 
 from __future__ import annotations

@@ -1,110 +1,34 @@
 """The admin service: scenarios, sessions, session rules and the journal of a running VirtualServer.
 
-Its messages come from ``v1/admin.binpb`` loaded into a private descriptor pool (no generated ``_pb2``
-modules, which would pin the protobuf runtime). Handlers are generic grpc handlers on the virtual server's
-own grpc server. Every refusal is a status with a message for a person: INVALID_ARGUMENT, NOT_FOUND,
-FAILED_PRECONDITION or UNAUTHENTICATED, never UNKNOWN.
+Handlers are generic grpc handlers on the virtual server's own grpc server. Every refusal is a status with
+a message for a person: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION or UNAUTHENTICATED, never UNKNOWN.
 """
 
 from __future__ import annotations
 
 import difflib
-import functools
 import hmac
 import threading
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-from google.protobuf.descriptor import FileDescriptor
 from google.protobuf.message import Message
 
 from virtsvc import _logs
-from virtsvc._model import Rule
-from virtsvc.descriptors import normalize_method_name
+from virtsvc.admin.api import ADMIN_SERVICE, AUTH_MESSAGE, METHODS, ORIGIN, add_to_pool, messages
+from virtsvc.contracts.catalog import normalize_method_name
+from virtsvc.engine.journal import Entry
+from virtsvc.engine.store import DEFAULT_SESSION
 from virtsvc.errors import ConfigError, VirtsvcError
-from virtsvc.journal import Entry
-from virtsvc.sessions import DEFAULT_SESSION
+from virtsvc.scenarios.model import Rule
 
 if TYPE_CHECKING:
-    from virtsvc.server import VirtualServer
+    from virtsvc.server.virtual_server import VirtualServer
 
-__all__ = [
-    "ADMIN_SERVICE",
-    "METHODS",
-    "ORIGIN",
-    "AdminClient",
-    "add_admin",
-    "admin_file_descriptor",
-    "message_class",
-    "messages",
-]
+__all__ = ["AdminService", "add_admin"]
 
 log = _logs.get_logger("virtsvc.admin")
-
-ADMIN_SERVICE = "virtsvc.admin.v1.Admin"
-PROTO_NAME = "virtsvc/admin/v1/admin.proto"
-ORIGIN = "<admin>"  # the "file" of scenarios and rules put through the API, in located messages
-AUTH_MESSAGE = "admin calls need authorization: Bearer <token>"
-_BINPB = Path(__file__).resolve().parent / "v1" / "admin.binpb"
-
-
-def _load() -> tuple[descriptor_pb2.FileDescriptorSet, descriptor_pool.DescriptorPool]:
-    file_set = descriptor_pb2.FileDescriptorSet.FromString(_BINPB.read_bytes())
-    # Private: the user's own copies of the well-known types in the default pool can never conflict.
-    pool = descriptor_pool.DescriptorPool()
-    for proto in file_set.file:  # protoc --include_imports lists dependencies first
-        pool.Add(proto)
-    return file_set, pool
-
-
-_FILE_SET, _POOL = _load()
-
-
-def admin_file_descriptor() -> FileDescriptor:
-    """The FileDescriptor of ``virtsvc/admin/v1/admin.proto`` (its dependencies reachable from it)."""
-    return _POOL.FindFileByName(PROTO_NAME)
-
-
-@functools.cache
-def message_class(name: str) -> type[Message]:
-    """An admin message class by short (``PutScenarioRequest``) or full name."""
-    full = name if "." in name else f"virtsvc.admin.v1.{name}"
-    return message_factory.GetMessageClass(_POOL.FindMessageTypeByName(full))
-
-
-class _Messages:
-    """The admin message classes as attributes: ``messages.PutScenarioRequest(text=...)``."""
-
-    def __getattr__(self, name: str) -> type[Message]:
-        try:
-            return message_class(name)
-        except KeyError:
-            raise AttributeError(f"virtsvc.admin.v1 has no message {name}") from None
-
-    def __dir__(self) -> list[str]:
-        return sorted(m.name for m in admin_file_descriptor().message_types_by_name.values())
-
-
-messages = _Messages()
-
-#: method name -> (request class, response class)
-METHODS: Mapping[str, tuple[type[Message], type[Message]]] = {
-    m.name: (message_class(m.input_type.full_name), message_class(m.output_type.full_name))
-    for m in admin_file_descriptor().services_by_name["Admin"].methods
-}
-
-
-def add_to_pool(pool: descriptor_pool.DescriptorPool) -> None:
-    """Adds the admin file and those of its imports that ``pool`` lacks (so reflection can describe it)."""
-    for proto in _FILE_SET.file:
-        try:
-            pool.FindFileByName(proto.name)
-        except KeyError:
-            pool.Add(proto)
-
 
 class _Refused(Exception):
     """Ends an admin call with ``code`` and a message for a person."""
@@ -146,7 +70,7 @@ class AdminService:
         return reply
 
     def PutScenario(self, request: Any) -> Message:
-        from virtsvc._loader import compile_text
+        from virtsvc.scenarios.loader import compile_text
 
         registry = self.vserver.registry
         with self._lock:
@@ -206,7 +130,7 @@ class AdminService:
         return messages.ResetSessionResponse(existed=existed)
 
     def PutSessionRules(self, request: Any) -> Message:
-        from virtsvc._loader import compile_rules
+        from virtsvc.scenarios.loader import compile_rules
 
         scenario, session_id = request.scenario, request.session or DEFAULT_SESSION
         with self._lock:
@@ -367,7 +291,7 @@ def add_admin(server: grpc.Server, vserver: VirtualServer, token: str | None = N
         token = getattr(vserver, "admin_token", None) or getattr(vserver, "_admin_token", None)
     if token is not None and not token.strip():
         raise ConfigError("the admin token is empty: give a non-empty token, or none to leave admin open")
-    from virtsvc.server import is_loopback
+    from virtsvc.server.virtual_server import is_loopback
 
     closed = None
     host = getattr(vserver, "host", "127.0.0.1")
@@ -390,33 +314,3 @@ def add_admin(server: grpc.Server, vserver: VirtualServer, token: str | None = N
     return ADMIN_SERVICE
 
 
-class AdminClient:
-    """A small client: ``AdminClient(channel, token).call("PutScenario", text=...)`` returns the reply.
-
-    Refusals raise ``grpc.RpcError`` (``.code()``, ``.details()``).
-    """
-
-    def __init__(self, channel: grpc.Channel, token: str | None = None, timeout: float | None = 10.0) -> None:
-        self._channel = channel
-        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
-        self._timeout = timeout
-        self._stubs: dict[str, grpc.UnaryUnaryMultiCallable] = {}
-
-    def call(self, method: str, request: Message | None = None, /, **fields: Any) -> Any:
-        """Calls ``method`` with ``request``, or with a request built from ``fields``."""
-        try:
-            request_class, response_class = METHODS[method]
-        except KeyError:
-            raise ValueError(f"unknown admin method {method}; they are: {', '.join(METHODS)}") from None
-        stub = self._stubs.get(method)
-        if stub is None:
-            stub = self._stubs[method] = self._channel.unary_unary(
-                f"/{ADMIN_SERVICE}/{method}",
-                request_serializer=request_class.SerializeToString,
-                response_deserializer=response_class.FromString,
-            )
-        return stub(
-            request if request is not None else request_class(**fields),
-            metadata=self._metadata,
-            timeout=self._timeout,
-        )

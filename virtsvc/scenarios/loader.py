@@ -34,15 +34,24 @@ import grpc
 from google.protobuf import any_pb2, descriptor_pb2, json_format
 from google.protobuf.descriptor_pool import DescriptorPool
 
-from virtsvc import _yaml, templates
-from virtsvc._located import LocatedDict, LocatedList, Problems, Site
-from virtsvc._model import CompiledScenario, Delay, Fault, Location, Rule, Status, Step, TextTemplate
-from virtsvc.descriptors import Catalog, MethodSpec, normalize_method_name
+from virtsvc.contracts.catalog import Catalog, MethodSpec, normalize_method_name
 from virtsvc.errors import ConfigError, Problem, ScenarioError
-from virtsvc.matching import compile_when
-from virtsvc.scenario import Scenario
+from virtsvc.scenarios import templates
+from virtsvc.scenarios import yamltree as _yaml
+from virtsvc.scenarios.builder import Scenario
+from virtsvc.scenarios.located import LocatedDict, LocatedList, Problems, Site
+from virtsvc.scenarios.matching import compile_when
+from virtsvc.scenarios.model import CompiledScenario, Delay, Fault, Location, Rule, Status, Step, TextTemplate
 
-__all__ = ["Source", "check_paths", "compile_rules", "compile_sources", "compile_text", "load_sources"]
+__all__ = [
+    "Source",
+    "check_paths",
+    "compile_rules",
+    "compile_sources",
+    "compile_text",
+    "load_scenarios",
+    "load_sources",
+]
 
 SUFFIXES = (".yaml", ".yml", ".json", ".py")
 NAME_PATTERN = "[a-z0-9][a-z0-9._-]*"
@@ -1234,3 +1243,13 @@ def _reply(node: Mapping[Any, Any], spec: MethodSpec | None, site: Site, path: s
         return None
     value = node["reply"]
     return templates.compile_message(value if value is not None else {}, spec.output, site, path)
+
+
+def load_scenarios(paths: str | Path | Sequence[str | Path], catalog: Catalog) -> list[CompiledScenario]:
+    """Loads and validates scenario files, directories and scripts against ``catalog``; raises
+    ScenarioError listing every problem. The public way to get compiled scenarios for a server."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    if not paths:
+        return []
+    return compile_sources(load_sources([Path(p) for p in paths]), catalog)

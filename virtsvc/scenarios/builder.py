@@ -5,7 +5,7 @@ A builder records plain data in exactly the shape of a YAML rule (``{"method": .
 code as scenario files, so a mistake is reported at the script's line with the same message::
 
     from virtsvc import Scenario
-    from virtsvc.scenario import fail
+    from virtsvc.scenarios.builder import fail
 
     scenario = Scenario("checkout-happy", version=3)
     scenario.on("shop.v1.Inventory/Reserve", when={"request": {"sku": "ABC-1"}}).reply(
@@ -35,7 +35,7 @@ import grpc
 from google.protobuf import any_pb2, json_format
 from google.protobuf.message import Message
 
-from virtsvc._model import Location
+from virtsvc.scenarios.model import Location
 
 __all__ = ["STEP_KEYS", "RuleBuilder", "Scenario", "fail", "status", "step"]
 

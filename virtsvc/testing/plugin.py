@@ -7,7 +7,7 @@ Fixtures:
     A ``VirtualServer`` in this process on 127.0.0.1, port 0 (``.address``, ``.port``, ``.catalog``), or
     with ``--virtsvc-address HOST:PORT`` a ``RemoteServer`` for a sidecar that serves the admin API.
 ``virtual_service`` (function)
-    A ``virtsvc.testing.VirtualService`` on a fresh session: ``.use(name)``, ``.on(method)...``,
+    A ``virtsvc.testing.service.VirtualService`` on a fresh session: ``.use(name)``, ``.on(method)...``,
     ``.metadata``, ``.channel()``, ``.aio_channel()``, ``.calls()``, ``.assert_called()``. A test whose
     calls matched no rule, or whose ``times=`` rules were not used up, fails with the reason.
 
@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from virtsvc.server import VirtualServer
-    from virtsvc.testing import RemoteServer, VirtualService
+    from virtsvc.server.virtual_server import VirtualServer
+    from virtsvc.testing.service import RemoteServer, VirtualService
 
 __all__ = ["virtsvc_server", "virtual_service"]
 
@@ -143,7 +143,7 @@ def virtsvc_server(pytestconfig: pytest.Config) -> Iterator[VirtualServer | Remo
     try:
         yield server
     finally:
-        from virtsvc.testing import RemoteServer
+        from virtsvc.testing.service import RemoteServer
 
         if isinstance(server, RemoteServer):
             server.close()
@@ -152,12 +152,13 @@ def virtsvc_server(pytestconfig: pytest.Config) -> Iterator[VirtualServer | Remo
 
 
 def _start(options: _Options) -> VirtualServer | RemoteServer:
-    from virtsvc._serving import load_catalog, load_scenarios
+    from virtsvc.contracts.catalog import load_catalog
     from virtsvc.errors import ConfigError
+    from virtsvc.scenarios.loader import load_scenarios
 
     has_source = options.protos is not None or options.descriptors is not None
     if options.address:
-        from virtsvc.testing import RemoteServer
+        from virtsvc.testing.service import RemoteServer
 
         remote = RemoteServer(
             options.address,
@@ -173,7 +174,7 @@ def _start(options: _Options) -> VirtualServer | RemoteServer:
             "[tool.pytest.ini_options] or pytest.ini, or protos in [tool.virtsvc]; or pass "
             "--virtsvc-address HOST:PORT to use a running server"
         )
-    from virtsvc.server import VirtualServer
+    from virtsvc.server.virtual_server import VirtualServer
 
     catalog = load_catalog(options.protos, options.descriptors)
     server = VirtualServer(
@@ -190,9 +191,9 @@ def _start(options: _Options) -> VirtualServer | RemoteServer:
 def virtual_service(
     request: pytest.FixtureRequest, virtsvc_server: VirtualServer | RemoteServer
 ) -> Iterator[VirtualService]:
-    """This test's session on the virtual server; see ``virtsvc.testing.VirtualService``."""
+    """This test's session on the virtual server; see ``virtsvc.testing.service.VirtualService``."""
     from virtsvc.errors import VirtsvcError
-    from virtsvc.testing import VirtualService, new_session_id
+    from virtsvc.testing.service import VirtualService, new_session_id
 
     try:
         options = _options(request.config)
@@ -249,6 +250,6 @@ def _explain(item: pytest.Item, service: Any, *, skipped: bool) -> None:
     except Exception:  # the test already failed; never hide that behind a second error
         return
     if unmatched and not skipped:
-        from virtsvc.testing import _unmatched_text
+        from virtsvc.testing.service import _unmatched_text
 
         item.add_report_section("call", "virtsvc", "\n".join(_unmatched_text(c) for c in unmatched))

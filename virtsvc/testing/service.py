@@ -2,7 +2,7 @@
 
 The pytest plugin hands these out as the ``virtual_service`` fixture; they work without pytest too::
 
-    from virtsvc.testing import VirtualService
+    from virtsvc.testing.service import VirtualService
 
     with serve_in_process(protos="protos", scenarios="scenarios") as server:
         with VirtualService(server) as service:      # a fresh session; verified and dropped on exit
@@ -38,18 +38,18 @@ import grpc
 import grpc.aio
 from google.protobuf import json_format
 
-from virtsvc._model import Location
-from virtsvc.descriptors import normalize_method_name
+from virtsvc.contracts.catalog import normalize_method_name
+from virtsvc.engine.router import NO_SCENARIO, SCENARIO_HEADER, SESSION_HEADER
 from virtsvc.errors import ConfigError, Problem, ScenarioError, VirtsvcError
-from virtsvc.router import NO_SCENARIO, SCENARIO_HEADER, SESSION_HEADER
-from virtsvc.scenario import RuleBuilder, Scenario
+from virtsvc.scenarios.builder import RuleBuilder, Scenario
+from virtsvc.scenarios.model import Location
 
 if TYPE_CHECKING:
     from google.protobuf.message import Message
 
-    from virtsvc.descriptors import Catalog
-    from virtsvc.journal import Entry
-    from virtsvc.server import VirtualServer
+    from virtsvc.contracts.catalog import Catalog
+    from virtsvc.engine.journal import Entry
+    from virtsvc.server.virtual_server import VirtualServer
 
 __all__ = ["CallRecord", "InlineRule", "RemoteServer", "VirtualService", "new_session_id"]
 
@@ -244,7 +244,7 @@ class _InProcess:
         return self.server.registry.names()
 
     def put_rules(self, scenario: str, session: str, rules: list[dict[str, Any]]) -> None:
-        from virtsvc._loader import compile_rules
+        from virtsvc.scenarios.loader import compile_rules
 
         # A stable key prefix: re-putting the whole list keeps the times/sequence counters of the rules
         # already there (their index does not change, rules are only ever appended).

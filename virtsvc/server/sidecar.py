@@ -17,10 +17,10 @@ from pathlib import Path
 import grpc
 
 from virtsvc import _logs
-from virtsvc._serving import load_scenarios
-from virtsvc.descriptors import Catalog
+from virtsvc.contracts.catalog import Catalog
 from virtsvc.errors import ConfigError, ScenarioError
-from virtsvc.server import VirtualServer, tls_credentials
+from virtsvc.server.assembly import load_scenarios
+from virtsvc.server.virtual_server import VirtualServer, tls_credentials
 
 __all__ = ["ScenarioWatcher", "run_sidecar"]
 

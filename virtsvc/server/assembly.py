@@ -8,40 +8,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from virtsvc._model import CompiledScenario
-from virtsvc.descriptors import Catalog
-from virtsvc.errors import ConfigError
-from virtsvc.server import VirtualServer
+from virtsvc.contracts.catalog import load_catalog
+from virtsvc.scenarios.loader import load_scenarios
+from virtsvc.server.virtual_server import VirtualServer
 
 __all__ = ["load_catalog", "load_scenarios", "serve_in_process"]
 
 PathLike = str | Path
-
-
-def load_catalog(
-    protos: PathLike | None = None,
-    descriptors: PathLike | None = None,
-    includes: Sequence[PathLike] = (),
-) -> Catalog:
-    """The descriptors to serve: an exported/generated descriptor set, or a proto tree compiled on the fly."""
-    if descriptors is not None and protos is not None:
-        raise ConfigError("give either protos or descriptors, not both")
-    if descriptors is not None:
-        return Catalog.from_file(Path(descriptors))
-    if protos is not None:
-        return Catalog.from_protos(Path(protos), [Path(i) for i in includes])
-    raise ConfigError(
-        "nothing to serve: give protos (a directory of .proto files) or descriptors (a descriptor set)"
-    )
-
-
-def load_scenarios(paths: Sequence[PathLike], catalog: Catalog) -> list[CompiledScenario]:
-    """Loads and validates scenario files and scripts; raises ScenarioError listing every problem."""
-    from virtsvc._loader import compile_sources, load_sources
-
-    if not paths:
-        return []
-    return compile_sources(load_sources([Path(p) for p in paths]), catalog)
 
 
 @contextlib.contextmanager

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from virtsvc._model import Call, CompiledScenario, MatchResult, Rule, Selection
-from virtsvc.sessions import DEFAULT_SESSION, Session, Store
+from virtsvc.engine.store import DEFAULT_SESSION, Session, Store
+from virtsvc.scenarios.model import Call, CompiledScenario, MatchResult, Rule, Selection
 
 __all__ = [
     "BAGGAGE_SCENARIO",

@@ -20,10 +20,10 @@ import regex
 from google.protobuf import duration_pb2, timestamp_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
-from virtsvc._located import Site
-from virtsvc._model import Call, Matcher, MatchResult, to_json
-from virtsvc.descriptors import MethodSpec
-from virtsvc.templates import (
+from virtsvc.contracts.catalog import MethodSpec
+from virtsvc.scenarios.located import Site
+from virtsvc.scenarios.model import Call, Matcher, MatchResult, to_json
+from virtsvc.scenarios.templates import (
     DURATION,
     INT64_TYPES,
     JSON_TYPES,

@@ -1,0 +1,24 @@
+"""The server: the grpc server around the engine (``virtual_server``), its assembly from paths
+(``assembly``), the ``virtsvc serve`` sidecar (``sidecar``) and the admin service (``admin``)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from virtsvc._lazy import facade
+
+if TYPE_CHECKING:
+    from virtsvc.server.assembly import serve_in_process
+    from virtsvc.server.virtual_server import VirtualServer, tls_credentials
+
+__all__ = ["VirtualServer", "serve_in_process", "tls_credentials"]
+
+__getattr__, __dir__ = facade(
+    __name__,
+    {
+        "serve_in_process": "virtsvc.server.assembly",
+        "VirtualServer": "virtsvc.server.virtual_server",
+        "tls_credentials": "virtsvc.server.virtual_server",
+    },
+    globals(),
+)
