@@ -19,9 +19,9 @@ from grpc_tools import protoc
 
 from virtsvc.contracts import Catalog, MethodSpec
 from virtsvc.engine.store import Session
+from virtsvc.scenarios.fields import message_class
 from virtsvc.scenarios.located import LocatedDict, LocatedList, Problems, Site
 from virtsvc.scenarios.model import Call
-from virtsvc.scenarios.templates import message_class
 
 PROTOS = Path(__file__).resolve().parent.parent / "protos"
 

@@ -7,15 +7,31 @@ is a location, never a traceback. The CLI prints ``str(exc)`` and exits non-zero
     ├── ConfigError        bad [tool.virtsvc] settings, flags or paths
     ├── ProtoError         .proto files that do not compile (one located line per error)
     ├── DescriptorError    a descriptor set that cannot be loaded
-    └── ScenarioError      scenario files that do not validate (one located line per problem)
+    ├── ScenarioError      scenario files that do not validate (one located line per problem)
+    ├── TemplateError      a reply, status or metadata template that failed while rendering
+    ├── ConversionError    a value that does not fit its field (also a ValueError)
+    └── Refusal            a call or admin request answered with a gRPC status and a reason
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-__all__ = ["ConfigError", "DescriptorError", "Problem", "ProtoError", "ScenarioError", "VirtsvcError"]
+if TYPE_CHECKING:
+    from grpc import StatusCode
+
+__all__ = [
+    "ConfigError",
+    "ConversionError",
+    "DescriptorError",
+    "Problem",
+    "ProtoError",
+    "Refusal",
+    "ScenarioError",
+    "TemplateError",
+    "VirtsvcError",
+]
 
 
 class VirtsvcError(Exception):
@@ -63,3 +79,26 @@ class ProtoError(_ProblemsError):
 
 class ScenarioError(_ProblemsError):
     """Scenario files or text that failed validation; ``problems`` holds every problem found."""
+
+
+class TemplateError(VirtsvcError):
+    """A template that failed to render; the message starts with the template's path (``reply.qty: ...``)."""
+
+
+class ConversionError(VirtsvcError, ValueError):
+    """A value that does not fit its field; ``str()`` is ``path: message``."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}" if path else message)
+        self.path = path
+        self.message = message
+
+
+class Refusal(VirtsvcError):
+    """A call or admin request refused with a gRPC status ``code`` (a ``grpc.StatusCode``) and a message for
+    a person: raised by the router, the pipeline and the admin service, answered as that status."""
+
+    def __init__(self, code: StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message

@@ -21,15 +21,13 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from virtsvc.contracts.catalog import MethodSpec
-from virtsvc.scenarios.located import Site
-from virtsvc.scenarios.model import Call, Matcher, MatchResult, to_json
-from virtsvc.scenarios.templates import (
+from virtsvc.errors import ConversionError
+from virtsvc.scenarios.fields import (
     DURATION,
     INT64_TYPES,
     JSON_TYPES,
     TIMESTAMP,
     WRAPPERS,
-    ConversionError,
     element_default,
     is_map,
     json_default,
@@ -42,6 +40,8 @@ from virtsvc.scenarios.templates import (
     suggest,
     type_name,
 )
+from virtsvc.scenarios.located import Site
+from virtsvc.scenarios.model import Call, Matcher, MatchResult, to_json
 
 __all__ = ["MAX_REGEX", "MAX_REGEX_INPUT", "OPERATORS", "compile_when"]
 
