@@ -102,6 +102,7 @@ def session_rules(descriptors: Path, scenarios: Sequence[Path], repeats: int) ->
     except ImportError as exc:
         return {"available": False, "reason": f"virtsvc.scenarios.loader.compile_rules: {exc}"}
     from virtsvc.engine.router import NO_SCENARIO
+    from virtsvc.engine.store import RuleSet
     from virtsvc.server import VirtualServer
 
     catalog, compiled, _ = _load(descriptors, scenarios)
@@ -112,11 +113,7 @@ def session_rules(descriptors: Path, scenarios: Sequence[Path], repeats: int) ->
         rules = compile_rules(
             FIVE_RULES, catalog, scenario=NO_SCENARIO, origin="<bench>", key_prefix="inline:"
         )
-        by_method: dict[str, list[Any]] = {}
-        for rule in rules:
-            by_method.setdefault(rule.method, []).append(rule)
-        session = server.store.get(NO_SCENARIO, f"test-{i}")
-        session.rules = {m: tuple(sorted(rs, key=lambda r: -r.priority)) for m, rs in by_method.items()}
+        server.store.put_rules(NO_SCENARIO, f"test-{i}", RuleSet(rules, source=FIVE_RULES))
         times.append(time.perf_counter() - t0)
     # The rules answer: a call on the last session, through a real server.
     server.start()

@@ -18,7 +18,7 @@ from google.protobuf.message import Message
 from grpc_tools import protoc
 
 from virtsvc.contracts import Catalog, MethodSpec
-from virtsvc.engine.store import Session
+from virtsvc.engine.store import MemorySession as Session
 from virtsvc.scenarios.fields import message_class
 from virtsvc.scenarios.located import LocatedDict, LocatedList, Problems, Site
 from virtsvc.scenarios.model import Call

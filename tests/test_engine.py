@@ -25,7 +25,8 @@ from helpers import fails
 
 from virtsvc import VirtualServer
 from virtsvc.contracts import Catalog
-from virtsvc.engine.store import Session
+from virtsvc.engine.store import MemorySession as Session
+from virtsvc.engine.store import RuleSet
 from virtsvc.scenarios import load_scenarios
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -845,23 +846,27 @@ _PLAIN_CASES = [
     ("times: 1\n    reply: {reservation_id: r-1}", False),
     ("delay: 5ms\n    reply: {reservation_id: r-1}", False),
     ("fault: reset", False),
-    ("trailers: {x-k: v}\n    reply: {reservation_id: r-1}", False),
+    ("trailers: {x-k: v}\n    reply: {reservation_id: r-1}", True),  # fixed metadata is part of the plan
+    ("headers: {x-k: v}\n    reply: {reservation_id: r-1}", True),
+    ("headers: {x-k: '{{ request.sku }}'}\n    reply: {reservation_id: r-1}", False),
     ("status: {code: NOT_FOUND, message: gone}", False),
     ("sequence:\n      - reply: {reservation_id: a}\n      - reply: {reservation_id: b}", False),
 ]
 
 
 @pytest.mark.parametrize(("body", "plain"), _PLAIN_CASES)
-def test_which_rules_are_answered_as_fixed_replies(catalog: Catalog, body: str, plain: bool) -> None:
+def test_which_rules_have_a_fixed_plan(catalog: Catalog, body: str, plain: bool) -> None:
     from virtsvc.scenarios import compile_text
 
     text = f"scenario: p\nrules:\n  - method: shop.v1.Inventory/Reserve\n    {body}\n"
     (scenario,) = compile_text(text, catalog)
     rule = scenario.rules[0]
-    assert (rule.plain_reply is not None) is plain, rule.plain_reply
+    assert (rule.plan is not None) is plain, rule.plan
     if plain:
         step = rule.steps[0]
-        assert rule.plain_reply == (step.body.static if step.body is not None else b"")
+        assert rule.plan.reply == (step.body.static if step.body is not None else b"")
+        planned = rule.plan.headers + rule.plan.trailers
+        assert [k for k, _ in planned] == [k for k, _ in step.headers + step.trailers]
 
 
 def test_fixed_replies_remember_requests_that_parse_and_only_those(
@@ -874,15 +879,15 @@ def test_fixed_replies_remember_requests_that_parse_and_only_those(
     spec = catalog.method("shop.v1.Inventory/Reserve")
     good = [spec.input_class(sku=f"s{i}").SerializeToString() for i in range(4)]
     garbage = b"\x0a"  # a truncated length-delimited field: no parser accepts it
-    assert handlers._parses(spec, good[0]) and handlers._parses(spec, good[0])
-    assert not handlers._parses(spec, garbage) and not handlers._parses(spec, garbage)
+    assert handlers.parses(spec, good[0]) and handlers.parses(spec, good[0])
+    assert not handlers.parses(spec, garbage) and not handlers.parses(spec, garbage)
     assert (spec.input_class, garbage) not in handlers._PARSED
     assert (spec.input_class, good[0]) in handlers._PARSED
     for raw in good[1:]:
-        assert handlers._parses(spec, raw)
+        assert handlers.parses(spec, raw)
     assert len(handlers._PARSED) <= 3  # emptied when full, never past its bound
     big = spec.input_class(sku="x" * 1000).SerializeToString()
-    assert handlers._parses(spec, big) and (spec.input_class, big) not in handlers._PARSED
+    assert handlers.parses(spec, big) and (spec.input_class, big) not in handlers._PARSED
     # Bytes valid for one method's type say nothing of another's: the key is the message class.
     other = catalog.method("shop.v1.Payments/Charge")
     assert (other.input_class, good[0]) not in handlers._PARSED
@@ -958,7 +963,7 @@ def test_session_rules_and_garbage_are_not_answered_by_the_scenarios_fixed_reply
     scenarios = compile_text(_FIXED_SCENARIOS, catalog, "fixed.yaml")
     with VirtualServer(catalog, scenarios) as srv, grpc.insecure_channel(srv.address) as ch:
         reserve = ch.unary_unary("/shop.v1.Inventory/Reserve")
-        srv.store.get("fixed", "mine").rules = {"shop.v1.Inventory/Reserve": own.rules}
+        srv.store.put_rules("fixed", "mine", RuleSet(own.rules))
         request = pb.inv.ReserveRequest(sku="A-1").SerializeToString()
         mine = reserve(request, metadata=md("fixed", "mine"))
         theirs = reserve(request, metadata=md("fixed", "theirs"))

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from virtsvc.contracts import Catalog
-from virtsvc.engine.store import Session
+from virtsvc.engine.store import MemorySession as Session
 from virtsvc.errors import ScenarioError
 from virtsvc.scenarios import compile_text
 from virtsvc.scenarios.model import Call, CompiledScenario

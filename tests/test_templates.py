@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from virtsvc.contracts import Catalog, MethodSpec
-from virtsvc.engine.store import Session
+from virtsvc.engine.store import MemorySession as Session
 from virtsvc.scenarios import templates
 from virtsvc.scenarios.model import Call, to_json
 from virtsvc.scenarios.templates import TemplateError, compile_message, compile_text, static_text

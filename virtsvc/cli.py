@@ -178,14 +178,37 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         return run_sidecar(
             catalog=_catalog_from(args, settings),
             scenario_paths=_scenario_paths(args, settings),
-            host=args.host or settings.host,
-            port=settings.port if args.port is None else args.port,
-            default_scenario=args.default_scenario or settings.default_scenario,
-            options=args,
+            options=_serve_options(args, settings),
         )
     except BaseException:
         gc.unfreeze()  # a process that goes on (a test calling main()) keeps a collectable heap
         raise
+
+
+def _serve_options(args: argparse.Namespace, settings: Settings) -> Any:
+    """The serve flags over ``[tool.virtsvc]``, as the one typed options object the server takes."""
+    import os
+
+    from virtsvc.server.options import ServeOptions
+
+    return ServeOptions(
+        host=args.host or settings.host,
+        port=settings.port if args.port is None else args.port,
+        default_scenario=args.default_scenario or settings.default_scenario,
+        max_workers=args.max_workers,
+        journal_size=args.journal_size,
+        journal_total=args.journal_total,
+        session_ttl=args.session_ttl,
+        max_message_bytes=args.max_message_bytes,
+        max_concurrency=args.max_concurrency,
+        max_concurrency_per_session=args.max_concurrency_per_session,
+        admin_token=args.admin_token or os.environ.get("VIRTSVC_ADMIN_TOKEN") or None,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        grace=args.grace,
+        watch=args.watch,
+    )
 
 
 # -------------------------------------------------------------------------------------------------- parsing
@@ -301,6 +324,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=500,
         metavar="N",
         help="journal entries kept per session (default 500)",
+    )
+    serve.add_argument(
+        "--journal-total",
+        type=_positive,
+        default=100_000,
+        metavar="N",
+        help="journal entries kept in all; past it the least recently active sessions' go first "
+        "(default 100000)",
     )
     serve.add_argument(
         "--session-ttl",

@@ -98,7 +98,8 @@ class Refusal(VirtsvcError):
     """A call or admin request refused with a gRPC status ``code`` (a ``grpc.StatusCode``) and a message for
     a person: raised by the router, the pipeline and the admin service, answered as that status."""
 
-    def __init__(self, code: StatusCode, message: str) -> None:
+    def __init__(self, code: StatusCode, message: str, *, near_miss: bool = False) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.near_miss = near_miss  # no rule answered: the message explains why (routing, no match)

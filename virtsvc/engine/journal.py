@@ -16,14 +16,20 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf import any_pb2, json_format
 from google.protobuf.message import DecodeError, Message
 
+from virtsvc import _logs
 from virtsvc.scenarios.model import to_json
 
 if TYPE_CHECKING:
     from virtsvc.contracts.catalog import MethodSpec
 
-__all__ = ["Entry", "Journal"]
+__all__ = ["Entry", "Journal", "Metadata"]
+
+log = _logs.get_logger("virtsvc.journal")
+
+Metadata = tuple[tuple[str, "str | bytes"], ...]
 
 _SEQ = itertools.count(1)
 
@@ -38,7 +44,10 @@ class Entry:
     __slots__ = (
         "_metadata",
         "code",
+        "delay",
+        "details",
         "duration",
+        "headers",
         "message",
         "near_miss",
         "raw_replies",
@@ -50,6 +59,7 @@ class Entry:
         "session",
         "spec",
         "started_at",
+        "trailers",
     )
 
     def __init__(
@@ -74,6 +84,10 @@ class Entry:
         self.rule: str | None = None  # file:line of the rule that answered
         self.near_miss: str | None = None  # why no rule answered
         self.duration = 0.0  # seconds
+        self.delay = 0.0  # seconds of simulated latency within it
+        self.headers: Metadata = ()  # initial metadata sent
+        self.trailers: Metadata = ()  # trailing metadata sent (grpc-status-details-bin aside: see details)
+        self.details: tuple[bytes, ...] = ()  # the status details sent, serialised google.protobuf.Any
         self.scenario_version: int | str | None = None
         self.seq = next(_SEQ)
 
@@ -103,6 +117,10 @@ class Entry:
     def replies(self) -> list[Any]:
         return [_decode(self.spec.output_class, raw) for raw in self.raw_replies]
 
+    def status_details(self) -> list[Any]:
+        """The status details sent, as proto3 JSON (``{"@type": ..., ...}``)."""
+        return [_detail(raw, self.spec) for raw in self.details]
+
     def to_dict(self) -> dict[str, Any]:
         requests = self.requests()
         replies = self.replies()
@@ -118,13 +136,17 @@ class Entry:
             "requests": requests,
             "reply": replies[0] if replies else None,
             "replies": replies,
+            "headers": _pairs(self.headers),
+            "trailers": _pairs(self.trailers),
             "code": self.code.name,
             "message": self.message,
+            "details": self.status_details(),
             "rule": self.rule,
             "near_miss": self.near_miss,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self.started_at))
             + f".{int(self.started_at % 1 * 1e6):06d}Z",
             "duration_ms": round(self.duration * 1000, 3),
+            "delay_ms": round(self.delay * 1000, 3),
         }
 
 
@@ -135,6 +157,22 @@ def _decode(cls: type[Message], raw: bytes) -> Any:
     except DecodeError:
         return {"@undecodable": base64.b64encode(raw).decode()}
     return to_json(msg)
+
+
+def _pairs(pairs: Metadata) -> dict[str, str]:
+    """Metadata as JSON: binary (``-bin``) values in base64, as gRPC's text forms write them."""
+    out: dict[str, str] = {}
+    for key, value in pairs:
+        out[key] = base64.b64encode(value).decode() if isinstance(value, bytes) else value
+    return out
+
+
+def _detail(raw: bytes, spec: MethodSpec) -> Any:
+    detail = any_pb2.Any.FromString(raw)
+    try:
+        return json_format.MessageToDict(detail, descriptor_pool=spec.input.file.pool)
+    except (TypeError, KeyError, json_format.Error):  # a type the pool lacks: keep what can be kept
+        return {"@type": detail.type_url, "@undecodable": base64.b64encode(detail.value).decode()}
 
 
 Subscriber = Callable[[Entry], None]
@@ -158,6 +196,7 @@ class Journal:
         # sessions cannot add up past the bound while each active session keeps its recent history.
         self._rings: OrderedDict[tuple[str, str], deque[Entry]] = OrderedDict()
         self._total = 0
+        self.dropped = 0  # entries dropped by the total bound, ever
         self._lock = threading.Lock()
         self._subscribers: list[Subscriber] = []
 
@@ -176,7 +215,13 @@ class Journal:
                     self._drop_oldest()
             ring.append(entry)
         for subscriber in self._subscribers:
-            subscriber(entry)
+            try:
+                subscriber(entry)
+            except Exception as exc:
+                # A subscriber's bug never breaks the call that was recorded: it is logged and dropped.
+                self.unsubscribe(subscriber)
+                name = getattr(subscriber, "__qualname__", type(subscriber).__name__)
+                log.error("journal.subscriber_dropped", subscriber=name, error=f"{type(exc).__name__}: {exc}")
 
     def _drop_oldest(self) -> None:
         """Past the total bound: drop whole journals, least recently active first (never the newest)."""
@@ -184,6 +229,7 @@ class Journal:
         while self._total > self.max_entries and len(rings) > 1:
             _, oldest = rings.popitem(last=False)
             self._total -= len(oldest)
+            self.dropped += len(oldest)
 
     def entries(
         self,
@@ -221,19 +267,22 @@ class Journal:
                 self._total -= len(self._rings.pop(key))
 
     def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
-        """Calls ``subscriber`` with every new entry (on the serving thread: keep it quick)."""
-        self._subscribers = [*self._subscribers, subscriber]
+        """Calls ``subscriber`` with every entry as its call finishes, on the serving thread (keep it quick:
+        hand work to a queue). One that raises is logged and dropped. Returns the unsubscriber."""
+        with self._lock:
+            self._subscribers = [*self._subscribers, subscriber]
+        return lambda: self.unsubscribe(subscriber)
 
-        def unsubscribe() -> None:
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        with self._lock:
             self._subscribers = [s for s in self._subscribers if s is not subscriber]
 
-        return unsubscribe
+    def drop_session(self, scenario: str, session: str) -> None:
+        """A store's drop event: the session's journal goes with it."""
+        self.clear(scenario, session)
 
     def __iter__(self) -> Iterator[Entry]:
         return iter(self.entries())
 
     def __len__(self) -> int:
         return sum(len(r) for r in list(self._rings.values()))
-
-    def session_count(self) -> int:
-        return len(self._rings)

@@ -7,7 +7,6 @@ admin change never disturbs calls in flight, and the next call sees it.
 
 from __future__ import annotations
 
-import difflib
 import threading
 import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
@@ -15,8 +14,11 @@ from dataclasses import dataclass
 
 import grpc
 
-from virtsvc.engine.store import DEFAULT_SESSION, Session, Store
-from virtsvc.scenarios.model import Call, CompiledScenario, MatchResult, Rule, Selection
+from virtsvc import _text
+from virtsvc.engine.store import DEFAULT_SESSION, RuleSet, SessionState, Store
+from virtsvc.errors import Refusal
+from virtsvc.scenarios.answers import Answer, Plan
+from virtsvc.scenarios.model import Call, CompiledScenario, MatchResult, Rule
 
 __all__ = [
     "BAGGAGE_SCENARIO",
@@ -24,11 +26,11 @@ __all__ = [
     "NO_SCENARIO",
     "SCENARIO_HEADER",
     "SESSION_HEADER",
+    "Choice",
     "Registry",
-    "RouteError",
     "Router",
-    "Selection",
     "parse_baggage",
+    "unknown_scenario_message",
 ]
 
 SCENARIO_HEADER = "x-virtsvc-scenario"
@@ -38,24 +40,10 @@ BAGGAGE_SESSION = "virtsvc-session"
 NO_SCENARIO = ""  # sessions that hold only session-scoped rules live under the empty scenario name
 
 
-class RouteError(Exception):
-    """A call that cannot be routed: answered with ``code`` and ``message``."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 @dataclass(frozen=True)
 class _Snapshot:
     scenarios: Mapping[str, CompiledScenario]
     index: Mapping[str, Mapping[str, tuple[Rule, ...]]]  # scenario -> method -> rules, best first
-
-
-def _ordered(rules: Iterable[Rule]) -> tuple[Rule, ...]:
-    # Higher priority first; ties keep file order (sorted is stable).
-    return tuple(sorted(rules, key=lambda r: -r.priority))
 
 
 def _build_index(scenarios: Mapping[str, CompiledScenario]) -> dict[str, dict[str, tuple[Rule, ...]]]:
@@ -65,10 +53,10 @@ def _build_index(scenarios: Mapping[str, CompiledScenario]) -> dict[str, dict[st
         if name in index:
             return index[name]
         scenario = scenarios[name]
-        own: dict[str, list[Rule]] = {}
         for rule in scenario.rules:
-            own.setdefault(rule.method, []).append(rule)
-        methods = {m: _ordered(rs) for m, rs in own.items()}
+            _ = rule.plan  # decided once per rule, at load, not on its first call
+        # The one grouping by method, best first, shared with session rules.
+        methods = dict(RuleSet(scenario.rules))
         parent = scenario.extends
         if parent and parent in scenarios and parent not in trail:
             # Own rules are tried first, then the parent's (already resolved with its own parents).
@@ -141,17 +129,31 @@ def parse_baggage(value: str) -> dict[str, str]:
     return out
 
 
+class Choice:
+    """The rule chosen for a call, its answer and the step's position (0 but in a sequence)."""
+
+    __slots__ = ("answer", "index", "refusal", "rule")
+
+    def __init__(self, rule: Rule, answer: Answer | None, index: int, refusal: Refusal | None = None) -> None:
+        self.rule = rule
+        self.answer = answer
+        self.index = index
+        self.refusal = refusal  # the rule answers this call by refusing it (an exhausted sequence)
+
+
 class Router:
-    """Turns a call's metadata into (scenario, session) and picks the rule that answers it."""
+    """Turns a call's metadata into (scenario, session), and owns the choice of the rule that answers it:
+    candidates (the session's rules, then the scenario's, best first), conditions, ``times`` and sequence
+    positions."""
 
     def __init__(self, registry: Registry, store: Store, default_scenario: str | None = None) -> None:
         self.registry = registry
         self.store = store
         self.default_scenario = default_scenario
 
-    def route(self, metadata: Mapping[str, str]) -> tuple[CompiledScenario | None, Session]:
-        """Picks the scenario and session named by the call's metadata (explicit headers win over baggage);
-        no scenario (None) for a session that holds only session-scoped rules."""
+    def route(self, metadata: Mapping[str, str]) -> tuple[CompiledScenario | None, SessionState]:
+        """The scenario and session named by the call's metadata (explicit headers win over baggage); no
+        scenario (None) for a session that holds only session-scoped rules. Refusal when there is none."""
         scenario = metadata.get(SCENARIO_HEADER)
         session_id = metadata.get(SESSION_HEADER)
         if (scenario is None or session_id is None) and "baggage" in metadata:
@@ -167,33 +169,76 @@ class Router:
                 bare = self.store.find(NO_SCENARIO, session_id)
                 if bare is not None and bare.rules:
                     return None, bare
-                raise RouteError(grpc.StatusCode.FAILED_PRECONDITION, self._no_scenario_message())
+                raise Refusal(
+                    grpc.StatusCode.FAILED_PRECONDITION, self._no_scenario_message(), near_miss=True
+                )
         compiled = self.registry.get(scenario)
         if compiled is None:
-            raise RouteError(grpc.StatusCode.NOT_FOUND, self._unknown_scenario_message(scenario))
-        return compiled, self.store.get(scenario, session_id)
+            raise Refusal(
+                grpc.StatusCode.NOT_FOUND,
+                unknown_scenario_message(scenario, self.registry.names()),
+                near_miss=True,
+            )
+        return compiled, self.store.session(scenario, session_id)
 
-    def select(self, call: Call) -> Selection:
-        """The first rule (session rules, then the scenario's, best first) whose ``when`` holds and that
-        is not used up; otherwise a near-miss explanation."""
-        method = call.method.full_name
+    def candidates(self, session: SessionState, scenario: str, method: str) -> tuple[Rule, ...]:
+        """Every rule that may answer, in the order they are tried: the session's own, then the scenario's."""
+        own = session.rules.get(method, ())
+        rules = self.registry.rules_for(scenario, method)
+        return own + rules if own else rules
+
+    def plan(self, session: SessionState, scenario: str, method: str) -> tuple[Rule, Plan] | None:
+        """The first candidate's fixed plan, when it answers every call alike (no session rules before it)."""
+        if session.rules:
+            return None
+        rules = self.registry.rules_for(scenario, method)
+        if not rules:
+            return None
+        plan = rules[0].plan
+        return None if plan is None else (rules[0], plan)
+
+    def choose(self, call: Call) -> Choice:
+        """The first candidate whose ``when`` holds and that is not used up, with the step it answers with
+        (a sequence moves on); Refusal with the near-miss report when none does, or when a sequence with
+        ``after: fail`` is exhausted."""
         session = call.session
-        session_rules = session.rules.get(method, ())
-        rules = self.registry.rules_for(call.scenario, method)
+        method = call.method.full_name
         misses: list[tuple[Rule, MatchResult]] = []
         used_up: list[Rule] = []
-        for candidates in (session_rules, rules):
-            for rule in candidates:
-                if rule.when is not None:
-                    result = rule.when.check(call)
-                    if not result.ok:
-                        misses.append((rule, result))
-                        continue
-                if rule.times is not None and not session.take(_counter_key(rule), rule.times):
-                    used_up.append(rule)
+        candidates = self.candidates(session, call.scenario, method)
+        for rule in candidates:
+            if rule.when is not None:
+                result = rule.when.check(call)
+                if not result.ok:
+                    misses.append((rule, result))
                     continue
-                return rule.selection
-        return Selection(None, self._near_miss(call, session_rules, rules, misses, used_up), misses, used_up)
+            if rule.times is not None and not session.take(rule.times_key, rule.times):
+                used_up.append(rule)
+                continue
+            return self._step(rule, session)
+        raise Refusal(
+            grpc.StatusCode.UNIMPLEMENTED, self._near_miss(call, candidates, misses, used_up), near_miss=True
+        )
+
+    @staticmethod
+    def _step(rule: Rule, session: SessionState) -> Choice:
+        answers = rule.answers
+        if not rule.is_sequence:
+            return Choice(rule, answers[0] if answers else None, 0)  # none: a Python handler answers
+        pos = session.advance(rule.sequence_key)
+        n = len(answers)
+        if pos < n:
+            return Choice(rule, answers[pos], pos)
+        if rule.after == "cycle":
+            return Choice(rule, answers[pos % n], pos % n)
+        if rule.after == "fail":
+            refusal = Refusal(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the sequence of the rule at {rule.location} is exhausted: it had {n} steps and this is "
+                f"call {pos + 1} (after: fail)",
+            )
+            return Choice(rule, answers[-1], n - 1, refusal)
+        return Choice(rule, answers[-1], n - 1)
 
     # -- messages: part of the API, asserted by tests ---------------------------------------------
 
@@ -206,20 +251,10 @@ class Router:
             f"loaded scenarios: {loaded}"
         )
 
-    def _unknown_scenario_message(self, name: str) -> str:
-        names = self.registry.names()
-        text = f'unknown scenario "{name}"'
-        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
-        if close:
-            text += "; did you mean " + " or ".join(f'"{c}"' for c in close) + "?"
-        text += "; loaded scenarios: " + (", ".join(names) if names else "none")
-        return text
-
     def _near_miss(
         self,
         call: Call,
-        session_rules: Sequence[Rule],
-        rules: Sequence[Rule],
+        candidates: Sequence[Rule],
         misses: list[tuple[Rule, MatchResult]],
         used_up: list[Rule],
     ) -> str:
@@ -229,7 +264,7 @@ class Router:
             if call.scenario
             else (f'session "{call.session.id}"')
         )
-        if not session_rules and not rules:
+        if not candidates:
             covered = self.registry.methods_of(call.scenario) if call.scenario else []
             text = f"no rule for {method} in {where}"
             if covered:
@@ -252,9 +287,7 @@ class Router:
         return "\n".join(lines)
 
 
-def _counter_key(rule: Rule) -> str:
-    return f"times:{rule.scenario}:{rule.key}"
-
-
-def sequence_key(rule: Rule) -> str:
-    return f"seq:{rule.scenario}:{rule.key}"
+def unknown_scenario_message(name: str, names: Sequence[str]) -> str:
+    """The one wording of "no such scenario", for calls, the admin API and the testing helpers alike."""
+    text = f'unknown scenario "{name}"' + _text.did_you_mean(name, names, n=3, quote='"')
+    return text + "; loaded scenarios: " + _text.quoted_list(names)

@@ -1,8 +1,15 @@
-"""Per (scenario, session) state behind one Store interface.
+"""Where sessions' state lives, behind one ``Store`` protocol with explicit operations.
 
-A Session holds what makes calls stateful: how often each rule has answered (``times``), where each
-sequence stands, the session's seeded random generator and its user data. The in-memory store is the
-embedded default; a shared store (Redis) implements the same interface so several servers can share state.
+A session (one test's isolated view of one scenario) holds what makes calls stateful: how often each rule
+answered (``times``), where each sequence stands, its session-scoped rules, its user data and its call
+count. Everything that changes goes through the operations below, so a shared store (Redis) can implement the
+same protocol for several processes; what cannot be shared stays process-local and is looked up by key:
+compiled rules and Python handlers (a session's rules are held as a :class:`RuleSet`, which a shared store
+would keep as its source and compile once per process) and the random generators (seeded from the names,
+so every process draws the same values).
+
+Dropping a session (reset, expiry, a deleted scenario) is an event: ``subscribe`` is how the journal and
+others hear of it. ``tests/test_store.py`` is the conformance suite every implementation runs.
 """
 
 from __future__ import annotations
@@ -11,16 +18,147 @@ import hashlib
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any, Protocol
 
-__all__ = ["DEFAULT_SESSION", "MemoryStore", "Session", "Store"]
+from virtsvc import _logs
+from virtsvc.scenarios.model import Rule
+
+__all__ = ["DEFAULT_SESSION", "MemorySession", "MemoryStore", "RuleSet", "SessionState", "Store"]
 
 DEFAULT_SESSION = "default"
 
+log = _logs.get_logger("virtsvc.store")
 
-class Session:
-    """The state of one session of one scenario. Thread-safe: calls of one session may run in parallel."""
+DropListener = Callable[[str, str], None]  # (scenario, session id)
+
+
+class RuleSet(Mapping[str, tuple[Rule, ...]]):
+    """A session's own rules by method, best first (higher priority; ties keep their order). Immutable:
+    replacing a session's rules is one assignment, so a call in flight sees the old set or the new one."""
+
+    __slots__ = ("_by_method", "source")
+
+    def __init__(self, rules: Iterable[Rule] = (), source: Any = None) -> None:
+        by_method: dict[str, list[Rule]] = {}
+        for rule in rules:
+            by_method.setdefault(rule.method, []).append(rule)
+        # sorted is stable: ties keep the order they were given in
+        self._by_method = {m: tuple(sorted(rs, key=lambda r: -r.priority)) for m, rs in by_method.items()}
+        self.source = source  # what the rules were compiled from (text or data), for stores that persist it
+
+    def __getitem__(self, method: str) -> tuple[Rule, ...]:
+        return self._by_method[method]
+
+    def get(self, method: str, default: Any = ()) -> Any:
+        return self._by_method.get(method, default)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_method)
+
+    def __len__(self) -> int:
+        return len(self._by_method)
+
+    def rules(self) -> list[Rule]:
+        return [r for rs in self._by_method.values() for r in rs]
+
+    def counter_keys(self) -> set[str]:
+        return {k for r in self.rules() for k in (r.times_key, r.sequence_key)}
+
+
+EMPTY_RULES = RuleSet()
+
+
+class SessionState(Protocol):
+    """One session's state, as the engine reads and changes it on every call."""
+
+    @property
+    def scenario(self) -> str: ...
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def calls(self) -> int: ...
+
+    @property
+    def rules(self) -> RuleSet:
+        """Its session-scoped rules (empty when it has none)."""
+        ...
+
+    @property
+    def data(self) -> MutableMapping[str, Any]:
+        """The dict a Python handler keeps state in (``virtsvc.session()``)."""
+        ...
+
+    @property
+    def rng(self) -> random.Random:
+        """Process-local, seeded from the scenario and session names: reruns draw the same values."""
+        ...
+
+    def touch(self) -> int:
+        """Counts a call; returns its 1-based number within the session."""
+        ...
+
+    def take(self, counter: str, limit: int) -> bool:
+        """Claims one use of a rule limited to ``limit`` uses; False once it is used up."""
+        ...
+
+    def advance(self, counter: str) -> int:
+        """The 0-based position of this call in a sequence, moving the sequence on."""
+        ...
+
+    def used(self, counter: str) -> int: ...
+
+    def enter(self, limit: int) -> bool:
+        """Claims a place among the session's calls in flight; False when ``limit`` already run."""
+        ...
+
+    def leave(self) -> None: ...
+
+
+class Store(Protocol):
+    """Where sessions live. Look-ups cost the same however many sessions exist."""
+
+    def session(self, scenario: str, session_id: str) -> SessionState:
+        """The session, made on first use."""
+        ...
+
+    def find(self, scenario: str, session_id: str) -> SessionState | None: ...
+
+    def put_rules(self, scenario: str, session_id: str, rules: RuleSet) -> None:
+        """Replaces the session's own rules (making the session if needed); counters of rules kept by key
+        stay where they were."""
+
+    def clear_rules(self, scenario: str, session_id: str) -> int:
+        """Removes the session's own rules and their counters; returns how many rules it had."""
+        ...
+
+    def reset(self, scenario: str, session_id: str) -> bool:
+        """Drops one session (state, rules, data); False when it did not exist."""
+        ...
+
+    def drop_scenario(self, scenario: str) -> int:
+        """Drops every session of a scenario; returns how many."""
+        ...
+
+    def expire(self, now: float | None = None) -> int:
+        """Drops sessions idle past the TTL; returns how many."""
+        ...
+
+    def subscribe(self, listener: DropListener) -> Callable[[], None]:
+        """Calls ``listener(scenario, session_id)`` when a session is dropped; returns the unsubscriber."""
+        ...
+
+    def keys(self) -> list[tuple[str, str]]:
+        """Every live session's (scenario, session id)."""
+        ...
+
+    def __len__(self) -> int: ...
+
+
+class MemorySession:
+    """A session in this process's memory. Thread-safe: calls of one session may run in parallel."""
 
     __slots__ = (
         "_counters",
@@ -45,28 +183,21 @@ class Session:
         self._lock = threading.Lock()
         self._rng: random.Random | None = None  # made on first use: most sessions never draw (2.9 KB each)
         self.data: dict[str, Any] = {}
-        # Session-scoped rules (admin PutSessionRules, pytest inline rules): method -> rules, best first.
-        self.rules: dict[str, tuple[Any, ...]] = {}
+        self.rules: RuleSet = EMPTY_RULES
 
     @property
     def rng(self) -> random.Random:
-        """The session's random generator, seeded from its names so a rerun sees the same values."""
         if self._rng is None:
-            seed = int.from_bytes(
-                hashlib.blake2b(f"{self.scenario}\0{self.id}".encode(), digest_size=8).digest(), "big"
-            )
-            self._rng = random.Random(seed)
+            self._rng = seeded_rng(self.scenario, self.id)
         return self._rng
 
     def touch(self) -> int:
-        """Counts a call; returns its 1-based number within the session."""
         with self._lock:
             self.calls += 1
             self.last_used = time.monotonic()
             return self.calls
 
     def enter(self, limit: int) -> bool:
-        """Claims a place among the session's calls in flight; False when ``limit`` are already running."""
         with self._lock:
             if self.inflight >= limit:
                 return False
@@ -77,106 +208,118 @@ class Session:
         with self._lock:
             self.inflight -= 1
 
-    def take(self, key: str, times: int) -> bool:
-        """Claims one use of a rule limited to ``times`` uses; False once it is used up."""
+    def take(self, counter: str, limit: int) -> bool:
         with self._lock:
-            used = self._counters.get(key, 0)
-            if used >= times:
+            used = self._counters.get(counter, 0)
+            if used >= limit:
                 return False
-            self._counters[key] = used + 1
+            self._counters[counter] = used + 1
             return True
 
-    def used(self, key: str) -> int:
+    def used(self, counter: str) -> int:
         with self._lock:
-            return self._counters.get(key, 0)
+            return self._counters.get(counter, 0)
 
-    def forget(self, key_part: str) -> None:
-        """Drops the counters whose key contains ``key_part`` (e.g. those of the session's own rules)."""
+    def advance(self, counter: str) -> int:
         with self._lock:
-            self._counters = {k: v for k, v in self._counters.items() if key_part not in k}
-
-    def advance(self, key: str) -> int:
-        """The 0-based position of this call in a sequence, and moves the sequence on."""
-        with self._lock:
-            pos = self._counters.get(key, 0)
-            self._counters[key] = pos + 1
+            pos = self._counters.get(counter, 0)
+            self._counters[counter] = pos + 1
             return pos
 
+    def _forget(self, counters: set[str]) -> None:
+        with self._lock:
+            for counter in counters:
+                self._counters.pop(counter, None)
 
-class Store(Protocol):
-    """Where sessions live. Lookups cost the same however many sessions exist."""
 
-    def get(self, scenario: str, session_id: str) -> Session: ...
-
-    def find(self, scenario: str, session_id: str) -> Session | None: ...
-
-    def reset(self, scenario: str, session_id: str) -> bool: ...
-
-    def drop_scenario(self, scenario: str) -> int: ...
-
-    def expire(self, now: float | None = None) -> int: ...
-
-    def __iter__(self) -> Iterator[Session]: ...
-
-    def __len__(self) -> int: ...
+def seeded_rng(scenario: str, session_id: str) -> random.Random:
+    """A generator seeded from the names: the same session draws the same values in every process."""
+    digest = hashlib.blake2b(f"{scenario}\0{session_id}".encode(), digest_size=8).digest()
+    return random.Random(int.from_bytes(digest, "big"))
 
 
 class MemoryStore:
     """The embedded default: a dict keyed by (scenario, session), idle sessions expiring after ``ttl``."""
 
-    def __init__(self, ttl: float = 3600.0, on_drop: Callable[[Session], None] | None = None) -> None:
+    def __init__(self, ttl: float = 3600.0) -> None:
         self.ttl = ttl
-        self._sessions: dict[tuple[str, str], Session] = {}
+        self._sessions: dict[tuple[str, str], MemorySession] = {}
         self._lock = threading.Lock()
-        self._on_drop = on_drop
+        self._listeners: list[DropListener] = []
         self._next_sweep = time.monotonic() + min(ttl, 60.0)
 
-    def get(self, scenario: str, session_id: str) -> Session:
+    def session(self, scenario: str, session_id: str) -> MemorySession:
         key = (scenario, session_id)
         session = self._sessions.get(key)
         if session is None:
             with self._lock:
                 session = self._sessions.get(key)
                 if session is None:
-                    session = self._sessions[key] = Session(scenario, session_id)
+                    session = self._sessions[key] = MemorySession(scenario, session_id)
         now = time.monotonic()
         if now >= self._next_sweep:
             self.expire(now)
         return session
 
-    def find(self, scenario: str, session_id: str) -> Session | None:
+    def find(self, scenario: str, session_id: str) -> MemorySession | None:
         return self._sessions.get((scenario, session_id))
+
+    def put_rules(self, scenario: str, session_id: str, rules: RuleSet) -> None:
+        self.session(scenario, session_id).rules = rules
+
+    def clear_rules(self, scenario: str, session_id: str) -> int:
+        session = self.find(scenario, session_id)
+        if session is None:
+            return 0
+        old, session.rules = session.rules, EMPTY_RULES
+        session._forget(old.counter_keys())  # the next put starts their sequences and times over
+        return len(old.rules())
 
     def reset(self, scenario: str, session_id: str) -> bool:
         with self._lock:
             session = self._sessions.pop((scenario, session_id), None)
-        if session is not None and self._on_drop:
-            self._on_drop(session)
+        if session is not None:
+            self._dropped([session])
         return session is not None
 
     def drop_scenario(self, scenario: str) -> int:
         with self._lock:
-            keys = [k for k in self._sessions if k[0] == scenario]
-            dropped = [self._sessions.pop(k) for k in keys]
-        for session in dropped:
-            if self._on_drop:
-                self._on_drop(session)
+            dropped = [self._sessions.pop(k) for k in [k for k in self._sessions if k[0] == scenario]]
+        self._dropped(dropped)
         return len(dropped)
 
     def expire(self, now: float | None = None) -> int:
-        """Drops sessions idle for longer than the TTL; runs at most once a minute from ``get``."""
+        """Drops sessions idle for longer than the TTL; runs at most once a minute from ``session``."""
         now = time.monotonic() if now is None else now
         self._next_sweep = now + min(self.ttl, 60.0)
         limit = now - self.ttl
         with self._lock:
             stale = [k for k, s in self._sessions.items() if s.last_used < limit]
             dropped = [self._sessions.pop(k) for k in stale]
-        for session in dropped:
-            if self._on_drop:
-                self._on_drop(session)
+        self._dropped(dropped)
         return len(dropped)
 
-    def __iter__(self) -> Iterator[Session]:
+    def subscribe(self, listener: DropListener) -> Callable[[], None]:
+        self._listeners = [*self._listeners, listener]
+
+        def unsubscribe() -> None:
+            self._listeners = [x for x in self._listeners if x is not listener]
+
+        return unsubscribe
+
+    def _dropped(self, sessions: Iterable[MemorySession]) -> None:
+        for session in sessions:
+            for listener in self._listeners:
+                try:
+                    listener(session.scenario, session.id)
+                except Exception as exc:  # a listener's bug must not stop the others, nor the caller
+                    log.warning("store.listener_failed", error=f"{type(exc).__name__}: {exc}")
+
+    def keys(self) -> list[tuple[str, str]]:
+        return list(self._sessions)
+
+    def __iter__(self) -> Iterator[MemorySession]:
+        """The live sessions (this store's own view, for tests and tools in this process)."""
         return iter(list(self._sessions.values()))
 
     def __len__(self) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -22,7 +22,7 @@ from virtsvc.scenarios.protojson import message_to_json
 
 if TYPE_CHECKING:
     from virtsvc.contracts.catalog import MethodSpec
-    from virtsvc.engine.store import Session
+    from virtsvc.scenarios.answers import Answer, Plan
 
 __all__ = [
     "After",
@@ -64,9 +64,6 @@ class MatchResult:
     failures: tuple[str, ...] = ()  # e.g. 'request.sku: expected "ABC-1", got "XYZ"'
 
 
-MATCHED = MatchResult(True)
-
-
 class Matcher(Protocol):
     """A compiled ``when`` block."""
 
@@ -90,10 +87,6 @@ class MessageTemplate(Protocol):
     def needs_request(self) -> bool: ...
 
     def render(self, call: Call, index: int) -> bytes: ...
-
-    def render_json(self, call: Call, index: int) -> Any:
-        """The rendered body as proto3 JSON (for the journal and for handlers' dict replies)."""
-        ...
 
 
 class TextTemplate(Protocol):
@@ -191,34 +184,29 @@ class Rule:
         return self.when is not None and self.when.needs_request
 
     @cached_property
-    def plain_reply(self) -> bytes | None:
-        """The reply, when this rule answers every call alike with nothing else to do (no condition, count,
-        sequence, handler, template, delay, fault, metadata or error status): sent as it is, at once."""
-        if self.when is not None or self.times is not None or self.handler is not None:
-            return None
-        if len(self.steps) != 1 or self.is_sequence:
-            return None
-        step = self.steps[0]
-        if step.delay or step.fault or step.headers or step.trailers or step.stream or step.each_request:
-            return None
-        if step.status is not None and not step.status.ok:
-            return None
-        return b"" if step.body is None else step.body.static
+    def answers(self) -> tuple[Answer, ...]:
+        """One answer strategy per step, chosen once."""
+        from virtsvc.scenarios.answers import answer_for
+
+        return tuple(answer_for(step) for step in self.steps)
 
     @cached_property
-    def selection(self) -> Selection:
-        """This rule as the choice for a call, made once: choosing a rule allocates nothing per call."""
-        return Selection(self)
+    def plan(self) -> Plan | None:
+        """This rule's answer as fixed data, when every call gets the same one at once: no condition,
+        count, sequence or handler, and an answer that is fixed itself (``Answer.plan``)."""
+        if self.when is not None or self.times is not None or self.handler is not None or self.is_sequence:
+            return None
+        return self.answers[0].plan() if self.answers else None
 
+    @cached_property
+    def times_key(self) -> str:
+        """Names the session counter of this rule's ``times``."""
+        return f"times:{self.scenario}:{self.key}"
 
-@dataclass(frozen=True)
-class Selection:
-    """The rule chosen for a call, or why none was."""
-
-    rule: Rule | None
-    near_miss: str | None = None
-    misses: Sequence[tuple[Rule, MatchResult]] = ()
-    used_up: Sequence[Rule] = ()
+    @cached_property
+    def sequence_key(self) -> str:
+        """Names the session counter of this rule's position in its ``sequence``."""
+        return f"seq:{self.scenario}:{self.key}"
 
 
 @dataclass(eq=False)
@@ -249,7 +237,7 @@ class Call:
 
     method: MethodSpec
     scenario: str
-    session: Session
+    session: Any  # the engine's session state (virtsvc.engine.store.SessionState)
     metadata: Mapping[str, str]
     raw_requests: list[bytes] = field(default_factory=list)
 
@@ -314,13 +302,3 @@ def to_json(message: Message, *, defaults: bool = False) -> dict[str, Any]:
         always_print_fields_with_no_presence=defaults,
         descriptor_pool=message.DESCRIPTOR.file.pool,
     )
-
-
-def metadata_dict(pairs: Sequence[tuple[str, str | bytes]] | None) -> dict[str, str]:
-    """Invocation metadata as a dict; binary (``-bin``) values are kept out of text matching."""
-    out: dict[str, str] = {}
-    if pairs:
-        for key, value in pairs:
-            if isinstance(value, str):
-                out[key] = value
-    return out

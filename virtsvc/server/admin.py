@@ -6,7 +6,6 @@ a message for a person: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION or UNAU
 
 from __future__ import annotations
 
-import difflib
 import hmac
 import threading
 from collections.abc import Callable
@@ -19,9 +18,10 @@ from virtsvc import _logs
 from virtsvc.admin.api import ADMIN_SERVICE, AUTH_MESSAGE, METHODS, ORIGIN, add_to_pool, messages
 from virtsvc.contracts.catalog import normalize_method_name
 from virtsvc.engine.journal import Entry
-from virtsvc.engine.store import DEFAULT_SESSION
-from virtsvc.errors import ConfigError, VirtsvcError
-from virtsvc.scenarios.model import Rule
+from virtsvc.engine.router import unknown_scenario_message
+from virtsvc.engine.store import DEFAULT_SESSION, RuleSet
+from virtsvc.errors import ConfigError, Refusal, VirtsvcError
+from virtsvc.server.options import is_loopback
 
 if TYPE_CHECKING:
     from virtsvc.server.virtual_server import VirtualServer
@@ -29,15 +29,6 @@ if TYPE_CHECKING:
 __all__ = ["AdminService", "add_admin"]
 
 log = _logs.get_logger("virtsvc.admin")
-
-class _Refused(Exception):
-    """Ends an admin call with ``code`` and a message for a person."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
 
 Behaviour = Callable[[Any], Message]
 GrpcBehaviour = Callable[[Any, grpc.ServicerContext], Message]
@@ -79,7 +70,7 @@ class AdminService:
             known = {name: s.extends for name, s in loaded.items()}
             compiled = compile_text(request.text, self.vserver.catalog, origin=ORIGIN, known=known)
             if not compiled:  # pragma: no cover - the loader reports an empty text itself
-                raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{ORIGIN}: the text holds no scenario")
+                raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"{ORIGIN}: the text holds no scenario")
             replaced = [s.name for s in compiled if s.name in loaded]
             if len(compiled) == 1:
                 registry.put(compiled[0])
@@ -95,15 +86,15 @@ class AdminService:
         registry = self.vserver.registry
         with self._lock:
             if not name:
-                raise _Refused(
+                raise Refusal(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     "give the name of the scenario to delete; " + self._loaded(),
                 )
             if name not in registry:
-                raise _Refused(grpc.StatusCode.NOT_FOUND, self._unknown_scenario(name))
+                raise Refusal(grpc.StatusCode.NOT_FOUND, self._unknown_scenario(name))
             dependents = sorted(s.name for s in registry.scenarios() if s.extends == name)
             if dependents:
-                raise _Refused(
+                raise Refusal(
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f'scenario "{name}" is extended by '
                     + ", ".join(f'"{d}"' for d in dependents)
@@ -123,8 +114,8 @@ class AdminService:
         if store.find(scenario, session_id) is None:
             self._require_scenario(scenario)  # a typo must not pass for "nothing to reset"
         existed = store.reset(scenario, session_id)
-        # The store drops the journal with the session; entries of calls refused before any session
-        # existed (routing errors) go too.
+        # The journal hears of the drop from the store; entries of calls refused before any session existed
+        # (routing errors) go too.
         self.vserver.journal.clear(scenario, session_id)
         log.info("admin.session.reset", scenario=scenario, session=session_id, existed=existed)
         return messages.ResetSessionResponse(existed=existed)
@@ -145,26 +136,19 @@ class AdminService:
                 origin=ORIGIN,
                 key_prefix="session:",
             )
-            by_method: dict[str, list[Rule]] = {}
-            for rule in rules:
-                by_method.setdefault(rule.method, []).append(rule)
-            session = self.vserver.store.get(scenario, session_id)
-            # One assignment: a call in flight sees either the old rules or the new ones, never a mix.
-            # Higher priority first; ties keep the text's order (sorted is stable).
-            session.rules = {m: tuple(sorted(rs, key=lambda r: -r.priority)) for m, rs in by_method.items()}
+            # One replacement: a call in flight sees either the old rules or the new ones, never a mix.
+            self.vserver.store.put_rules(scenario, session_id, RuleSet(rules, source=request.text))
         log.info("admin.session.rules", scenario=scenario, session=session_id, rules=len(rules))
         return messages.PutSessionRulesResponse(rule_count=len(rules))
 
     def ClearSessionRules(self, request: Any) -> Message:
         scenario, session_id = request.scenario, request.session or DEFAULT_SESSION
         with self._lock:
-            session = self.vserver.store.find(scenario, session_id)
-            if session is None:
+            if self.vserver.store.find(scenario, session_id) is None:
                 self._require_scenario(scenario)
                 return messages.ClearSessionRulesResponse(rule_count=0)
-            removed = sum(len(rs) for rs in session.rules.values())
-            session.rules = {}
-            session.forget(":session:")  # the next put starts its sequences and times over
+            # The rules' counters go too: the next put starts their sequences and times over.
+            removed = self.vserver.store.clear_rules(scenario, session_id)
         log.info("admin.session.rules.cleared", scenario=scenario, session=session_id, rules=removed)
         return messages.ClearSessionRulesResponse(rule_count=removed)
 
@@ -175,7 +159,7 @@ class AdminService:
         if request.method:
             method = normalize_method_name(request.method)
             if method not in self.vserver.catalog.methods:
-                raise _Refused(
+                raise Refusal(
                     grpc.StatusCode.NOT_FOUND, self.vserver.catalog.unknown_method_message(request.method)
                 )
         # Scenario names are not checked: calls naming an unknown scenario are journaled under that name.
@@ -194,18 +178,13 @@ class AdminService:
 
     def _require_scenario(self, name: str) -> None:
         if name and name not in self.vserver.registry:
-            raise _Refused(grpc.StatusCode.NOT_FOUND, self._unknown_scenario(name))
+            raise Refusal(grpc.StatusCode.NOT_FOUND, self._unknown_scenario(name))
 
     def _loaded(self) -> str:
         return "loaded scenarios: " + (", ".join(self.vserver.registry.names()) or "none")
 
     def _unknown_scenario(self, name: str) -> str:
-        # The same words as the router's answer to a call naming an unknown scenario.
-        text = f'unknown scenario "{name}"'
-        close = difflib.get_close_matches(name, self.vserver.registry.names(), n=3, cutoff=0.5)
-        if close:
-            text += "; did you mean " + " or ".join(f'"{c}"' for c in close) + "?"
-        return f"{text}; {self._loaded()}"
+        return unknown_scenario_message(name, self.vserver.registry.names())
 
 
 def _fill_entry(out: Any, entry: Entry) -> None:
@@ -265,7 +244,7 @@ def _guarded(name: str, behaviour: Behaviour, token: str | None, closed: str | N
             context.abort(grpc.StatusCode.UNAUTHENTICATED, AUTH_MESSAGE)
         try:
             return behaviour(request)
-        except _Refused as exc:
+        except Refusal as exc:
             code, message = exc.code, exc.message
         except VirtsvcError as exc:  # ScenarioError: one located "<admin>:LINE: message" line per problem
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
@@ -288,13 +267,11 @@ def add_admin(server: grpc.Server, vserver: VirtualServer, token: str | None = N
     """
     if token is None:
         # Secure by default: a server configured with a token never serves an open admin API.
-        token = getattr(vserver, "admin_token", None) or getattr(vserver, "_admin_token", None)
+        token = vserver.options.admin_token
     if token is not None and not token.strip():
         raise ConfigError("the admin token is empty: give a non-empty token, or none to leave admin open")
-    from virtsvc.server.virtual_server import is_loopback
-
     closed = None
-    host = getattr(vserver, "host", "127.0.0.1")
+    host = vserver.host
     if token is None and not is_loopback(host):
         # Scenario text over the network is an attack surface: off loopback, only with a token.
         closed = (
@@ -312,5 +289,3 @@ def add_admin(server: grpc.Server, vserver: VirtualServer, token: str | None = N
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(ADMIN_SERVICE, handlers)])
     add_to_pool(vserver.catalog.pool)
     return ADMIN_SERVICE
-
-

@@ -10,11 +10,27 @@ from typing import Any
 
 from virtsvc.contracts.catalog import load_catalog
 from virtsvc.scenarios.loader import load_scenarios
+from virtsvc.server.options import ServeOptions
 from virtsvc.server.virtual_server import VirtualServer
 
-__all__ = ["load_catalog", "load_scenarios", "serve_in_process"]
+__all__ = ["build_server", "load_catalog", "load_scenarios", "serve_in_process"]
 
 PathLike = str | Path
+
+
+def build_server(
+    protos: PathLike | None = None,
+    scenarios: PathLike | Sequence[PathLike] = (),
+    *,
+    descriptors: PathLike | None = None,
+    includes: Sequence[PathLike] = (),
+    options: ServeOptions | None = None,
+    **settings: Any,
+) -> VirtualServer:
+    """A VirtualServer (not started) for the contracts and scenarios at these paths; ``settings`` are
+    :class:`ServeOptions` fields (``port=0``, ``default_scenario=...``) over ``options``."""
+    catalog = load_catalog(protos, descriptors, includes)
+    return VirtualServer(catalog, load_scenarios(scenarios, catalog), options, **settings)
 
 
 @contextlib.contextmanager
@@ -24,25 +40,16 @@ def serve_in_process(
     *,
     descriptors: PathLike | None = None,
     includes: Sequence[PathLike] = (),
-    default_scenario: str | None = None,
-    host: str = "127.0.0.1",
-    port: int = 0,
-    **options: Any,
+    options: ServeOptions | None = None,
+    **settings: Any,
 ) -> Iterator[VirtualServer]:
     """Runs virtual services in this process for the duration of a ``with`` block.
 
     >>> with serve_in_process(protos="protos", scenarios="scenarios") as server:  # doctest: +SKIP
     ...     channel = grpc.insecure_channel(server.address)
     """
-    catalog = load_catalog(protos, descriptors, includes)
-    paths = [scenarios] if isinstance(scenarios, (str, Path)) else list(scenarios)
-    server = VirtualServer(
-        catalog,
-        load_scenarios(paths, catalog),
-        host=host,
-        port=port,
-        default_scenario=default_scenario,
-        **options,
+    server = build_server(
+        protos, scenarios, descriptors=descriptors, includes=includes, options=options, **settings
     )
     server.start()
     try:

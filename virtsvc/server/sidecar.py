@@ -6,57 +6,27 @@ NOT_SERVING, no new calls are accepted, in-flight calls get ``--grace`` seconds,
 
 from __future__ import annotations
 
-import argparse
 import gc
-import os
 import signal
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-import grpc
-
 from virtsvc import _logs
 from virtsvc.contracts.catalog import Catalog
 from virtsvc.errors import ConfigError, ScenarioError
-from virtsvc.server.assembly import load_scenarios
-from virtsvc.server.virtual_server import VirtualServer, tls_credentials
+from virtsvc.scenarios.loader import SUFFIXES, load_scenarios
+from virtsvc.server.options import ServeOptions
+from virtsvc.server.virtual_server import VirtualServer
 
 __all__ = ["ScenarioWatcher", "run_sidecar"]
 
 log = _logs.get_logger("virtsvc")
 
-_SCENARIO_SUFFIXES = {".yaml", ".yml", ".json", ".py"}
 
-
-def run_sidecar(
-    *,
-    catalog: Catalog,
-    scenario_paths: Sequence[Path],
-    host: str,
-    port: int,
-    default_scenario: str | None,
-    options: argparse.Namespace,
-) -> int:
-    credentials = _credentials(options)
-    scenarios = load_scenarios(scenario_paths, catalog)
-    admin_token = options.admin_token or os.environ.get("VIRTSVC_ADMIN_TOKEN") or None
-    server = VirtualServer(
-        catalog,
-        scenarios,
-        host=host,
-        port=port,
-        default_scenario=default_scenario,
-        max_workers=options.max_workers,
-        journal_size=options.journal_size,
-        session_ttl=options.session_ttl,
-        max_message_bytes=options.max_message_bytes,
-        admin=True,
-        admin_token=admin_token,
-        credentials=credentials,
-        max_concurrency=getattr(options, "max_concurrency", None),
-        max_concurrency_per_session=getattr(options, "max_concurrency_per_session", None),
-    )
+def run_sidecar(*, catalog: Catalog, scenario_paths: Sequence[Path], options: ServeOptions) -> int:
+    """Serves until SIGTERM/SIGINT, then drains for ``options.grace`` seconds; returns the exit status."""
+    server = VirtualServer(catalog, load_scenarios(scenario_paths, catalog), options)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
@@ -73,15 +43,15 @@ def run_sidecar(
         watcher.start()
     log.info(
         "serving",
-        host=host,
+        host=options.host,
         port=server.port,
         address=server.address,
         services=list(catalog.services),
         scenarios=server.registry.names(),
-        default_scenario=default_scenario,
-        watch=bool(options.watch),
-        tls="mutual" if getattr(options, "tls_client_ca", None) else bool(credentials),
-        admin_auth=bool(admin_token),  # whether a token is set; the token itself is never logged
+        default_scenario=options.default_scenario,
+        watch=options.watch,
+        tls=server.tls,
+        admin_auth=bool(options.admin_token),  # whether a token is set; the token itself is never logged
         max_concurrency=server.max_concurrency,
         max_concurrency_per_session=server.max_concurrency_per_session,
     )
@@ -92,20 +62,6 @@ def run_sidecar(
     server.stop(options.grace)
     log.info("stopped")
     return 0
-
-
-def _credentials(options: argparse.Namespace) -> grpc.ServerCredentials | None:
-    """TLS credentials from --tls-cert/--tls-key (and --tls-client-ca for mutual TLS), else None."""
-    cert = getattr(options, "tls_cert", None)
-    key = getattr(options, "tls_key", None)
-    client_ca = getattr(options, "tls_client_ca", None)
-    if cert is None and key is None:
-        if client_ca is not None:
-            raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
-        return None
-    if cert is None or key is None:
-        raise ConfigError("--tls-cert and --tls-key go together: give both, or neither to serve plaintext")
-    return tls_credentials(cert, key, client_ca)
 
 
 class ScenarioWatcher(threading.Thread):
@@ -122,10 +78,7 @@ class ScenarioWatcher(threading.Thread):
     def _snapshot(self) -> dict[str, tuple[int, int]]:
         seen: dict[str, tuple[int, int]] = {}
         for root in self.paths:
-            if root.is_file():
-                files = [root]
-            else:
-                files = sorted(p for p in root.rglob("*") if p.suffix in _SCENARIO_SUFFIXES)
+            files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix in SUFFIXES)
             for path in files:
                 try:
                     st = path.stat()

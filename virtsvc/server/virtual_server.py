@@ -10,11 +10,10 @@ limit); ``credentials`` (see :func:`tls_credentials`) for TLS and mutual TLS on 
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import ssl
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -25,31 +24,27 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from virtsvc import _logs
 from virtsvc.contracts.catalog import Catalog
 from virtsvc.contracts.reflection import add_reflection
-from virtsvc.engine.journal import Journal
+from virtsvc.engine.journal import Entry, Journal
 from virtsvc.engine.pipeline import Dispatcher
 from virtsvc.engine.router import Registry, Router
 from virtsvc.engine.store import MemoryStore, Store
 from virtsvc.errors import ConfigError
 from virtsvc.scenarios.model import CompiledScenario
+from virtsvc.server.options import DEFAULT_MAX_MESSAGE_BYTES, ServeOptions
 
-__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "VirtualServer", "tls_credentials"]
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "ServeOptions",
+    "VirtualServer",
+    "tls_credentials",
+    "tls_from_options",
+]
 
 log = _logs.get_logger("virtsvc.server.virtual_server")
 
-DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # gRPC's own default
 # Workers kept free beyond --max-concurrency, so that calls over the limit are refused at once rather than
 # queued behind the busy ones (a refusal needs a worker thread too, for a few microseconds).
 SPARE_WORKERS = 8
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` can only be reached from this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _read_pem(path: str | Path, flag: str) -> bytes:
@@ -60,6 +55,18 @@ def _read_pem(path: str | Path, flag: str) -> bytes:
     if b"-----BEGIN " not in data:
         raise ConfigError(f"{flag} {path}: not a PEM file (no -----BEGIN ...----- block)")
     return data
+
+
+def tls_from_options(options: ServeOptions) -> grpc.ServerCredentials | None:
+    """TLS credentials from the options' --tls-cert/--tls-key (and --tls-client-ca), else None."""
+    cert, key, client_ca = options.tls_cert, options.tls_key, options.tls_client_ca
+    if cert is None and key is None:
+        if client_ca is not None:
+            raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+        return None
+    if cert is None or key is None:
+        raise ConfigError("--tls-cert and --tls-key go together: give both, or neither to serve plaintext")
+    return tls_credentials(cert, key, client_ca)
 
 
 def tls_credentials(
@@ -99,41 +106,35 @@ def tls_credentials(
 
 
 class VirtualServer:
-    """Virtual services for every service of ``catalog``, answering from ``scenarios``."""
+    """Virtual services for every service of ``catalog``, answering from ``scenarios``.
+
+    Settings come as one :class:`ServeOptions` (``options``) and/or as its fields by keyword
+    (``VirtualServer(catalog, scenarios, port=0, max_concurrency=8)``); keywords win. ``store`` replaces the
+    embedded in-memory session store; ``credentials`` serve TLS (see :func:`tls_credentials`), else the
+    options' ``tls_cert``/``tls_key``/``tls_client_ca`` files do.
+    """
 
     def __init__(
         self,
         catalog: Catalog,
         scenarios: Iterable[CompiledScenario] = (),
+        options: ServeOptions | None = None,
         *,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        default_scenario: str | None = None,
-        max_workers: int = 64,
-        journal_size: int = 500,
-        session_ttl: float = 3600.0,
         store: Store | None = None,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        admin: bool = True,
-        admin_token: str | None = None,
         credentials: grpc.ServerCredentials | None = None,
-        max_concurrency: int | None = None,
-        max_concurrency_per_session: int | None = None,
+        **settings: Any,
     ) -> None:
-        for name, value in (("max_concurrency", max_concurrency),
-                            ("max_concurrency_per_session", max_concurrency_per_session),
-                            ("max_message_bytes", max_message_bytes), ("max_workers", max_workers)):
-            if value is not None and value < 1:
-                raise ConfigError(f"{name} must be at least 1, not {value}")
+        options = (options or ServeOptions()).replace(**settings) if settings else (options or ServeOptions())
+        self.options = options
         self.catalog = catalog
-        self.host = host
-        self.requested_port = port
+        self.host = options.host
+        self.requested_port = options.port
         self.port = 0
-        self.journal = Journal(journal_size)
-        self.store: Store = store or MemoryStore(
-            ttl=session_ttl, on_drop=lambda s: self.journal.clear(s.scenario, s.id)
-        )
+        self.journal = Journal(options.journal_size, options.journal_total)
+        self.store: Store = store or MemoryStore(ttl=options.session_ttl)
+        self.store.subscribe(self.journal.drop_session)  # a dropped session's journal goes with it
         self.registry = Registry(scenarios)
+        default_scenario = options.default_scenario
         if default_scenario is not None and default_scenario not in self.registry:
             raise ConfigError(
                 f'default scenario "{default_scenario}" is not loaded; loaded scenarios: '
@@ -146,23 +147,30 @@ class VirtualServer:
             self.router,
             self.journal,
             stopping=self.stopping,
-            max_message_bytes=max_message_bytes,
-            max_concurrency=max_concurrency,
-            max_concurrency_per_session=max_concurrency_per_session,
+            max_message_bytes=options.max_message_bytes,
+            max_concurrency=options.max_concurrency,
+            max_concurrency_per_session=options.max_concurrency_per_session,
         )
         self.health = health.HealthServicer()
-        if max_concurrency is not None:
+        max_workers = options.max_workers
+        if options.max_concurrency is not None:
             # Enough workers for every admitted call plus a few to refuse the rest at once.
-            max_workers = max(max_workers, max_concurrency + SPARE_WORKERS)
-        self.max_concurrency = max_concurrency
-        self.max_concurrency_per_session = max_concurrency_per_session
+            max_workers = max(max_workers, options.max_concurrency + SPARE_WORKERS)
+        self.max_concurrency = options.max_concurrency
+        self.max_concurrency_per_session = options.max_concurrency_per_session
         self._max_workers = max_workers
         self.executor: futures.ThreadPoolExecutor | None = None
-        self._max_message_bytes = max_message_bytes
-        self._admin = admin
-        self._admin_token = admin_token
+        if credentials is None:
+            credentials = tls_from_options(options)
         self._credentials = credentials
+        self.tls = "mutual" if options.tls_client_ca is not None else bool(credentials)
         self._server: grpc.Server | None = None
+
+    def subscribe(self, subscriber: Callable[[Entry], None]) -> Callable[[], None]:
+        """Calls ``subscriber(entry)`` with every journal entry as its call finishes (on the serving thread:
+        keep it quick). A subscriber that raises is logged and dropped; it never breaks a call. Returns a
+        function that unsubscribes."""
+        return self.journal.subscribe(subscriber)
 
     @property
     def address(self) -> str:
@@ -177,8 +185,8 @@ class VirtualServer:
     def start(self) -> VirtualServer:
         options = [
             ("grpc.so_reuseport", 0),  # an occupied port is an error, not a silently shared socket
-            ("grpc.max_receive_message_length", self._max_message_bytes),
-            ("grpc.max_send_message_length", self._max_message_bytes),
+            ("grpc.max_receive_message_length", self.options.max_message_bytes),
+            ("grpc.max_send_message_length", self.options.max_message_bytes),
         ]
         self.executor = futures.ThreadPoolExecutor(
             max_workers=self._max_workers, thread_name_prefix="virtsvc"
@@ -201,10 +209,10 @@ class VirtualServer:
             )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         services = [*self.catalog.services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
-        if self._admin:
+        if self.options.admin:
             from virtsvc.server.admin import add_admin
 
-            services.append(add_admin(server, self, token=self._admin_token))
+            services.append(add_admin(server, self, token=self.options.admin_token))
         add_reflection(server, services, self.catalog.pool)
         server.add_generic_rpc_handlers([self.dispatcher.unknown_method_handler()])
         target = f"{self.host}:{self.requested_port}"

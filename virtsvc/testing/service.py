@@ -22,7 +22,6 @@ import asyncio
 import base64
 import collections
 import dataclasses
-import difflib
 import hashlib
 import json
 import os
@@ -244,23 +243,17 @@ class _InProcess:
         return self.server.registry.names()
 
     def put_rules(self, scenario: str, session: str, rules: list[dict[str, Any]]) -> None:
+        from virtsvc.engine.store import RuleSet
         from virtsvc.scenarios.loader import compile_rules
 
         # A stable key prefix: re-putting the whole list keeps the times/sequence counters of the rules
         # already there (their index does not change, rules are only ever appended).
         compiled = compile_rules(rules, self.server.catalog, scenario=scenario, origin="<inline>",
                                  key_prefix="inline:")
-        by_method: dict[str, list[Any]] = {}
-        for rule in compiled:
-            by_method.setdefault(rule.method, []).append(rule)
-        target = self.server.store.get(scenario, session)
-        # One assignment (calls in flight see the old rules or the new ones); best first, stable on ties.
-        target.rules = {m: tuple(sorted(rs, key=lambda r: -r.priority)) for m, rs in by_method.items()}
+        self.server.store.put_rules(scenario, session, RuleSet(compiled, source=rules))
 
     def clear_rules(self, scenario: str, session: str) -> None:
-        target = self.server.store.find(scenario, session)
-        if target is not None:
-            target.rules = {}
+        self.server.store.clear_rules(scenario, session)
 
     def records(self, session: str, method: str | None) -> list[CallRecord]:
         if method is not None:
@@ -518,11 +511,9 @@ class VirtualService:
         __tracebackhide__ = True
         names = self._backend.scenario_names()
         if name not in names:
-            text = f'unknown scenario "{name}"'
-            close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
-            if close:
-                text += "; did you mean " + " or ".join(f'"{c}"' for c in close) + "?"
-            raise ValueError(text + "; loaded scenarios: " + (", ".join(names) or "none"))
+            from virtsvc.engine.router import unknown_scenario_message
+
+            raise ValueError(unknown_scenario_message(name, names))
         old = self._home
         self.scenario = name
         new = self._home

@@ -1,0 +1,78 @@
+"""``ServeOptions``: every setting of a virtual server, in one typed object.
+
+The CLI (``virtsvc serve`` flags over ``[tool.virtsvc]``), the pytest plugin and ``serve_in_process`` all
+build one and hand it to :class:`~virtsvc.server.VirtualServer`, so a new setting is added in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from virtsvc import _text
+from virtsvc.errors import ConfigError
+
+__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "ServeOptions", "is_loopback"]
+
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # gRPC's own default
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How a virtual server listens, what it keeps and what it allows."""
+
+    host: str = "127.0.0.1"
+    port: int = 0  # 0 picks a free port
+    default_scenario: str | None = None  # answers calls that name no scenario
+    max_workers: int = 64  # threads serving calls
+    journal_size: int = 500  # journal entries kept per session
+    journal_total: int = 100_000  # journal entries kept in all (least recently active sessions go first)
+    session_ttl: float = 3600.0  # seconds an idle session lives
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # both directions
+    max_concurrency: int | None = None  # calls in flight in the whole server
+    max_concurrency_per_session: int | None = None
+    admin: bool = True  # serve the admin API on the same port
+    admin_token: str | None = None  # admin calls need "authorization: Bearer <token>"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # mutual TLS
+    grace: float = 10.0  # seconds in-flight calls get on shutdown (the sidecar)
+    watch: bool = False  # reload changed scenario files (the sidecar)
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_concurrency",
+            "max_concurrency_per_session",
+            "max_message_bytes",
+            "max_workers",
+            "journal_size",
+            "journal_total",
+        ):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be at least 1, not {value}")
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def replace(self, **changes: Any) -> ServeOptions:
+        """A copy with ``changes``; an unknown name is a TypeError naming the closest setting."""
+        known = self.names()
+        for name in changes:
+            if name not in known:
+                raise TypeError(f"unknown server setting {name!r}{_text.did_you_mean(name, known)}")
+        return dataclasses.replace(self, **changes)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` can only be reached from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
