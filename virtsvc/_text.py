@@ -10,7 +10,7 @@ import difflib
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["closest", "did_you_mean", "quoted_list", "show"]
+__all__ = ["alternatives", "closest", "did_you_mean", "quoted_list", "show"]
 
 CUTOFF = 0.6  # difflib's own default: below it, suggestions are more often unrelated than helpful
 
@@ -23,9 +23,12 @@ def closest(word: str, candidates: Iterable[str], n: int = 3) -> list[str]:
 def did_you_mean(word: str, candidates: Iterable[str], *, n: int = 1, quote: str = "'") -> str:
     """``"; did you mean 'x'?"`` (or ``'x' or 'y'``), or ``""`` when nothing is close."""
     close = closest(word, candidates, n=n)
-    if not close:
-        return ""
-    return "; did you mean " + " or ".join(f"{quote}{c}{quote}" for c in close) + "?"
+    return "; " + alternatives(close, quote=quote) if close else ""
+
+
+def alternatives(close: Iterable[str], *, quote: str = '"') -> str:
+    """``did you mean "x" or "y"?`` for names already found close."""
+    return "did you mean " + " or ".join(f"{quote}{c}{quote}" for c in close) + "?"
 
 
 def quoted_list(names: Iterable[str], empty: str = "none") -> str:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from virtsvc import _text
 from virtsvc.errors import ConfigError
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "Settings", "load_settings"]
@@ -206,10 +207,10 @@ def load_settings(start: Path | None = None) -> Settings:
 
     for key, value in table.items():
         if key not in _KEYS:
-            import difflib  # only for this message
 
-            close = difflib.get_close_matches(key, list(_KEYS), n=1)
-            hint = f"did you mean {close[0]!r}?" if close else "known keys: " + ", ".join(sorted(_KEYS))
+            close = _text.closest(key, list(_KEYS), n=1)
+            known = "known keys: " + ", ".join(sorted(_KEYS))
+            hint = _text.alternatives(close, quote="'") if close else known
             raise ConfigError(f"{where(key)}: [tool.virtsvc] unknown key {key!r} ({hint})")
         expected, check = _KEYS[key]
         if not check(value):

@@ -7,7 +7,6 @@ the default pool never sees a conflict.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.descriptor import Descriptor, FileDescriptor, MethodDescriptor
 from google.protobuf.message import DecodeError, Message
 
+from virtsvc import _text
 from virtsvc.contracts.kinds import MethodKind, method_kind
 from virtsvc.errors import ConfigError, DescriptorError
 
@@ -149,12 +149,12 @@ class Catalog:
         siblings = [m.name for m in self.methods.values() if m.service == service]
         if siblings:
             # A known service: compare method names alone (a long shared prefix would make everything close).
-            close = [f"{service}/{m}" for m in difflib.get_close_matches(method, siblings, n=3, cutoff=0.6)]
+            close = [f"{service}/{m}" for m in _text.closest(method, siblings, n=3)]
         else:
-            close = difflib.get_close_matches(wanted, list(self.methods), n=3, cutoff=0.6)
+            close = _text.closest(wanted, list(self.methods), n=3)
         text = f'unknown method "{name}"'
         if close:
-            text += "; did you mean " + " or ".join(f'"{c}"' for c in close) + "?"
+            text += "; " + _text.alternatives(close)
         elif siblings:
             text += f"; the methods of {service} are " + ", ".join(siblings)
         elif self.services:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import threading
 
-__all__ = ["Gauge", "server_busy_message", "session_busy_message"]
+__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "Gauge", "server_busy_message", "session_busy_message"]
+
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # gRPC's own default, both directions
 
 
 class Gauge:

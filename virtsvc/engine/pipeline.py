@@ -36,7 +36,7 @@ from google.rpc import status_pb2
 from virtsvc import _logs
 from virtsvc.contracts.catalog import Catalog, MethodSpec
 from virtsvc.engine.journal import Entry, Journal, Metadata
-from virtsvc.engine.limits import Gauge, server_busy_message, session_busy_message
+from virtsvc.engine.limits import DEFAULT_MAX_MESSAGE_BYTES, Gauge, server_busy_message, session_busy_message
 from virtsvc.engine.router import (
     BAGGAGE_SCENARIO,
     BAGGAGE_SESSION,
@@ -61,7 +61,6 @@ log = _logs.get_logger("virtsvc.calls")
 GARBAGE = b"\x08\x80"
 MAX_JOURNALED_MESSAGES = 100  # per call, so a long stream cannot blow up the journal
 _DEADLINE_SLACK = 0.1  # seconds: a cancellation this close to the deadline is the deadline
-DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # gRPC's own default
 _OK = grpc.StatusCode.OK
 _INTERNAL = grpc.StatusCode.INTERNAL
 

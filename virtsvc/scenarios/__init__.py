@@ -1,7 +1,8 @@
 """Scenarios: files and scripts -> a compiled model. YAML with the line of every key (``yamltree``,
 ``located``), validation and compilation (``loader``), the Python ``Scenario`` builder (``builder``), the
-step vocabulary (``keys``), the run-time model (``model``), matching (``matching``), templates
-(``templates``), proto field helpers (``fields``) and fast proto3 JSON (``protojson``).
+keys a scenario may hold (``vocabulary``), the run-time model (``model``), answer strategies
+(``answers``), matching (``matching``), templates (``templates``), proto field helpers (``fields``) and
+fast proto3 JSON (``protojson``).
 
 Imports the contracts stage only.
 """

@@ -36,13 +36,13 @@ from google.protobuf import any_pb2, json_format
 from google.protobuf.message import Message
 
 from virtsvc.scenarios.model import Location
+from virtsvc.scenarios.vocabulary import STEP_KEYS
 
 __all__ = ["STEP_KEYS", "RuleBuilder", "Scenario", "fail", "status", "step"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 #: The keys of a step. A dict made only of these keys is a step; any other dict is a reply body.
-STEP_KEYS = frozenset({"reply", "status", "delay", "headers", "trailers", "fault", "stream"})
 
 _MAX_DEPTH = 100
 _HERE = __file__

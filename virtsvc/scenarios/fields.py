@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as _dt
-import difflib
 import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -21,6 +20,7 @@ from google.protobuf import json_format, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
+from virtsvc import _text
 from virtsvc.errors import ConversionError
 from virtsvc.scenarios.located import Site
 
@@ -132,10 +132,7 @@ def type_name(field: FieldDescriptor, *, element: bool = False) -> str:
 
 def suggest(word: str, candidates: Iterable[str]) -> str:
     """``; did you mean "x"?`` (or empty) for an unknown name."""
-    close = difflib.get_close_matches(word, list(dict.fromkeys(candidates)), n=3, cutoff=0.6)
-    if not close:
-        return ""
-    return "; did you mean " + " or ".join(f'"{c}"' for c in close) + "?"
+    return _text.did_you_mean(word, dict.fromkeys(candidates), n=3, quote='"')
 
 
 def named_fields(

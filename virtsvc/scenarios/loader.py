@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import difflib
 import hashlib
 import importlib.util
 import json
@@ -34,6 +33,7 @@ import grpc
 from google.protobuf import any_pb2, descriptor_pb2, json_format
 from google.protobuf.descriptor_pool import DescriptorPool
 
+from virtsvc import _text
 from virtsvc.contracts.catalog import Catalog, MethodSpec, normalize_method_name
 from virtsvc.errors import ConfigError, Problem, ScenarioError
 from virtsvc.scenarios import templates
@@ -42,6 +42,17 @@ from virtsvc.scenarios.builder import Scenario
 from virtsvc.scenarios.located import LocatedDict, LocatedList, Problems, Site
 from virtsvc.scenarios.matching import compile_when
 from virtsvc.scenarios.model import CompiledScenario, Delay, Fault, Location, Rule, Status, Step, TextTemplate
+from virtsvc.scenarios.vocabulary import (
+    AFTER_VALUES,
+    EACH_REQUEST_KEYS,
+    ITEM_ANSWERS,
+    RULE_KEYS,
+    SCENARIO_KEYS,
+    STATUS_KEYS,
+    STEP_ANSWERS,
+    STEP_KEYS,
+    STREAM_ITEM_KEYS,
+)
 
 __all__ = [
     "Source",
@@ -61,18 +72,6 @@ _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)?")
 _UNITS = {None: 1.0, "ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _LOGNORMAL_Z99 = 2.3263  # the 99th percentile of the standard normal distribution
 
-SCENARIO_KEYS = ("scenario", "version", "description", "extends", "rules")
-RULE_KEYS = (
-    "method", "when", "times", "priority", "reply", "status", "fault", "sequence", "after", "stream",
-    "each_request", "handler", "delay", "headers", "trailers",
-)  # fmt: skip
-STEP_KEYS = ("reply", "status", "fault", "stream", "delay", "headers", "trailers")
-STREAM_ITEM_KEYS = ("reply", "delay", "fault")
-EACH_REQUEST_KEYS = ("reply", "status", "delay")
-STATUS_KEYS = ("code", "message", "details")
-AFTER_VALUES = ("repeat_last", "cycle", "fail")
-_ANSWERS = ("reply", "status", "fault", "stream", "each_request")  # what a rule's own step does
-_ITEM_ANSWERS = ("reply", "status", "fault", "stream")  # what a sequence item does
 _LOCATION_KEY = "$location"  # set by the Python builder: "file:line" of the rule's call
 
 
@@ -379,9 +378,9 @@ def _cross_check(entries: Sequence[_Entry], known: Mapping[str, str | None], pro
 
 def _unknown_scenario(name: str, parents: Mapping[str, Any]) -> str:
     text = f'extends: unknown scenario "{name}"'
-    close = difflib.get_close_matches(name, list(parents), n=3, cutoff=0.6)
+    close = _text.closest(name, list(parents), n=3)
     if close:
-        return text + "; did you mean " + " or ".join(f'"{c}"' for c in close) + "?"
+        return text + "; " + _text.alternatives(close)
     if not parents:
         return text + "; no scenario is loaded"
     names = sorted(parents)
@@ -622,7 +621,7 @@ class _Compiler:
             headers=self._metadata(node, "headers", site, "headers"),
             trailers=self._metadata(node, "trailers", site, "trailers"),
         )
-        answers = [k for k in _ANSWERS if k in node]
+        answers = [k for k in STEP_ANSWERS if k in node]
         if "handler" in node:
             # The handler is the whole answer: it can sleep and set metadata through its context.
             for k in (*answers, "sequence", "delay", "headers", "trailers"):
@@ -670,7 +669,7 @@ class _Compiler:
                     item_site.error(
                         item, k, _unknown(k, STEP_KEYS, "step key", _misplaced(k, "a sequence item"))
                     )
-            if not any(k in item for k in _ITEM_ANSWERS):
+            if not any(k in item for k in ITEM_ANSWERS):
                 if all(k in STEP_KEYS for k in item):  # else the unknown key is most likely the answer
                     item_site.error(
                         item, None, f"{path} has nothing to do: give it a reply, status, fault or stream"
@@ -924,10 +923,10 @@ class _Compiler:
 
     def _unknown_type(self, name: str) -> str:
         names = _message_names(self.catalog)
-        close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+        close = _text.closest(name, names, n=3)
         text = f'unknown message type "{name}"'
         if close:
-            return text + "; did you mean " + " or ".join(f'"{c}"' for c in close) + "?"
+            return text + "; " + _text.alternatives(close)
         return text + " (rich error details are usually google.rpc types, e.g. google.rpc.ErrorInfo)"
 
     def _delay(self, node: Mapping[Any, Any], key: str, site: Site, path: str) -> Delay | None:
@@ -1065,9 +1064,9 @@ def _status_code(value: Any, site: Site, node: Any, key: Any, path: str) -> grpc
         if name.isdigit():
             value = int(name)
         else:
-            close = difflib.get_close_matches(name, list(codes), n=3, cutoff=0.6)
+            close = _text.closest(name, list(codes), n=3)
             hint = (
-                "did you mean " + " or ".join(f'"{c}"' for c in close) + "?"
+                _text.alternatives(close)
                 if close
                 else "the codes are " + ", ".join(codes)
             )
@@ -1185,10 +1184,10 @@ def _kind_words(spec: MethodSpec) -> str:
 def _unknown(key: Any, vocabulary: Sequence[str], what: str, hint: str = "") -> str:
     text = f"unknown {what} {_show(key)}"
     close = (
-        difflib.get_close_matches(str(key), list(vocabulary), n=1, cutoff=0.6) if isinstance(key, str) else []
+        _text.closest(str(key), list(vocabulary), n=1) if isinstance(key, str) else []
     )
     if close:
-        return text + f'; did you mean "{close[0]}"?'
+        return text + "; " + _text.alternatives(close)
     if hint:
         return text + f"; {hint}"
     return text + "; expected one of " + ", ".join(vocabulary)
@@ -1202,10 +1201,10 @@ def _misplaced(key: Any, where: str) -> str:
 
 def _unknown_value(path: str, value: Any, valid: Sequence[str], default: str, *, noun: str = "value") -> str:
     text = f"{path}: unknown {noun} {_show(value)}"
-    close = difflib.get_close_matches(value, list(valid), n=1, cutoff=0.6) if isinstance(value, str) else []
+    close = _text.closest(value, list(valid), n=1) if isinstance(value, str) else []
     listed = ", ".join(default if (default and v == valid[0]) else v for v in valid[:-1]) + f" or {valid[-1]}"
     if close:
-        return text + f'; did you mean "{close[0]}"? (use {listed})'
+        return text + "; " + _text.alternatives(close) + f" (use {listed})"
     return text + f"; use {listed}"
 
 

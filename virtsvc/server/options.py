@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from virtsvc import _text
+from virtsvc.engine.limits import DEFAULT_MAX_MESSAGE_BYTES
 from virtsvc.errors import ConfigError
 
 __all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "ServeOptions", "is_loopback"]
 
-DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # gRPC's own default
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from virtsvc.engine.router import NO_SCENARIO, SCENARIO_HEADER, SESSION_HEADER
 from virtsvc.errors import ConfigError, Problem, ScenarioError, VirtsvcError
 from virtsvc.scenarios.builder import RuleBuilder, Scenario
 from virtsvc.scenarios.model import Location
+from virtsvc.scenarios.vocabulary import RULE_ANSWER_KEYS
 
 if TYPE_CHECKING:
     from google.protobuf.message import Message
@@ -59,7 +60,6 @@ _INTERNAL_FILES = {
     for f in (__file__, sys.modules[RuleBuilder.__module__].__file__ or "")
 }
 # Keys that give a rule its answer; a rule without one is unfinished (``.on(...)`` alone).
-_ANSWER_KEYS = frozenset({"reply", "status", "stream", "sequence", "handler", "each_request", "fault"})
 _LOCATED_LINE = re.compile(r"^(?P<file>.+?):(?P<line>\d+): (?P<message>.*)$")
 
 
@@ -427,7 +427,7 @@ class InlineRule(RuleBuilder):
 
     @property
     def finished(self) -> bool:
-        return any(k in self.data for k in _ANSWER_KEYS)
+        return any(k in self.data for k in RULE_ANSWER_KEYS)
 
     def handler(self, fn: Callable[..., Any]) -> InlineRule:
         __tracebackhide__ = True

@@ -1,0 +1,34 @@
+"""The words of a scenario: the keys a scenario, a rule and a step may hold.
+
+One vocabulary serves the YAML/JSON loader, the Python ``Scenario`` builder and the test-side rule builders,
+so a key added here is known (and suggested in did-you-mean messages) everywhere at once.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AFTER_VALUES",
+    "EACH_REQUEST_KEYS",
+    "ITEM_ANSWERS",
+    "RULE_ANSWER_KEYS",
+    "RULE_KEYS",
+    "SCENARIO_KEYS",
+    "STATUS_KEYS",
+    "STEP_ANSWERS",
+    "STEP_KEYS",
+    "STREAM_ITEM_KEYS",
+]
+
+SCENARIO_KEYS = ("scenario", "version", "description", "extends", "rules")
+RULE_KEYS = (
+    "method", "when", "times", "priority", "reply", "status", "fault", "sequence", "after", "stream",
+    "each_request", "handler", "delay", "headers", "trailers",
+)  # fmt: skip
+STEP_KEYS = ("reply", "status", "fault", "stream", "delay", "headers", "trailers")
+STREAM_ITEM_KEYS = ("reply", "delay", "fault")
+EACH_REQUEST_KEYS = ("reply", "status", "delay")
+STATUS_KEYS = ("code", "message", "details")
+AFTER_VALUES = ("repeat_last", "cycle", "fail")
+STEP_ANSWERS = ("reply", "status", "fault", "stream", "each_request")  # what a rule's own step does
+ITEM_ANSWERS = ("reply", "status", "fault", "stream")  # what a sequence item does
+RULE_ANSWER_KEYS = (*STEP_ANSWERS, "sequence", "handler")  # any of these makes a rule answer
