@@ -34,7 +34,9 @@ def _module_name(path: Path) -> str:
 
 
 MODULES = {
-    _module_name(p): p for p in ROOT.rglob("*.py") if "v1" not in p.relative_to(ROOT).parts  # generated stubs
+    _module_name(p): p
+    for p in ROOT.rglob("*.py")
+    if "v1" not in p.relative_to(ROOT).parts  # generated stubs
 }
 
 
@@ -88,9 +90,7 @@ def test_the_graph_is_read_from_the_real_source() -> None:
 def test_a_stage_imports_only_the_stages_before_it(module: str) -> None:
     stage = _stage(module)
     allowed = ALLOWED[stage] | {stage}
-    wrong = sorted(
-        target for target in GRAPH[module] if target not in BASE and _stage(target) not in allowed
-    )
+    wrong = sorted(target for target in GRAPH[module] if target not in BASE and _stage(target) not in allowed)
     assert not wrong, f"{module} ({stage}) imports {wrong}; {stage} may import only {sorted(allowed)}"
 
 

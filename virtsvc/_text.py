@@ -10,7 +10,7 @@ import difflib
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["alternatives", "closest", "did_you_mean", "quoted_list", "show"]
+__all__ = ["alternatives", "closest", "describe", "did_you_mean", "quoted_list", "show"]
 
 CUTOFF = 0.6  # difflib's own default: below it, suggestions are more often unrelated than helpful
 
@@ -46,3 +46,8 @@ def show(value: Any, limit: int = 200) -> str:
     except (TypeError, ValueError):
         text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message`` (or just ``Type``) for an exception nobody expected."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

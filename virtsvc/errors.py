@@ -16,7 +16,9 @@ is a location, never a traceback. The CLI prints ``str(exc)`` and exits non-zero
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from virtsvc import _text
 
 if TYPE_CHECKING:
     from grpc import StatusCode
@@ -28,6 +30,7 @@ __all__ = [
     "Problem",
     "ProtoError",
     "Refusal",
+    "RuleFailure",
     "ScenarioError",
     "TemplateError",
     "VirtsvcError",
@@ -103,3 +106,13 @@ class Refusal(VirtsvcError):
         self.code = code
         self.message = message
         self.near_miss = near_miss  # no rule answered: the message explains why (routing, no match)
+
+
+class RuleFailure(VirtsvcError):
+    """A rule's own machinery (its matcher, a template) raised what it never should: a bug, answered as
+    INTERNAL naming the rule rather than as an anonymous UNKNOWN."""
+
+    def __init__(self, rule: Any, cause: BaseException) -> None:
+        super().__init__(f"the rule at {rule.location} failed unexpectedly: {_text.describe(cause)}")
+        self.rule = rule
+        self.cause = cause

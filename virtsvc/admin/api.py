@@ -21,6 +21,7 @@ __all__ = [
     "ADMIN_SERVICE",
     "METHODS",
     "ORIGIN",
+    "STREAMING",
     "AdminClient",
     "add_to_pool",
     "admin_file_descriptor",
@@ -80,6 +81,10 @@ METHODS: Mapping[str, tuple[type[Message], type[Message]]] = {
     m.name: (message_class(m.input_type.full_name), message_class(m.output_type.full_name))
     for m in admin_file_descriptor().services_by_name["Admin"].methods
 }
+#: the methods that answer with a server stream (the others are unary)
+STREAMING = frozenset(
+    m.name for m in admin_file_descriptor().services_by_name["Admin"].methods if m.server_streaming
+)
 
 
 def add_to_pool(pool: descriptor_pool.DescriptorPool) -> None:
@@ -110,6 +115,8 @@ class AdminClient:
             request_class, response_class = METHODS[method]
         except KeyError:
             raise ValueError(f"unknown admin method {method}; they are: {', '.join(METHODS)}") from None
+        if method in STREAMING:
+            raise ValueError(f"{method} answers with a stream: use AdminClient.watch()")
         stub = self._stubs.get(method)
         if stub is None:
             stub = self._stubs[method] = self._channel.unary_unary(
@@ -122,3 +129,28 @@ class AdminClient:
             metadata=self._metadata,
             timeout=self._timeout,
         )
+
+    def watch(
+        self,
+        scenario: str = "",
+        session: str = "",
+        method: str = "",
+        *,
+        include_existing: bool = False,
+        timeout: float | None = None,
+    ) -> Any:
+        """``WatchJournal``: an iterator of JournalEntry messages as calls finish (empty filters match any).
+
+        The result is also the grpc call: ``.cancel()`` ends the watch. It runs until then, until
+        ``timeout`` (DEADLINE_EXCEEDED) or until the server stops (the iterator ends).
+        """
+        request_class, response_class = METHODS["WatchJournal"]
+        stub = self._channel.unary_stream(
+            f"/{ADMIN_SERVICE}/WatchJournal",
+            request_serializer=request_class.SerializeToString,
+            response_deserializer=response_class.FromString,
+        )
+        request = request_class(
+            scenario=scenario, session=session, method=method, include_existing=include_existing
+        )
+        return stub(request, metadata=self._metadata, timeout=timeout)

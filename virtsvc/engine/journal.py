@@ -13,7 +13,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import grpc
 from google.protobuf import any_pb2, json_format
@@ -25,7 +25,7 @@ from virtsvc.scenarios.model import to_json
 if TYPE_CHECKING:
     from virtsvc.contracts.catalog import MethodSpec
 
-__all__ = ["Entry", "Journal", "Metadata"]
+__all__ = ["Entry", "Journal", "JournalFilter", "Metadata", "metadata_json"]
 
 log = _logs.get_logger("virtsvc.journal")
 
@@ -136,8 +136,8 @@ class Entry:
             "requests": requests,
             "reply": replies[0] if replies else None,
             "replies": replies,
-            "headers": _pairs(self.headers),
-            "trailers": _pairs(self.trailers),
+            "headers": metadata_json(self.headers),
+            "trailers": metadata_json(self.trailers),
             "code": self.code.name,
             "message": self.message,
             "details": self.status_details(),
@@ -159,7 +159,7 @@ def _decode(cls: type[Message], raw: bytes) -> Any:
     return to_json(msg)
 
 
-def _pairs(pairs: Metadata) -> dict[str, str]:
+def metadata_json(pairs: Metadata) -> dict[str, str]:
     """Metadata as JSON: binary (``-bin``) values in base64, as gRPC's text forms write them."""
     out: dict[str, str] = {}
     for key, value in pairs:
@@ -176,6 +176,21 @@ def _detail(raw: bytes, spec: MethodSpec) -> Any:
 
 
 Subscriber = Callable[[Entry], None]
+
+
+class JournalFilter(NamedTuple):
+    """Which entries a reader wants: None (or empty) in a field means any."""
+
+    scenario: str | None = None
+    session: str | None = None
+    method: str | None = None  # "pkg.Svc/Method"
+
+    def admits(self, entry: Entry) -> bool:
+        return (
+            (not self.scenario or entry.scenario == self.scenario)
+            and (not self.session or entry.session == self.session)
+            and (not self.method or entry.method == self.method.lstrip("/"))
+        )
 
 
 class Journal:

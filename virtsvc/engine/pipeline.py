@@ -33,7 +33,7 @@ from google.protobuf import any_pb2, json_format
 from google.protobuf.message import Message
 from google.rpc import status_pb2
 
-from virtsvc import _logs
+from virtsvc import _logs, _text
 from virtsvc.contracts.catalog import Catalog, MethodSpec
 from virtsvc.engine.journal import Entry, Journal, Metadata
 from virtsvc.engine.limits import DEFAULT_MAX_MESSAGE_BYTES, Gauge, server_busy_message, session_busy_message
@@ -48,7 +48,7 @@ from virtsvc.engine.router import (
     parse_baggage,
 )
 from virtsvc.engine.store import DEFAULT_SESSION, SessionState
-from virtsvc.errors import Refusal
+from virtsvc.errors import Refusal, RuleFailure, VirtsvcError
 from virtsvc.scenarios.answers import Answer, Plan, metadata_value
 from virtsvc.scenarios.model import Call, CompiledScenario, Delay, Fault, Rule, Step
 
@@ -431,11 +431,12 @@ class Exchange:
         raise _Ended(code, message)
 
     def _failed(self, what: str, exc: BaseException) -> BaseException:
-        summary = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if isinstance(exc, (Refusal, _Ended, _Cancelled, _Garbage)):
             return exc
+        summary = _text.describe(exc)
         log.warning("template.failed", rule=str(self.rule.location) if self.rule else None, error=summary)
-        return Refusal(_INTERNAL, f"{what}: {exc}")
+        # A template's own error explains itself; anything else is a bug, shown with its type.
+        return Refusal(_INTERNAL, f"{what}: {exc if isinstance(exc, VirtsvcError) else summary}")
 
     def _outcome(self, exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
         """How the call ends after ``exc``: the status to abort with, or None when nothing more is sent."""
@@ -450,9 +451,13 @@ class Exchange:
         if isinstance(exc, (_Cancelled, grpc.RpcError, GeneratorExit)):
             self._cancelled()
             return None
+        if isinstance(exc, RuleFailure):  # raised while choosing: the rule was not chosen yet
+            self.rule, exc = exc.rule, exc.cause
+            if self.entry is not None:
+                self.entry.rule = self.rule.where
         rule = self.rule
         where = f"the rule at {rule.location}" if rule is not None else f"the call to {self.spec.full_name}"
-        summary = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        summary = _text.describe(exc)
         log.error(
             "call.failed",
             rule=str(rule.location) if rule else None,

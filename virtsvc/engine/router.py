@@ -16,7 +16,7 @@ import grpc
 
 from virtsvc import _text
 from virtsvc.engine.store import DEFAULT_SESSION, RuleSet, SessionState, Store
-from virtsvc.errors import Refusal
+from virtsvc.errors import Refusal, RuleFailure
 from virtsvc.scenarios.answers import Answer, Plan
 from virtsvc.scenarios.model import Call, CompiledScenario, MatchResult, Rule
 
@@ -208,7 +208,12 @@ class Router:
         candidates = self.candidates(session, call.scenario, method)
         for rule in candidates:
             if rule.when is not None:
-                result = rule.when.check(call)
+                try:
+                    result = rule.when.check(call)
+                except Refusal:
+                    raise
+                except Exception as exc:  # a matcher's bug: name the rule it belongs to
+                    raise RuleFailure(rule, exc) from exc
                 if not result.ok:
                     misses.append((rule, result))
                     continue

@@ -6,18 +6,20 @@ a message for a person: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION or UNAU
 
 from __future__ import annotations
 
+import contextlib
 import hmac
+import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf.message import Message
 
 from virtsvc import _logs
-from virtsvc.admin.api import ADMIN_SERVICE, AUTH_MESSAGE, METHODS, ORIGIN, add_to_pool, messages
+from virtsvc.admin.api import ADMIN_SERVICE, AUTH_MESSAGE, METHODS, ORIGIN, STREAMING, add_to_pool, messages
 from virtsvc.contracts.catalog import normalize_method_name
-from virtsvc.engine.journal import Entry
+from virtsvc.engine.journal import Entry, JournalFilter, metadata_json
 from virtsvc.engine.router import unknown_scenario_message
 from virtsvc.engine.store import DEFAULT_SESSION, RuleSet
 from virtsvc.errors import ConfigError, Refusal, VirtsvcError
@@ -32,6 +34,11 @@ log = _logs.get_logger("virtsvc.admin")
 
 Behaviour = Callable[[Any], Message]
 GrpcBehaviour = Callable[[Any, grpc.ServicerContext], Message]
+WatchBehaviour = Callable[[Any, grpc.ServicerContext], Iterator[Message]]
+
+WATCH_BACKLOG = 10_000  # entries a watcher may fall behind before its watch is ended
+_WATCH_POLL = 0.2  # seconds between looks at whether the watcher or the server has gone
+_GONE = object()  # wakes a watch whose client cancelled
 
 
 class AdminService:
@@ -41,6 +48,9 @@ class AdminService:
         self.vserver = vserver
         # Serialises admin changes, so a put and a delete never interleave their read-modify-write.
         self._lock = threading.Lock()
+        self._watches = 0
+        # Each watch holds a worker thread for as long as it runs: a quarter of them at most.
+        self.watch_limit = max(1, vserver.options.max_workers // 4)
 
     # -- scenarios -----------------------------------------------------------------------------
 
@@ -155,6 +165,67 @@ class AdminService:
     # -- journal -------------------------------------------------------------------------------
 
     def GetJournal(self, request: Any) -> Message:
+        wanted = self._filter(request)
+        entries = self.vserver.journal.entries(*wanted, limit=request.limit or None)
+        reply = messages.GetJournalResponse()
+        for entry in entries:
+            _fill_entry(reply.entries.add(), entry)
+        return reply
+
+    def WatchJournal(self, request: Any, context: grpc.ServicerContext) -> Iterator[Message]:
+        wanted = self._filter(request)
+        with self._lock:
+            if self._watches >= self.watch_limit:
+                raise Refusal(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{self._watches} journal watches are open, the most this server allows (each holds "
+                    "one of its worker threads); end one, or start the server with more --max-workers",
+                )
+            self._watches += 1
+        finished: queue.Queue[Any] = queue.Queue(maxsize=WATCH_BACKLOG)
+        behind = threading.Event()
+
+        def hear(entry: Entry) -> None:  # on the serving thread of each call: filter, hand over, return
+            if wanted.admits(entry):
+                try:
+                    finished.put_nowait(entry)
+                except queue.Full:
+                    behind.set()
+
+        journal = self.vserver.journal
+        unsubscribe = journal.subscribe(hear)  # before reading the backlog, so no entry falls between
+        context.add_callback(lambda: _wake(finished))
+        log.info("admin.journal.watch", **wanted._asdict())
+        try:
+            sent: set[int] = set()
+            if request.include_existing:
+                for entry in journal.entries(*wanted):
+                    sent.add(entry.seq)
+                    yield _entry_message(entry)
+            draining = self.vserver.draining
+            while not draining.is_set() and context.is_active():
+                if behind.is_set():
+                    raise Refusal(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"this watch fell {WATCH_BACKLOG} entries behind the calls it follows and was "
+                        "ended; read faster, or narrow it by scenario, session or method",
+                    )
+                try:
+                    item = finished.get(timeout=_WATCH_POLL)
+                except queue.Empty:
+                    continue
+                if item is _GONE:
+                    break
+                if item.seq not in sent:
+                    yield _entry_message(item)
+        finally:
+            unsubscribe()
+            with self._lock:
+                self._watches -= 1
+
+    # -- messages ------------------------------------------------------------------------------
+
+    def _filter(self, request: Any) -> JournalFilter:
         method: str | None = None
         if request.method:
             method = normalize_method_name(request.method)
@@ -163,18 +234,7 @@ class AdminService:
                     grpc.StatusCode.NOT_FOUND, self.vserver.catalog.unknown_method_message(request.method)
                 )
         # Scenario names are not checked: calls naming an unknown scenario are journaled under that name.
-        entries = self.vserver.journal.entries(
-            scenario=request.scenario or None,
-            session=request.session or None,
-            method=method,
-            limit=request.limit or None,
-        )
-        reply = messages.GetJournalResponse()
-        for entry in entries:
-            _fill_entry(reply.entries.add(), entry)
-        return reply
-
-    # -- messages ------------------------------------------------------------------------------
+        return JournalFilter(request.scenario or None, request.session or None, method)
 
     def _require_scenario(self, name: str) -> None:
         if name and name not in self.vserver.registry:
@@ -185,6 +245,17 @@ class AdminService:
 
     def _unknown_scenario(self, name: str) -> str:
         return unknown_scenario_message(name, self.vserver.registry.names())
+
+
+def _wake(watch: queue.Queue[Any]) -> None:
+    with contextlib.suppress(queue.Full):  # a full watch polls: it sees the cancel within _WATCH_POLL
+        watch.put_nowait(_GONE)
+
+
+def _entry_message(entry: Entry) -> Message:
+    out = messages.JournalEntry()
+    _fill_entry(out, entry)
+    return out
 
 
 def _fill_entry(out: Any, entry: Entry) -> None:
@@ -212,6 +283,11 @@ def _fill_entry(out: Any, entry: Entry) -> None:
     out.started_at.FromNanoseconds(int(entry.started_at * 1e9))
     out.duration.FromNanoseconds(round(entry.duration * 1e9))
     out.matched = entry.matched
+    out.headers.update(metadata_json(entry.headers))
+    out.trailers.update(metadata_json(entry.trailers))
+    for detail in entry.status_details():
+        out.details.add().update(detail)
+    out.delay.FromNanoseconds(round(entry.delay * 1e9))
 
 
 def _as_object(value: Any) -> dict[str, Any]:
@@ -235,26 +311,52 @@ def _authorized(context: grpc.ServicerContext, token: str) -> bool:
     return ok
 
 
+def _admit(name: str, context: grpc.ServicerContext, token: str | None, closed: str | None) -> None:
+    """Aborts a call to a closed admin API, or one without the token."""
+    if closed is not None:
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, closed)
+    if token is not None and not _authorized(context, token):
+        log.warning("admin.unauthenticated", method=name, peer=context.peer())
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, AUTH_MESSAGE)
+
+
+def _refusal(name: str, exc: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status an admin call ends with after ``exc``: never UNKNOWN."""
+    if isinstance(exc, Refusal):
+        code, message = exc.code, exc.message
+    elif isinstance(exc, VirtsvcError):  # ScenarioError: one located "<admin>:LINE: message" line per problem
+        code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    else:  # a bug: say where rather than let grpc answer an opaque UNKNOWN
+        log.exception("admin.failed", method=name)
+        return grpc.StatusCode.INTERNAL, f"admin {name} failed: {type(exc).__name__}: {exc}"
+    log.info("admin.refused", method=name, code=code.name, message=message)
+    return code, message
+
+
 def _guarded(name: str, behaviour: Behaviour, token: str | None, closed: str | None = None) -> GrpcBehaviour:
     def handle(request: Any, context: grpc.ServicerContext) -> Message:
-        if closed is not None:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, closed)
-        if token is not None and not _authorized(context, token):
-            log.warning("admin.unauthenticated", method=name, peer=context.peer())
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, AUTH_MESSAGE)
+        _admit(name, context, token, closed)
         try:
             return behaviour(request)
-        except Refusal as exc:
-            code, message = exc.code, exc.message
-        except VirtsvcError as exc:  # ScenarioError: one located "<admin>:LINE: message" line per problem
-            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-        except Exception as exc:  # a bug: say where rather than let grpc answer an opaque UNKNOWN
-            log.exception("admin.failed", method=name)
-            code, message = grpc.StatusCode.INTERNAL, f"admin {name} failed: {type(exc).__name__}: {exc}"
-        if code is not grpc.StatusCode.INTERNAL:
-            log.info("admin.refused", method=name, code=code.name, message=message)
+        except Exception as exc:
+            code, message = _refusal(name, exc)
         context.abort(code, message)
         raise AssertionError("unreachable")  # pragma: no cover - abort raises
+
+    return handle
+
+
+def _guarded_stream(
+    name: str, behaviour: WatchBehaviour, token: str | None, closed: str | None
+) -> WatchBehaviour:
+    def handle(request: Any, context: grpc.ServicerContext) -> Iterator[Message]:
+        _admit(name, context, token, closed)
+        try:
+            yield from behaviour(request, context)
+            return
+        except Exception as exc:
+            code, message = _refusal(name, exc)
+        context.abort(code, message)
 
     return handle
 
@@ -281,6 +383,13 @@ def add_admin(server: grpc.Server, vserver: VirtualServer, token: str | None = N
     service = AdminService(vserver)
     handlers = {}
     for name, (request_class, response_class) in METHODS.items():
+        if name in STREAMING:
+            handlers[name] = grpc.unary_stream_rpc_method_handler(
+                _guarded_stream(name, getattr(service, name), token, closed),
+                request_deserializer=request_class.FromString,
+                response_serializer=response_class.SerializeToString,
+            )
+            continue
         handlers[name] = grpc.unary_unary_rpc_method_handler(
             _guarded(name, getattr(service, name), token, closed),
             request_deserializer=request_class.FromString,

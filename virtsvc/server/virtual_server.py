@@ -141,7 +141,8 @@ class VirtualServer:
                 + (", ".join(self.registry.names()) or "none")
             )
         self.router = Router(self.registry, self.store, default_scenario)
-        self.stopping = threading.Event()
+        self.stopping = threading.Event()  # the grace is over: delays and waits end now
+        self.draining = threading.Event()  # stop() has begun: long-lived watches end now
         self.dispatcher = Dispatcher(
             catalog,
             self.router,
@@ -188,6 +189,7 @@ class VirtualServer:
             ("grpc.max_receive_message_length", self.options.max_message_bytes),
             ("grpc.max_send_message_length", self.options.max_message_bytes),
         ]
+        self.draining.clear()
         self.executor = futures.ThreadPoolExecutor(
             max_workers=self._max_workers, thread_name_prefix="virtsvc"
         )
@@ -241,6 +243,7 @@ class VirtualServer:
         if server is None:
             return
         self.health.enter_graceful_shutdown()
+        self.draining.set()
         event = server.stop(grace)
         # Delays and dropped calls still waiting when the grace runs out end now.
         timer = threading.Timer(grace or 0.0, self.stopping.set)

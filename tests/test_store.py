@@ -1,0 +1,231 @@
+"""The store conformance suite: what every ``Store`` implementation promises the engine.
+
+Parametrised over the implementations (``STORES``); a new store (a shared one on Redis) joins the list and
+must pass the same tests. Only the protocol's operations are used here.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from virtsvc.engine.store import MemoryStore, RuleSet, Store
+from virtsvc.scenarios.model import Location, Rule
+
+StoreFactory = Callable[..., Store]
+
+
+def _memory(ttl: float = 3600.0) -> Store:
+    return MemoryStore(ttl=ttl)
+
+
+STORES: dict[str, StoreFactory] = {"memory": _memory}
+
+
+@pytest.fixture(params=sorted(STORES))
+def make(request: pytest.FixtureRequest) -> Iterator[StoreFactory]:
+    yield STORES[request.param]
+
+
+@pytest.fixture
+def store(make: StoreFactory) -> Store:
+    return make()
+
+
+def _rule(key: str, method: str = "shop.v1.Inventory/Reserve", priority: int = 0) -> Rule:
+    return Rule("shop", key, method, Location("<test>", 1), priority=priority)
+
+
+# -- sessions ----------------------------------------------------------------------------------------
+
+
+def test_a_session_is_made_on_first_use_and_found_after(store: Store) -> None:
+    assert store.find("shop", "a") is None
+    assert len(store) == 0
+    session = store.session("shop", "a")
+    assert (session.scenario, session.id, session.calls) == ("shop", "a", 0)
+    found = store.find("shop", "a")
+    assert found is not None and found.id == "a"
+    assert store.keys() == [("shop", "a")]
+    assert len(store) == 1
+
+
+def test_sessions_are_keyed_by_scenario_and_id(store: Store) -> None:
+    store.session("shop", "a").advance("seq:x")
+    store.session("shop", "a").data["k"] = 1
+    # Same id under another scenario, another id under the same scenario: nothing shared.
+    for scenario, sid in (("other", "a"), ("shop", "b")):
+        session = store.session(scenario, sid)
+        assert session.advance("seq:x") == 0
+        assert "k" not in session.data
+    assert sorted(store.keys()) == [("other", "a"), ("shop", "a"), ("shop", "b")]
+
+
+def test_touch_counts_the_calls_of_a_session(store: Store) -> None:
+    session = store.session("shop", "a")
+    assert [session.touch() for _ in range(3)] == [1, 2, 3]
+    assert store.session("shop", "a").calls == 3
+
+
+def test_take_claims_limited_uses_per_counter(store: Store) -> None:
+    session = store.session("shop", "a")
+    assert [session.take("times:r1", 2) for _ in range(3)] == [True, True, False]
+    assert session.take("times:r2", 1) is True  # another counter is apart
+    assert (session.used("times:r1"), session.used("times:r2"), session.used("times:none")) == (2, 1, 0)
+
+
+def test_advance_gives_sequence_positions_in_order(store: Store) -> None:
+    session = store.session("shop", "a")
+    assert [session.advance("seq:r1") for _ in range(4)] == [0, 1, 2, 3]
+    assert session.advance("seq:r2") == 0
+
+
+def test_enter_and_leave_bound_the_calls_in_flight(store: Store) -> None:
+    session = store.session("shop", "a")
+    assert session.enter(2) and session.enter(2)
+    assert not session.enter(2)
+    session.leave()
+    assert session.enter(2)
+
+
+def test_take_is_exact_under_parallel_calls(store: Store) -> None:
+    """Eight threads race for 100 uses: exactly 100 are granted (times: never answers one call too many)."""
+    session = store.session("shop", "a")
+    granted: list[bool] = []
+    lock = threading.Lock()
+    start = threading.Barrier(8)
+
+    def worker() -> None:
+        start.wait()
+        mine = [session.take("times:r", 100) for _ in range(40)]
+        with lock:
+            granted.extend(mine)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert granted.count(True) == 100
+    assert session.used("times:r") == 100
+
+
+def test_the_random_generator_is_seeded_from_the_names(make: StoreFactory) -> None:
+    """Two stores (two processes) draw the same values for the same session; another session differs."""
+    first = make().session("shop", "a").rng.random()
+    again = make().session("shop", "a").rng.random()
+    other = make().session("shop", "b").rng.random()
+    assert first == again
+    assert other != first
+
+
+# -- session rules -----------------------------------------------------------------------------------
+
+
+def test_put_rules_replaces_the_session_rules_by_method_best_first(store: Store) -> None:
+    low, high, other = _rule("r1"), _rule("r2", priority=5), _rule("r3", method="shop.v1.Inventory/GetItem")
+    store.put_rules("shop", "a", RuleSet([low, high, other], source="text"))
+    rules = store.session("shop", "a").rules
+    assert rules.get("shop.v1.Inventory/Reserve") == (high, low)
+    assert rules.get("shop.v1.Inventory/GetItem") == (other,)
+    assert rules.source == "text"
+    store.put_rules("shop", "a", RuleSet([other]))
+    assert store.session("shop", "a").rules.get("shop.v1.Inventory/Reserve") == ()
+
+
+def test_put_rules_keeps_the_counters_of_rules_kept_by_key(store: Store) -> None:
+    rule = _rule("session:0")
+    store.put_rules("shop", "a", RuleSet([rule]))
+    session = store.session("shop", "a")
+    assert session.advance(rule.sequence_key) == 0
+    store.put_rules("shop", "a", RuleSet([rule, _rule("session:1")]))
+    assert store.session("shop", "a").advance(rule.sequence_key) == 1
+
+
+def test_clear_rules_removes_them_and_their_counters_only(store: Store) -> None:
+    rule = _rule("session:0")
+    store.put_rules("shop", "a", RuleSet([rule, _rule("session:1")]))
+    session = store.session("shop", "a")
+    session.advance(rule.sequence_key)
+    session.take(rule.times_key, 5)
+    session.advance("seq:shop:scenario-rule")  # a scenario rule's counter: not the session rules'
+    assert store.clear_rules("shop", "a") == 2
+    session = store.session("shop", "a")
+    assert len(session.rules) == 0
+    assert (session.used(rule.sequence_key), session.used(rule.times_key)) == (0, 0)
+    assert session.used("seq:shop:scenario-rule") == 1
+    assert store.clear_rules("shop", "a") == 0
+    assert store.clear_rules("shop", "never") == 0
+    assert store.find("shop", "never") is None  # clearing does not make a session
+
+
+# -- dropping and its event --------------------------------------------------------------------------
+
+
+def test_reset_drops_one_session_and_tells_the_listeners(store: Store) -> None:
+    heard: list[tuple[str, str]] = []
+    store.subscribe(lambda scenario, sid: heard.append((scenario, sid)))
+    store.session("shop", "a").advance("seq:r")
+    store.session("shop", "b")
+    assert store.reset("shop", "a") is True
+    assert heard == [("shop", "a")]
+    assert store.find("shop", "a") is None
+    assert store.session("shop", "a").advance("seq:r") == 0  # a new session starts over
+    assert store.reset("shop", "missing") is False
+    assert heard == [("shop", "a")]
+    assert store.find("shop", "b") is not None
+
+
+def test_drop_scenario_drops_its_sessions_only(store: Store) -> None:
+    heard: list[tuple[str, str]] = []
+    store.subscribe(lambda scenario, sid: heard.append((scenario, sid)))
+    for scenario, sid in (("shop", "a"), ("shop", "b"), ("other", "a")):
+        store.session(scenario, sid)
+    assert store.drop_scenario("shop") == 2
+    assert sorted(heard) == [("shop", "a"), ("shop", "b")]
+    assert store.keys() == [("other", "a")]
+    assert store.drop_scenario("shop") == 0
+
+
+def test_idle_sessions_expire_after_the_ttl(make: StoreFactory) -> None:
+    store = make(ttl=30.0)
+    heard: list[tuple[str, str]] = []
+    store.subscribe(lambda scenario, sid: heard.append((scenario, sid)))
+    store.session("shop", "idle")
+    assert store.expire(time.monotonic() + 10) == 0  # not idle long enough
+    store.session("shop", "busy")
+    assert store.expire(time.monotonic() + 31) == 2
+    assert sorted(heard) == [("shop", "busy"), ("shop", "idle")]
+    assert len(store) == 0
+
+
+def test_a_touched_session_does_not_expire(make: StoreFactory) -> None:
+    store = make(ttl=30.0)
+    session = store.session("shop", "a")
+    base = time.monotonic()
+    session.touch()
+    assert store.expire(base + 20) == 0
+    assert store.find("shop", "a") is not None
+
+
+def test_unsubscribed_and_raising_listeners(store: Store) -> None:
+    """A listener that raises does not stop the others, nor the drop; an unsubscribed one hears nothing."""
+    heard: list[str] = []
+
+    def broken(scenario: str, sid: str) -> None:
+        raise RuntimeError("listener bug")
+
+    store.subscribe(broken)
+    unsubscribe = store.subscribe(lambda scenario, sid: heard.append(f"gone:{sid}"))
+    store.subscribe(lambda scenario, sid: heard.append(f"kept:{sid}"))
+    store.session("shop", "a")
+    assert store.reset("shop", "a") is True
+    assert heard == ["gone:a", "kept:a"]
+    unsubscribe()
+    store.session("shop", "b")
+    store.reset("shop", "b")
+    assert heard == ["gone:a", "kept:a", "kept:b"]
+    assert store.find("shop", "b") is None
