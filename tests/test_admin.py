@@ -289,9 +289,10 @@ def test_list_names_the_default_scenario(catalog: Catalog, client: AdminClient) 
     """ListScenarios says which scenario answers calls naming none, and nothing when none does."""
     assert client.call("ListScenarios").default_scenario == ""
     (shop,) = compile_text(SHOP_V1, catalog)
-    with VirtualServer(catalog, [shop], admin=True, default_scenario="shop") as srv, grpc.insecure_channel(
-        srv.address
-    ) as ch:
+    with (
+        VirtualServer(catalog, [shop], admin=True, default_scenario="shop") as srv,
+        grpc.insecure_channel(srv.address) as ch,
+    ):
         assert AdminClient(ch).call("ListScenarios").default_scenario == "shop"
         assert reserve(catalog, ch, scenario=None) == "r-1"
 
@@ -479,9 +480,7 @@ def test_journal_filters_limit_and_fields(
 def test_journal_unknown_method(client: AdminClient) -> None:
     code, details = refused(client.call, "GetJournal", method="shop.v1.Inventory/Reserv")
     assert code is grpc.StatusCode.NOT_FOUND
-    assert details == (
-        'unknown method "shop.v1.Inventory/Reserv"; did you mean "shop.v1.Inventory/Reserve"?'
-    )
+    assert details == ('unknown method "shop.v1.Inventory/Reserv"; did you mean "shop.v1.Inventory/Reserve"?')
 
 
 # -- token ---------------------------------------------------------------------------------------------

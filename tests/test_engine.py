@@ -938,9 +938,10 @@ def test_fixed_replies_answer_and_journal_as_the_full_path_does(
             dataclasses.replace(s, version=f"v-{s.name}")
             for s in compile_text(_FIXED_SCENARIOS, catalog, "fixed.yaml")
         ]
-        with VirtualServer(catalog, scenarios, max_concurrency=limit) as srv, grpc.insecure_channel(
-            srv.address
-        ) as ch:
+        with (
+            VirtualServer(catalog, scenarios, max_concurrency=limit) as srv,
+            grpc.insecure_channel(srv.address) as ch,
+        ):
             reply = ch.unary_unary("/shop.v1.Inventory/Reserve")(request, metadata=metadata)
             assert pb.inv.ReserveResponse.FromString(reply).reservation_id == "r-fixed"
             (entry,) = srv.journal.entries()

@@ -543,7 +543,6 @@ def test_projects_without_virtsvc_are_untouched(pytester: pytest.Pytester) -> No
     result.assert_outcomes(passed=1)
 
 
-
 def test_virtual_service_outside_pytest() -> None:
     """The helper object works on its own: a ``with`` block verifies the session and drops it."""
     import grpc
@@ -556,8 +555,11 @@ def test_virtual_service_outside_pytest() -> None:
         with VirtualService(server) as service:
             service.on(spec.full_name).reply({"reservation_id": "r-1"}, delay="1ms")
             channel = service.channel()
-            reserve = channel.unary_unary(spec.path, request_serializer=spec.input_class.SerializeToString,
-                                          response_deserializer=spec.output_class.FromString)
+            reserve = channel.unary_unary(
+                spec.path,
+                request_serializer=spec.input_class.SerializeToString,
+                response_deserializer=spec.output_class.FromString,
+            )
             assert reserve(spec.input_class(sku="A"), timeout=10).reservation_id == "r-1"
             service.assert_called(spec.full_name, times=1)
         assert len(server.store) == 0 and len(server.journal) == 0

@@ -53,7 +53,7 @@ class _Thing:
 @pytest.mark.parametrize("method", ["debug", "info", "warning", "error"])
 def test_json_lines_render_as_structlog_does(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """_logs' own json lines and structlog's chain (configure_logging("json")) give the same line."""
-    kw = {"out": "gen/", "protos": 5, "path": Path("a b"), "thing": _Thing(), "text": "é\n\"", "n": None}
+    kw = {"out": "gen/", "protos": 5, "path": Path("a b"), "thing": _Thing(), "text": 'é\n"', "n": None}
     structlog_out, own_out = io.StringIO(), io.StringIO()
 
     monkeypatch.setattr(sys, "stderr", structlog_out)
@@ -80,8 +80,17 @@ def test_gen_logs_the_same_line_with_or_without_structlog(tmp_path: Path, capsys
     assert main(["--log-format", "json", "gen", str(ROOT / "protos"), "-o", str(tmp_path / "a")]) == 0
     with_structlog = capsys.readouterr().err
     done = subprocess.run(
-        [sys.executable, "-m", "virtsvc.cli", "--log-format", "json", "gen", str(ROOT / "protos"), "-o",
-         str(tmp_path / "a")],
+        [
+            sys.executable,
+            "-m",
+            "virtsvc.cli",
+            "--log-format",
+            "json",
+            "gen",
+            str(ROOT / "protos"),
+            "-o",
+            str(tmp_path / "a"),
+        ],
         capture_output=True,
         text=True,
     )
@@ -118,8 +127,13 @@ def test_descriptor_sets_read_off_the_wire_match_protobuf(tmp_path: Path) -> Non
         ours = files[file.name]
         assert (ours.package, ours.dependency) == (file.package, list(file.dependency))
         assert ours.services == [
-            (s.name, [(m.name, m.input_type, m.output_type, m.client_streaming, m.server_streaming)
-                      for m in s.method])
+            (
+                s.name,
+                [
+                    (m.name, m.input_type, m.output_type, m.client_streaming, m.server_streaming)
+                    for m in s.method
+                ],
+            )
             for s in file.service
         ]
         assert ours.record == descriptor_pb2.FileDescriptorSet(file=[file]).SerializeToString()
@@ -131,7 +145,7 @@ def test_descriptor_sets_read_off_the_wire_match_protobuf(tmp_path: Path) -> Non
 
 def test_manifest_text_is_json_dumps_with_indent_2(tmp_path: Path) -> None:
     values: list[object] = [{}, [], {"a": []}, [[{}], [[1, 2]]]]
-    values.append({"é\n\"": [1, None, False, True, "ü", {"b": [[]]}], "n": {"k": "v"}})
+    values.append({'é\n"': [1, None, False, True, "ü", {"b": [[]]}], "n": {"k": "v"}})
     _protoc.generate(ROOT / "protos", tmp_path / "out")
     values.append(json.loads((tmp_path / "out" / "manifest.json").read_text()))
     for value in values:

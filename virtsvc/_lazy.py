@@ -12,9 +12,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 
-def facade(package: str, where: Mapping[str, str], namespace: dict[str, Any]) -> tuple[
-    Callable[[str], Any], Callable[[], list[str]]
-]:
+def facade(
+    package: str, where: Mapping[str, str], namespace: dict[str, Any]
+) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
     """``__getattr__`` and ``__dir__`` for ``package``: ``where`` maps each public name to its module."""
 
     def __getattr__(name: str) -> Any:

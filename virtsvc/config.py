@@ -207,7 +207,6 @@ def load_settings(start: Path | None = None) -> Settings:
 
     for key, value in table.items():
         if key not in _KEYS:
-
             close = _text.closest(key, list(_KEYS), n=1)
             known = "known keys: " + ", ".join(sorted(_KEYS))
             hint = _text.alternatives(close, quote="'") if close else known

@@ -96,7 +96,6 @@ def add_to_pool(pool: descriptor_pool.DescriptorPool) -> None:
             pool.Add(proto)
 
 
-
 class AdminClient:
     """A small client: ``AdminClient(channel, token).call("PutScenario", text=...)`` returns the reply.
 

@@ -532,6 +532,7 @@ def element_default(field: FieldDescriptor) -> Any:
 # --------------------------------------------------------------------------------------------------------
 # the template context: request views resolve JSON names too and give int64 as numbers
 
+
 class _View(dict[str, Any]):
     """A message in proto3 JSON (proto names, defaults included) that also answers to JSON names."""
 

@@ -1065,11 +1065,7 @@ def _status_code(value: Any, site: Site, node: Any, key: Any, path: str) -> grpc
             value = int(name)
         else:
             close = _text.closest(name, list(codes), n=3)
-            hint = (
-                _text.alternatives(close)
-                if close
-                else "the codes are " + ", ".join(codes)
-            )
+            hint = _text.alternatives(close) if close else "the codes are " + ", ".join(codes)
             site.error(node, key, f"{path}: unknown status code {_show(value)}; {hint}")
             return None
     if isinstance(value, int) and not isinstance(value, bool):
@@ -1183,9 +1179,7 @@ def _kind_words(spec: MethodSpec) -> str:
 
 def _unknown(key: Any, vocabulary: Sequence[str], what: str, hint: str = "") -> str:
     text = f"unknown {what} {_show(key)}"
-    close = (
-        _text.closest(str(key), list(vocabulary), n=1) if isinstance(key, str) else []
-    )
+    close = _text.closest(str(key), list(vocabulary), n=1) if isinstance(key, str) else []
     if close:
         return text + "; " + _text.alternatives(close)
     if hint:

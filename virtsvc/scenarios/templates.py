@@ -95,8 +95,6 @@ CONTEXT_NAMES = frozenset({"request", "requests", "metadata", "session", "index"
 _REQUEST_NAMES = frozenset({"request", "requests"})
 
 
-
-
 def now() -> str:
     """The current UTC time as RFC 3339 text; templates read the clock only here (virtual time hooks in)."""
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
@@ -105,10 +103,6 @@ def now() -> str:
 def is_template(value: Any) -> bool:
     """Whether a string holds Jinja2 syntax (anything else is a literal)."""
     return isinstance(value, str) and ("{{" in value or "{%" in value or "{#" in value)
-
-
-
-
 
 
 # Per-call memos (request views, rendered bodies) live in the call object's own dict, under these keys.

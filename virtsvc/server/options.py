@@ -19,7 +19,6 @@ from virtsvc.errors import ConfigError
 __all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "ServeOptions", "is_loopback"]
 
 
-
 @dataclass(frozen=True)
 class ServeOptions:
     """How a virtual server listens, what it keeps and what it allows."""

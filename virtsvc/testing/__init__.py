@@ -24,6 +24,4 @@ if TYPE_CHECKING:
 
 __all__ = ["CallRecord", "InlineRule", "RemoteServer", "VirtualService", "new_session_id"]
 
-__getattr__, __dir__ = facade(
-    __name__, {name: "virtsvc.testing.service" for name in __all__}, globals()
-)
+__getattr__, __dir__ = facade(__name__, {name: "virtsvc.testing.service" for name in __all__}, globals())

@@ -64,8 +64,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("virtsvc_scenarios", "virtsvc: scenario files or directories", type="paths")
     parser.addini("virtsvc_default_scenario", "virtsvc: scenario for calls that name none", type="string")
     parser.addini(
-        "virtsvc_fail_on_unmatched", "virtsvc: fail tests whose calls matched no rule (default: true)",
-        type="bool", default=True,
+        "virtsvc_fail_on_unmatched",
+        "virtsvc: fail tests whose calls matched no rule (default: true)",
+        type="bool",
+        default=True,
     )
 
 

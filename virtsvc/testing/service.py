@@ -248,8 +248,9 @@ class _InProcess:
 
         # A stable key prefix: re-putting the whole list keeps the times/sequence counters of the rules
         # already there (their index does not change, rules are only ever appended).
-        compiled = compile_rules(rules, self.server.catalog, scenario=scenario, origin="<inline>",
-                                 key_prefix="inline:")
+        compiled = compile_rules(
+            rules, self.server.catalog, scenario=scenario, origin="<inline>", key_prefix="inline:"
+        )
         self.server.store.put_rules(scenario, session, RuleSet(compiled, source=rules))
 
     def clear_rules(self, scenario: str, session: str) -> None:
@@ -329,7 +330,8 @@ class _Remote:
             exact = set(mapping.values())
             records = [
                 dataclasses.replace(r, rule=mapping[r.rule])
-                if r.rule is not None and r.rule not in exact and r.rule in mapping else r
+                if r.rule is not None and r.rule not in exact and r.rule in mapping
+                else r
                 for r in records
             ]
         return records
@@ -590,7 +592,10 @@ class VirtualService:
         except RuntimeError:
             loop = None
         interceptors: list[grpc.aio.ClientInterceptor] = [
-            _AioUnaryUnary(self), _AioUnaryStream(self), _AioStreamUnary(self), _AioStreamStream(self)
+            _AioUnaryUnary(self),
+            _AioUnaryStream(self),
+            _AioStreamUnary(self),
+            _AioStreamStream(self),
         ]
         channel = grpc.aio.insecure_channel(self.address, interceptors=interceptors)
         self._aio_channels.append((channel, loop))
@@ -678,10 +683,10 @@ class VirtualService:
 
     def format_problems(self, problems: Sequence[str], hint: str = "") -> str:
         head = (
-            f"virtsvc: {problems[0]}" if len(problems) == 1
-            else f"virtsvc: {len(problems)} problems in this test's session:\n" + "\n".join(
-                "- " + p.replace("\n", "\n  ") for p in problems
-            )
+            f"virtsvc: {problems[0]}"
+            if len(problems) == 1
+            else f"virtsvc: {len(problems)} problems in this test's session:\n"
+            + "\n".join("- " + p.replace("\n", "\n  ") for p in problems)
         )
         return head + (f"\n{hint}" if hint else "") + f"\n(session {self.session})"
 
@@ -789,7 +794,10 @@ class _AioBase:
     def _details(self, details: Any) -> grpc.aio.ClientCallDetails:
         merged = self._service._merged(details.metadata)
         return grpc.aio.ClientCallDetails(
-            details.method, details.timeout, grpc.aio.Metadata(*merged), details.credentials,
+            details.method,
+            details.timeout,
+            grpc.aio.Metadata(*merged),
+            details.credentials,
             details.wait_for_ready,
         )
 
