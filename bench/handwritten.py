@@ -40,10 +40,14 @@ from common import STREAM_COUNT, compile_stubs
 def virtsvc_workers() -> int:
     """The thread pool size virtsvc's server uses by default (64 when virtsvc cannot be imported)."""
     try:
-        from virtsvc.server import VirtualServer
+        from virtsvc.server import ServeOptions
     except ImportError:
-        return 64
-    return int(inspect.signature(VirtualServer.__init__).parameters["max_workers"].default)
+        try:  # a tree from before ServeOptions: the default was VirtualServer's keyword
+            from virtsvc.server import VirtualServer
+        except ImportError:
+            return 64
+        return int(inspect.signature(VirtualServer.__init__).parameters["max_workers"].default)
+    return ServeOptions().max_workers
 
 
 def servicer_server(pb2: Any, pb2_grpc: Any, workers: int) -> grpc.Server:

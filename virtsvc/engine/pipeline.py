@@ -170,16 +170,22 @@ class Exchange:
             metadata["baggage"] = ",".join(v for k, v in pairs if k == "baggage" and isinstance(v, str))
         gauge = d.gauge
         if gauge is not None and not gauge.enter():
-            self._open(None, None)
+            self._open_unrouted()
             raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, server_busy_message(gauge.limit))
         try:
             compiled, session = d.router.route(metadata)
         except Refusal:
-            self._open(None, None)
+            self._open_unrouted()
             if gauge is not None:
                 gauge.leave()
             raise
-        self._open(compiled, session)
+        session.touch()
+        self.scenario = compiled
+        self.session = session
+        entry = self.entry = Entry(
+            session.scenario, session.id, self.spec, metadata, time.time(), self._requests
+        )
+        entry.scenario_version = compiled.version if compiled is not None else None
         limit = d.max_concurrency_per_session
         if limit is not None and not session.enter(limit):
             if gauge is not None:
@@ -189,26 +195,16 @@ class Exchange:
             )
         self._admitted = d.limited
 
-    def _open(self, compiled: CompiledScenario | None, session: SessionState | None) -> None:
-        if session is None:  # not routed: journaled under the names the call sent
-            metadata = self.metadata
-            baggage = parse_baggage(metadata.get("baggage", ""))
-            scenario = metadata.get(SCENARIO_HEADER, baggage.get(BAGGAGE_SCENARIO, NO_SCENARIO))
-            session_id = metadata.get(SESSION_HEADER, baggage.get(BAGGAGE_SESSION, "")) or DEFAULT_SESSION
-            self.entry = Entry(scenario, session_id, self.spec, metadata, time.time(), self._requests)
-            return
-        session.touch()
-        self.scenario = compiled
-        self.session = session
-        entry = self.entry = Entry(
-            session.scenario, session.id, self.spec, self.metadata, time.time(), self._requests
-        )
-        entry.scenario_version = compiled.version if compiled is not None else None
+    def _open_unrouted(self) -> None:
+        """The entry of a call refused before routing: journaled under the names the call sent."""
+        metadata = self.metadata
+        baggage = parse_baggage(metadata.get("baggage", ""))
+        scenario = metadata.get(SCENARIO_HEADER, baggage.get(BAGGAGE_SCENARIO, NO_SCENARIO))
+        session_id = metadata.get(SESSION_HEADER, baggage.get(BAGGAGE_SESSION, "")) or DEFAULT_SESSION
+        self.entry = Entry(scenario, session_id, self.spec, metadata, time.time(), self._requests)
 
     def release(self) -> None:
-        """Frees what admission claimed (only counted when a limit is set)."""
-        if not self._admitted:
-            return
+        """Frees what admission claimed (only counted when a limit is set, see ``_admitted``)."""
         self._admitted = False
         d = self.dispatcher
         if d.max_concurrency_per_session is not None and self.session is not None:
@@ -242,17 +238,11 @@ class Exchange:
             raise choice.refusal
         return choice
 
-    def plan(self) -> Plan | None:
+    def plan(self) -> tuple[Rule, Plan] | None:
         """The fixed plan that answers this call, if the first candidate has one."""
         session = self.session
         assert session is not None
-        found = self.dispatcher.router.plan(session, session.scenario, self.spec.full_name)
-        if found is None:
-            return None
-        self.rule, plan = found
-        assert self.entry is not None
-        self.entry.rule = self.rule.where
-        return plan
+        return self.dispatcher.router.plan(session, session.scenario, self.spec.full_name)
 
     # -- 3. answer: the primitives answers emit through --------------------------------------------
 
@@ -282,13 +272,20 @@ class Exchange:
             replies.append(raw)
         return raw
 
-    def answer_plan(self, plan: Plan) -> bytes:
+    def answer_plan(self, rule: Rule, plan: Plan) -> bytes:
         """A fixed answer: the same primitives as any answer, from data decided at load."""
+        self.rule = rule
+        assert self.entry is not None
+        self.entry.rule = rule.where
         if plan.headers:
             self.send_headers(plan.headers)
         if plan.trailers:
             self.set_trailers(plan.trailers)
-        return self.sent(plan.reply)
+        raw = plan.reply
+        if len(raw) > self.dispatcher.max_message_bytes:
+            return self.sent(raw)  # refuses it
+        self.entry.raw_replies.append(raw)
+        return raw
 
     def wait(self, delay: Delay) -> None:
         session = self.session
@@ -486,7 +483,8 @@ class Exchange:
                 self.admit()
                 reply = answer()
             finally:
-                self.release()
+                if self._admitted:
+                    self.release()
         except _Garbage:
             return GARBAGE
         except BaseException as exc:
@@ -509,7 +507,8 @@ class Exchange:
                 self.admit()
                 yield from answer()
             finally:
-                self.release()
+                if self._admitted:
+                    self.release()
         except _Garbage:
             yield GARBAGE
             return
@@ -672,9 +671,9 @@ class Dispatcher(grpc.GenericRpcHandler):
         ex = Exchange(self, spec, context, [raw])
 
         def answer() -> bytes:
-            plan = ex.plan()
-            if plan is not None and parses(spec, raw):
-                return ex.answer_plan(plan)
+            found = ex.plan()
+            if found is not None and parses(spec, raw):
+                return ex.answer_plan(*found)
             msg = parse(spec, raw)
             ex.call.set_messages([msg])
             choice = ex.choose()
