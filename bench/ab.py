@@ -50,8 +50,9 @@ def worktree(ref: str) -> Iterator[Path]:
 
 
 def serve_command(descriptors: Path) -> list[str]:
-    return [sys.executable, "-m", "virtsvc.cli", "serve", "--log-format", "json", "--descriptors",
-            str(descriptors), "--scenarios", str(SCENARIOS), "--host", "127.0.0.1", "--port", "0"]  # fmt: skip
+    serve = [sys.executable, "-m", "virtsvc.cli", "serve", "--log-format", "json"]
+    paths = ["--descriptors", str(descriptors), "--scenarios", str(SCENARIOS)]
+    return [*serve, *paths, "--host", "127.0.0.1", "--port", "0"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -103,14 +104,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"  {name:<24} run {i + 1}: {result.rps:8,.0f} calls/s  "
                           f"{runs[name][-1]['cpu_us']:6.1f} µs CPU/call", file=sys.stderr)  # fmt: skip
     summary = _summary(runs)
-    print(
-        f"A/B, {args.case} reply, h2load 4x16, {args.requests:,} calls a run, {args.repeats} runs each, alternating"
-    )
+    print(f"A/B, {args.case} reply, h2load 4x16, {args.requests:,} calls a run, {args.repeats} runs each")
     for name, figures in summary.items():
         if name == "ratio":
             continue
-        print(f"  {name:<24} {figures['rps_median']:8,.0f} calls/s ({figures['rps_min']:,.0f}-{figures['rps_max']:,.0f})"
-              f"   {figures['cpu_median']:6.1f} µs CPU/call ({figures['cpu_min']:.1f}-{figures['cpu_max']:.1f})")  # fmt: skip
+        rps = f"{figures['rps_median']:8,.0f} calls/s ({figures['rps_min']:,.0f}-{figures['rps_max']:,.0f})"
+        cpu = f"{figures['cpu_median']:6.1f} µs CPU/call ({figures['cpu_min']:.1f}-{figures['cpu_max']:.1f})"
+        print(f"  {name:<24} {rps}   {cpu}")
     ratio = summary["ratio"]
     print(f"  B/A: throughput {ratio['rps']:.3f}x, CPU per call {ratio['cpu']:.3f}x")
     if args.out:
