@@ -5,11 +5,11 @@
 
 Both trees serve the same descriptors and ``bench/scenarios/bench.yaml`` with ``virtsvc serve`` (the base
 from a temporary ``git worktree``, each through its own ``PYTHONPATH``), started side by side on the server
-core and idle when not loaded. h2load runs alternate between them (A B A B ...), so drift and other load on
-the shared machine hit both alike. Reported per tree: calls/s and the server's CPU per call (utime + stime
-from /proc over each run: steadier than throughput on a shared machine), as median, min-max and every run,
-and the ratio B/A of the medians. Each run is checked like the main benchmark (h2c, every request
-succeeded, exactly the expected reply bytes).
+core and idle when not loaded. h2load runs alternate between them (A B B A A B ...), so drift and other
+load on the shared machine hit both alike. Reported per tree: calls/s and the server's CPU per call
+(utime + stime from /proc over each run: steadier than throughput on a shared machine), as median, min-max
+and every run, and the ratio B/A of the medians. Each run is checked like the main benchmark (h2c, every
+request succeeded, exactly the expected reply bytes).
 """
 
 from __future__ import annotations
@@ -60,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--base", required=True, help="the git ref to compare with (A)")
+    parser.add_argument(
+        "--against", help="a git ref for B instead of the working tree (the same ref twice: A/A)"
+    )
     parser.add_argument("--case", choices=("static", "matched"), default="static")
     parser.add_argument("--repeats", type=int, default=7, help="runs per tree (default 7)")
     parser.add_argument("--requests", type=int, default=40_000, help="calls per run (default 40,000)")
@@ -69,10 +72,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT / "bench"))
     from run import Env
 
-    with tempfile.TemporaryDirectory(prefix="virtsvc-ab-") as tmp, worktree(args.base) as base:
+    with contextlib.ExitStack() as trees_stack:
+        tmp = trees_stack.enter_context(tempfile.TemporaryDirectory(prefix="virtsvc-ab-"))
+        base = trees_stack.enter_context(worktree(args.base))
+        other = trees_stack.enter_context(worktree(args.against)) if args.against else ROOT
         env = Env(Path(tmp))
         case = env.static if args.case == "static" else env.matched
-        trees = {f"A {args.base}": base, "B working tree": ROOT}
+        trees = {f"A {args.base}": base, f"B {args.against or 'working tree'}": other}
         specs = [(name, serve_command(env.descriptors)) for name in trees]
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
         headers = {"content-type": "application/grpc", "te": "trailers", SCENARIO_HEADER: case.name}
@@ -86,7 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 run_h2load(f"http://{server.target}/{case.path.lstrip('/')}", env.bodies[case.name], headers,
                            requests=args.requests // 4, clients=4, streams=16)  # fmt: skip
             for i in range(args.repeats):
-                for name, server in servers.items():
+                # A B, then B A: neither tree always runs right after the other's load
+                order = list(servers.items()) if i % 2 == 0 else list(reversed(servers.items()))
+                for name, server in order:
                     result = run_h2load(
                         f"http://{server.target}/{case.path.lstrip('/')}",
                         env.bodies[case.name],

@@ -476,12 +476,12 @@ class Exchange:
 
     # -- the four kinds run the stages ----------------------------------------------------------------
 
-    def run_single(self, answer: Callable[[], bytes]) -> bytes | None:
+    def run_single(self, answer: Callable[[Exchange], bytes]) -> bytes | None:
         """Unary and client-streaming calls: ``answer`` returns the reply's bytes."""
         try:
             try:
                 self.admit()
-                reply = answer()
+                reply = answer(self)
             finally:
                 if self._admitted:
                     self.release()
@@ -500,12 +500,12 @@ class Exchange:
         self.finish(_OK)
         return reply
 
-    def run_stream(self, answer: Callable[[], Iterator[bytes]]) -> Iterator[bytes]:
+    def run_stream(self, answer: Callable[[Exchange], Iterator[bytes]]) -> Iterator[bytes]:
         """Server-streaming and bidi calls: ``answer`` yields the replies."""
         try:
             try:
                 self.admit()
-                yield from answer()
+                yield from answer(self)
             finally:
                 if self._admitted:
                     self.release()
@@ -523,6 +523,11 @@ class Exchange:
                 return
             self.context.abort(*outcome)
         self.finish(_OK)
+
+    def client_stream(self) -> Iterator[bytes]:
+        """The client's stream of raw requests (client-streaming and bidi calls)."""
+        assert self._incoming is not None
+        return self._incoming
 
     @staticmethod
     def strategy(choice: Choice) -> Answer:
@@ -668,83 +673,20 @@ class Dispatcher(grpc.GenericRpcHandler):
     # -- the four kinds ----------------------------------------------------------------------------
 
     def _unary(self, spec: MethodSpec, raw: bytes, context: grpc.ServicerContext) -> bytes | None:
-        ex = Exchange(self, spec, context, [raw])
-
-        def answer() -> bytes:
-            found = ex.plan()
-            if found is not None and parses(spec, raw):
-                return ex.answer_plan(*found)
-            msg = parse(spec, raw)
-            ex.call.set_messages([msg])
-            choice = ex.choose()
-            if choice.rule.handler is not None:
-                return ex.run_handler(choice.rule, msg, stream=False)
-            return ex.strategy(choice).single(ex, choice.index)
-
-        return ex.run_single(answer)
+        return Exchange(self, spec, context, [raw]).run_single(_answer_unary)
 
     def _client_streaming(
         self, spec: MethodSpec, request_iterator: Iterator[bytes], context: grpc.ServicerContext
     ) -> bytes | None:
-        ex = Exchange(self, spec, context, [])
-
-        def answer() -> bytes:
-            call = ex.call
-            call.set_messages([])
-            if any(r.handler is not None for r in ex.candidates()):
-                # Handlers consume the stream themselves: pick the rule on what is known up front.
-                choice = ex.choose()
-                if choice.rule.handler is not None:
-                    return ex.run_handler(choice.rule, ex.requests(request_iterator), stream=False)
-            else:
-                choice = None
-            for raw in request_iterator:
-                call.add_request(raw, parse(spec, raw))
-            if choice is None:
-                choice = ex.choose()
-            if choice.rule.handler is not None:
-                return ex.run_handler(choice.rule, iter(call.request_messages), stream=False)
-            return ex.strategy(choice).single(ex, choice.index)
-
-        return ex.run_single(answer)
+        return Exchange(self, spec, context, [], request_iterator).run_single(_answer_client_stream)
 
     def _streaming(self, spec: MethodSpec, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-        ex = Exchange(self, spec, context, [raw])
-
-        def answer() -> Iterator[bytes]:
-            ex.call.set_messages([parse(spec, raw)])
-            choice = ex.choose()
-            if choice.rule.handler is not None:
-                yield from ex.run_handler(choice.rule, ex.call.request_messages[0], stream=True)
-            else:
-                yield from ex.strategy(choice).stream(ex, choice.index)
-
-        return ex.run_stream(answer)
+        return Exchange(self, spec, context, [raw]).run_stream(_answer_server_stream)
 
     def _bidi(
         self, spec: MethodSpec, request_iterator: Iterator[bytes], context: grpc.ServicerContext
     ) -> Iterator[bytes]:
-        ex = Exchange(self, spec, context, [], request_iterator)
-
-        def answer() -> Iterator[bytes]:
-            messages: list[Message] = []
-            call = ex.call
-            call.set_messages(messages)
-            # Read the first message only when some rule must see it: a server that speaks first must not
-            # wait for the client.
-            if any(r.needs_request for r in ex.candidates()):
-                first = next(request_iterator, None)
-                if first is not None:
-                    call.add_request(first, parse(spec, first))
-            choice = ex.choose()
-            if choice.rule.handler is not None:
-                yield from ex.run_handler(
-                    choice.rule, ex.requests(request_iterator, list(messages)), stream=True
-                )
-            else:
-                yield from ex.strategy(choice).stream(ex, choice.index)
-
-        return ex.run_stream(answer)
+        return Exchange(self, spec, context, [], request_iterator).run_stream(_answer_bidi)
 
 
 def _unparsable(spec: MethodSpec, exc: Exception) -> str:
@@ -810,3 +752,65 @@ def encode(spec: MethodSpec, result: Any) -> bytes:
     raise TypeError(
         f"returned {type(result).__name__}; return a dict (proto3 JSON) or a {spec.output.full_name}"
     )
+
+
+# -- the answer stage of each kind (module functions, not closures: nothing allocated per call for them) --
+
+
+def _answer_unary(ex: Exchange) -> bytes:
+    spec, raw = ex.spec, ex._requests[0]
+    found = ex.plan()
+    if found is not None and parses(spec, raw):
+        return ex.answer_plan(*found)
+    msg = parse(spec, raw)
+    ex.call.set_messages([msg])
+    choice = ex.choose()
+    if choice.rule.handler is not None:
+        return ex.run_handler(choice.rule, msg, stream=False)
+    return ex.strategy(choice).single(ex, choice.index)
+
+
+def _answer_client_stream(ex: Exchange) -> bytes:
+    spec, request_iterator = ex.spec, ex.client_stream()
+    call = ex.call
+    call.set_messages([])
+    choice: Choice | None = None
+    if any(r.handler is not None for r in ex.candidates()):
+        # Handlers consume the stream themselves: pick the rule on what is known up front.
+        choice = ex.choose()
+        if choice.rule.handler is not None:
+            return ex.run_handler(choice.rule, ex.requests(request_iterator), stream=False)
+    for raw in request_iterator:
+        call.add_request(raw, parse(spec, raw))
+    if choice is None:
+        choice = ex.choose()
+    if choice.rule.handler is not None:
+        return ex.run_handler(choice.rule, iter(call.request_messages), stream=False)
+    return ex.strategy(choice).single(ex, choice.index)
+
+
+def _answer_server_stream(ex: Exchange) -> Iterator[bytes]:
+    ex.call.set_messages([parse(ex.spec, ex._requests[0])])
+    choice = ex.choose()
+    if choice.rule.handler is not None:
+        yield from ex.run_handler(choice.rule, ex.call.request_messages[0], stream=True)
+    else:
+        yield from ex.strategy(choice).stream(ex, choice.index)
+
+
+def _answer_bidi(ex: Exchange) -> Iterator[bytes]:
+    spec, request_iterator = ex.spec, ex.client_stream()
+    messages: list[Message] = []
+    call = ex.call
+    call.set_messages(messages)
+    # Read the first message only when some rule must see it: a server that speaks first must not wait for
+    # the client.
+    if any(r.needs_request for r in ex.candidates()):
+        first = next(request_iterator, None)
+        if first is not None:
+            call.add_request(first, parse(spec, first))
+    choice = ex.choose()
+    if choice.rule.handler is not None:
+        yield from ex.run_handler(choice.rule, ex.requests(request_iterator, list(messages)), stream=True)
+    else:
+        yield from ex.strategy(choice).stream(ex, choice.index)
