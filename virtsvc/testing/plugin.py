@@ -22,21 +22,25 @@ never use the fixtures pay nothing.
 from __future__ import annotations
 
 import os
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 
 if TYPE_CHECKING:
+    from virtsvc.contracts.catalog import Catalog
     from virtsvc.server.virtual_server import VirtualServer
     from virtsvc.testing.service import RemoteServer, VirtualService
 
 __all__ = ["virtsvc_server", "virtual_service"]
 
+_T = TypeVar("_T")
+
 _SERVICE = pytest.StashKey["VirtualService"]()
 _OPTIONS = pytest.StashKey["_Options"]()
+_FAILED = pytest.StashKey["_StartFailure"]()
 _OPT_OUT = (
     "(to allow unmatched calls, pass --virtsvc-no-fail-unmatched or set virtsvc_fail_on_unmatched = false)"
 )
@@ -90,6 +94,16 @@ class _Options:
     fail_on_unmatched: bool
     address: str | None
     admin_token: str | None
+    # The settings the paths came from (protos, descriptors, scenarios), named in errors.
+    keys: tuple[str, str, str] = ("virtsvc_protos", "virtsvc_descriptors", "virtsvc_scenarios")
+
+
+@dataclass
+class _StartFailure:
+    """Why the virtual server of this session did not start, and the first test that said so."""
+
+    text: str
+    first: str | None = None
 
 
 def _one(config: pytest.Config, name: str) -> Path | None:
@@ -110,14 +124,20 @@ def _options(config: pytest.Config) -> _Options:
     descriptors = _one(config, "virtsvc_descriptors")
     scenarios = tuple(Path(p) for p in config.getini("virtsvc_scenarios"))
     default = config.getini("virtsvc_default_scenario") or None
+    protos_key, scenarios_key = "virtsvc_protos", "virtsvc_scenarios"
     if not (protos or descriptors) or not scenarios or not default:
         from virtsvc.config import load_settings
 
         settings = load_settings(config.rootpath)
         if not (protos or descriptors):
             protos = settings.protos
-        scenarios = scenarios or settings.scenarios
+            protos_key = "[tool.virtsvc] protos"
+        if not scenarios:
+            scenarios = settings.scenarios
+            scenarios_key = "[tool.virtsvc] scenarios"
         default = default or settings.default_scenario
+    keys = (protos_key, "virtsvc_descriptors", scenarios_key)
+    _check_paths(config, protos, descriptors, scenarios, keys)
     options = _Options(
         protos=protos,
         descriptors=descriptors,
@@ -127,9 +147,38 @@ def _options(config: pytest.Config) -> _Options:
         and not config.getoption("virtsvc_no_fail_unmatched", False),
         address=config.getoption("virtsvc_address", None),
         admin_token=config.getoption("virtsvc_admin_token", None) or os.environ.get("VIRTSVC_ADMIN_TOKEN"),
+        keys=keys,
     )
     config.stash[_OPTIONS] = options
     return options
+
+
+def _check_paths(
+    config: pytest.Config,
+    protos: Path | None,
+    descriptors: Path | None,
+    scenarios: tuple[Path, ...],
+    keys: tuple[str, str, str],
+) -> None:
+    """ConfigError naming the setting whose path does not exist (``virtsvc_protos = "protoz": ...``)."""
+    from virtsvc.errors import ConfigError
+
+    def shown(path: Path) -> str:
+        base = config.inipath.parent if config.inipath is not None else config.rootpath
+        try:
+            return path.resolve().relative_to(base.resolve()).as_posix()
+        except ValueError:
+            return str(path)
+
+    if protos is not None and not protos.is_dir():
+        what = "not a directory" if protos.exists() else "no such directory"
+        raise ConfigError(f'{keys[0]} = "{shown(protos)}": {what} (the .proto files to serve)')
+    if descriptors is not None and not descriptors.is_file():
+        what = "not a file" if descriptors.exists() else "no such file"
+        raise ConfigError(f'{keys[1]} = "{shown(descriptors)}": {what} (a descriptor set to serve)')
+    for path in scenarios:
+        if not path.exists():
+            raise ConfigError(f'{keys[2]} = "{shown(path)}": no such file or directory')
 
 
 @pytest.fixture(scope="session")
@@ -138,10 +187,15 @@ def virtsvc_server(pytestconfig: pytest.Config) -> Iterator[VirtualServer | Remo
     ``--virtsvc-address``."""
     from virtsvc.errors import VirtsvcError
 
+    failure: _StartFailure | None = None
     try:
         server = _start(_options(pytestconfig))
     except VirtsvcError as exc:
-        pytest.fail(f"virtsvc: {exc}", pytrace=False)
+        failure = _StartFailure(_failure_text(exc))
+    if failure is not None:
+        # Outside the except block: the problems once, without "During handling of the above exception".
+        pytestconfig.stash[_FAILED] = failure
+        pytest.fail(failure.text, pytrace=False)
     try:
         yield server
     finally:
@@ -153,6 +207,29 @@ def virtsvc_server(pytestconfig: pytest.Config) -> Iterator[VirtualServer | Remo
             server.stop(0)
 
 
+def _failure_text(exc: BaseException) -> str:
+    text = str(exc)
+    if "\n" in text:
+        return f"virtsvc: the virtual server did not start:\n{text}"
+    return f"virtsvc: {text}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None, object, object]:
+    """Once the server failed to start, the tests that need it fail with one line pointing to the first
+    one's report (pytest would repeat the whole error for each)."""
+    failure = item.config.stash.get(_FAILED, None)
+    if failure is not None and "virtsvc_server" in getattr(item, "fixturenames", ()):
+        where = f"at setup of {failure.first}" if failure.first else "above"
+        pytest.fail(f"virtsvc: the virtual server did not start: see the error {where}", pytrace=False)
+    try:
+        return (yield)
+    finally:
+        failure = item.config.stash.get(_FAILED, None)
+        if failure is not None and failure.first is None:
+            failure.first = item.nodeid
+
+
 def _start(options: _Options) -> VirtualServer | RemoteServer:
     from virtsvc.contracts.catalog import load_catalog
     from virtsvc.errors import ConfigError
@@ -162,11 +239,14 @@ def _start(options: _Options) -> VirtualServer | RemoteServer:
     if options.address:
         from virtsvc.testing.service import RemoteServer
 
+        def remote_catalog() -> Catalog:
+            return _quietly(load_catalog, options.protos, options.descriptors)
+
         remote = RemoteServer(
             options.address,
             token=options.admin_token,
             default_scenario=options.default_scenario,
-            catalog=(lambda: load_catalog(options.protos, options.descriptors)) if has_source else None,
+            catalog=remote_catalog if has_source else None,
         )
         remote.wait_ready()
         return remote
@@ -178,7 +258,7 @@ def _start(options: _Options) -> VirtualServer | RemoteServer:
         )
     from virtsvc.server.virtual_server import VirtualServer
 
-    catalog = load_catalog(options.protos, options.descriptors)
+    catalog = _quietly(load_catalog, options.protos, options.descriptors)
     server = VirtualServer(
         catalog,
         load_scenarios(list(options.scenarios), catalog),
@@ -187,6 +267,24 @@ def _start(options: _Options) -> VirtualServer | RemoteServer:
         default_scenario=options.default_scenario,
     )
     return server.start()
+
+
+def _quietly(fn: Callable[..., _T], *args: Any) -> _T:
+    """``fn(*args)`` without its info lines (``descriptors.compiled``): they would land in the captured
+    output of whichever test happened to start the server. Warnings and errors are logged as usual."""
+    import structlog
+    from structlog.testing import capture_logs
+
+    with capture_logs() as logged:
+        result = fn(*args)
+    for entry in logged:
+        level = entry.pop("log_level", "info")
+        if level not in ("debug", "info"):
+            event = entry.pop("event", "")
+            getattr(structlog.get_logger("virtsvc"), level, structlog.get_logger("virtsvc").warning)(
+                event, **entry
+            )
+    return result
 
 
 @pytest.fixture
@@ -200,23 +298,31 @@ def virtual_service(
     try:
         options = _options(request.config)
     except VirtsvcError as exc:  # reached when a conftest overrides virtsvc_server
-        pytest.fail(f"virtsvc: {exc}", pytrace=False)
+        error = f"virtsvc: {exc}"
+    else:
+        error = ""
+    if error:
+        pytest.fail(error, pytrace=False)
     service = VirtualService(
         virtsvc_server,
         new_session_id(request.node.nodeid),
         fail_on_unmatched=options.fail_on_unmatched,
         root=request.config.rootpath,
+        fixture="virtual_service",
     )
     request.node.stash[_SERVICE] = service
     yield service
     # Calls made after the test body (by other fixtures' teardown) were not checked by the call hook.
+    problems: list[str] = []
     try:
         try:
             problems = service.problems(new_only=True, rules=False)
         finally:
             service.close()
     except VirtsvcError as exc:
-        pytest.fail(f"virtsvc: cannot check and drop this test's session: {exc}", pytrace=False)
+        error = f"virtsvc: cannot check and drop this test's session: {exc}"
+    if error:
+        pytest.fail(error, pytrace=False)
     if problems:
         pytest.fail(service.format_problems(problems, _OPT_OUT), pytrace=False)
 
@@ -236,10 +342,14 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
     if service is not None:
         from virtsvc.errors import VirtsvcError
 
+        problems: list[str] = []
+        error = ""
         try:
             problems = service.problems()
         except VirtsvcError as exc:
-            pytest.fail(f"virtsvc: cannot check the calls of this test: {exc}", pytrace=False)
+            error = f"virtsvc: cannot check the calls of this test: {exc}"
+        if error:
+            pytest.fail(error, pytrace=False)
         if problems:
             hint = _OPT_OUT if any(p.startswith("a call to ") for p in problems) else ""
             pytest.fail(service.format_problems(problems, hint), pytrace=False)
@@ -252,6 +362,4 @@ def _explain(item: pytest.Item, service: Any, *, skipped: bool) -> None:
     except Exception:  # the test already failed; never hide that behind a second error
         return
     if unmatched and not skipped:
-        from virtsvc.testing.service import _unmatched_text
-
-        item.add_report_section("call", "virtsvc", "\n".join(_unmatched_text(c) for c in unmatched))
+        item.add_report_section("call", "virtsvc", "\n".join(service.unmatched_text(c) for c in unmatched))

@@ -293,15 +293,17 @@ class _Remote:
         return sorted(s.name for s in self._call("ListScenarios").scenarios)
 
     def put_rules(self, scenario: str, session: str, rules: list[dict[str, Any]]) -> None:
-        # One rule per line, rule i on line i + 2. The server's loader may locate a rule at its line in
-        # the text rather than at its "$location" line; knowing the text line lets `records` still tell
-        # which inline rule answered a call.
-        lines = [json.dumps(rule, default=_json_default) for rule in rules]
+        # One rule per line, rule i on line i + 2, sent without its "$location": the server locates rule i
+        # at "<admin>:{i + 2}" in everything it says (the rule that answered, near misses, problems), a
+        # place no test file can be confused with, which `_relocate` maps back to the test's line.
+        from virtsvc.admin.api import ORIGIN
+
+        lines = [
+            json.dumps({k: v for k, v in rule.items() if k != "$location"}, default=_json_default)
+            for rule in rules
+        ]
         text = '{"rules": [\n' + ",\n".join(lines) + "\n]}"
-        positions = {}
-        for index, rule in enumerate(rules):
-            where = str(rule["$location"])
-            positions[f"{where.rpartition(':')[0]}:{index + 2}"] = where
+        positions = {f"{ORIGIN}:{index + 2}": str(rule["$location"]) for index, rule in enumerate(rules)}
         try:
             self.server.admin.call("PutSessionRules", scenario=scenario, session=session, text=text)
         except grpc.RpcError as exc:
@@ -310,7 +312,7 @@ class _Remote:
             raise VirtsvcError(
                 f"the virtual server at {self.address} refused the inline rules: {_rpc_text(exc)}"
             ) from None
-        self._text_lines.setdefault(session, {}).update(positions)
+        self._text_lines[session] = positions
 
     def clear_rules(self, scenario: str, session: str) -> None:
         self._call("ClearSessionRules", scenario=scenario, session=session)
@@ -327,11 +329,13 @@ class _Remote:
         records = [_record(e) for e in reply.entries]
         mapping = self._text_lines.get(session)
         if mapping:
-            exact = set(mapping.values())
             records = [
-                dataclasses.replace(r, rule=mapping[r.rule])
-                if r.rule is not None and r.rule not in exact and r.rule in mapping
-                else r
+                dataclasses.replace(
+                    r,
+                    rule=_relocate(r.rule, mapping) if r.rule is not None else None,
+                    near_miss=_relocate(r.near_miss, mapping) if r.near_miss is not None else None,
+                    message=_relocate(r.message, mapping),
+                )
                 for r in records
             ]
         return records
@@ -355,6 +359,15 @@ def _json_default(value: object) -> object:
     raise TypeError(f"{type(value).__name__} is not JSON data")
 
 
+def _relocate(text: str, positions: Mapping[str, str]) -> str:
+    """``text`` with the places of the rules in the sent text ("<admin>:3") replaced by the tests' lines."""
+    from virtsvc.admin.api import ORIGIN
+
+    if f"{ORIGIN}:" not in text:
+        return text
+    return re.sub(re.escape(ORIGIN) + r":\d+", lambda m: positions.get(m[0], m[0]), text)
+
+
 def _problems(text: str, positions: Mapping[str, str]) -> list[Problem]:
     """The server's "file:line: message" lines as problems, text lines mapped back to the test's."""
     out = []
@@ -363,7 +376,7 @@ def _problems(text: str, positions: Mapping[str, str]) -> list[Problem]:
         if match:
             where = positions.get(f"{match['file']}:{match['line']}", f"{match['file']}:{match['line']}")
             file, _, number = where.rpartition(":")
-            out.append(Problem(file, int(number), match["message"]))
+            out.append(Problem(file, int(number), _relocate(match["message"], positions)))
         elif line.strip():
             out.append(Problem("<inline>", 0, line.strip()))
     return out or [Problem("<inline>", 0, "the server refused the rules")]
@@ -471,6 +484,8 @@ class VirtualService:
 
     ``server`` is an in-process ``VirtualServer``, a ``RemoteServer`` or the ``HOST:PORT`` of a server
     with the admin API. ``root``: file paths in messages are shown relative to it (default: the cwd).
+    ``fixture``: the name the test knows this service by (the pytest plugin's ``virtual_service``); messages
+    then say what to do in the test rather than how to call or start the server.
     """
 
     def __init__(
@@ -480,6 +495,7 @@ class VirtualService:
         *,
         fail_on_unmatched: bool = True,
         root: str | Path | None = None,
+        fixture: str | None = None,
     ) -> None:
         if isinstance(server, str):
             server = RemoteServer(server)
@@ -489,6 +505,7 @@ class VirtualService:
         self.scenario: str | None = None
         self.fail_on_unmatched = fail_on_unmatched
         self._root = Path(root) if root is not None else Path.cwd()
+        self._fixture = fixture
         self._builder = Scenario("inline")  # reused for its rule normalisation only
         self._rules: list[InlineRule] = []
         self._homes: set[str] = {self._home}
@@ -515,7 +532,7 @@ class VirtualService:
         if name not in names:
             from virtsvc.engine.router import unknown_scenario_message
 
-            raise ValueError(unknown_scenario_message(name, names))
+            raise ConfigError(unknown_scenario_message(name, names))
         old = self._home
         self.scenario = name
         new = self._home
@@ -639,6 +656,18 @@ class VirtualService:
         self._seen.update(c.seq for c in out)
         return out
 
+    def unmatched_text(self, call: CallRecord) -> str:
+        """Why ``call`` matched no rule, in the words of this service's user."""
+        near_miss = call.near_miss or ""
+        if self._fixture and near_miss.startswith(_NO_SCENARIO_PREFIX):
+            _, sep, loaded = near_miss.partition(_LOADED_PREFIX)
+            near_miss = (
+                f"no scenario selected for this test's session: call {self._fixture}.use(NAME), declare "
+                f"inline rules with {self._fixture}.on(METHOD), or set virtsvc_default_scenario"
+                + (f"; {_LOADED_PREFIX}{loaded}" if sep else "")
+            )
+        return _unmatched_text(dataclasses.replace(call, near_miss=near_miss))
+
     def rule_problems(self) -> list[str]:
         """Unfinished inline rules, and those declared with ``times=`` that did not answer that often."""
         out = []
@@ -669,7 +698,7 @@ class VirtualService:
         out = []
         if self.fail_on_unmatched:
             for call in self.unmatched(new_only=new_only):
-                out.append(_unmatched_text(call))
+                out.append(self.unmatched_text(call))
         if rules:
             out.extend(self.rule_problems())
         return out
@@ -732,6 +761,10 @@ class VirtualService:
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+_NO_SCENARIO_PREFIX = "no scenario selected:"  # the router's FAILED_PRECONDITION, when a call names none
+_LOADED_PREFIX = "loaded scenarios: "
 
 
 def _unmatched_text(call: CallRecord) -> str:
