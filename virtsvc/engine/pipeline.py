@@ -431,7 +431,12 @@ class Exchange:
         if isinstance(exc, (Refusal, _Ended, _Cancelled, _Garbage)):
             return exc
         summary = _text.describe(exc)
-        log.warning("template.failed", rule=str(self.rule.location) if self.rule else None, error=summary)
+        log.warning(
+            "template.failed",
+            rule=str(self.rule.location) if self.rule else None,
+            method=self.spec.full_name,
+            error=summary,
+        )
         # A template's own error explains itself; anything else is a bug, shown with its type.
         return Refusal(_INTERNAL, f"{what}: {exc if isinstance(exc, VirtsvcError) else summary}")
 

@@ -579,7 +579,8 @@ class _Compiler:
                 "handler",
                 "handler: a handler is a Python function; only Python scenarios (scenario.handler) set one",
             )
-        steps = self._rule_steps(node, site, spec, location)
+        with templates.request_type(spec.input if spec is not None else None):
+            steps = self._rule_steps(node, site, spec, location)
 
         if spec is not None and priority_ok:
             catch_all = not condition and times is None

@@ -23,6 +23,8 @@ import threading
 import time
 import uuid as _uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -40,8 +42,10 @@ from jinja2.nodes import EvalContext
 from jinja2.runtime import Context, StrictUndefined, Undefined
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from virtsvc import _text
 from virtsvc.errors import ConversionError, TemplateError
 from virtsvc.scenarios.fields import (
+    EMPTY,
     INT64_TYPES,
     INT_RANGES,
     JSON_TYPES,
@@ -56,6 +60,7 @@ from virtsvc.scenarios.fields import (
     make_view,
     map_key,
     message_class,
+    message_info,
     named_fields,
     oneof_message,
     set_field,
@@ -82,6 +87,7 @@ __all__ = [
     "compile_text",
     "is_template",
     "now",
+    "request_type",
     "static_text",
 ]
 
@@ -492,13 +498,21 @@ class _Evaluator:
 class _Compiled(_Evaluator):
     """One template string: a single ``{{ expr }}`` yields the value itself, anything else yields text."""
 
-    __slots__ = ("names", "native", "source", "template")
+    __slots__ = ("lookups", "names", "native", "source", "template")
 
-    def __init__(self, source: str, template: Template, native: bool, names: frozenset[str]) -> None:
+    def __init__(
+        self,
+        source: str,
+        template: Template,
+        native: bool,
+        names: frozenset[str],
+        lookups: tuple[_Lookup, ...] = (),
+    ) -> None:
         self.source = source
         self.template = template  # native: a template that stores the expression's value as "result"
         self.native = native
         self.names = names
+        self.lookups = lookups  # the request fields it names, checked against a method's input at load
 
     def evaluate(self, ctx: dict[str, Any]) -> Any:
         t = self.template
@@ -561,13 +575,15 @@ def _compile_source(source: str) -> _Compiled | _Fast:
         hint = suggest(name, sorted(_KNOWN_NAMES)) or "; the names are " + ", ".join(sorted(CONTEXT_NAMES))
         raise ValueError(f'unknown name "{name}"{hint}')
     names = frozenset(undeclared & CONTEXT_NAMES)
+    # Before compiling: the code generator rewrites the loops of the tree it is given.
+    lookups = _request_lookups(ast) if names & _REQUEST_NAMES else ()
     expr = _single_expression(ast)
     if expr is not None:
         # what Environment.compile_expression does, from the expression already parsed
         body = [nodes.Assign(nodes.Name("result", "store"), expr, lineno=1)]
-        compiled = _Compiled(source, ENV.from_string(nodes.Template(body, lineno=1)), True, names)
+        compiled = _Compiled(source, ENV.from_string(nodes.Template(body, lineno=1)), True, names, lookups)
     else:
-        compiled = _Compiled(source, ENV.from_string(ast), False, names)
+        compiled = _Compiled(source, ENV.from_string(ast), False, names, lookups)
     return _fast_path(ast, compiled) or compiled
 
 
@@ -592,13 +608,14 @@ class _Fast(_Evaluator):
     Jinja's own.
     """
 
-    __slots__ = ("fallback", "names", "native", "parts")
+    __slots__ = ("fallback", "lookups", "names", "native", "parts")
 
     def __init__(self, parts: tuple[str | _Fn, ...], fallback: _Compiled) -> None:
         self.parts = parts
         self.fallback = fallback
         self.names = fallback.names
         self.native = fallback.native
+        self.lookups = fallback.lookups
 
     def evaluate(self, ctx: dict[str, Any]) -> Any:
         try:
@@ -849,12 +866,20 @@ def _single_expression(ast: nodes.Template) -> nodes.Expr | None:
 
 def _compile_at(source: str, site: Site, node: Any, key: Any, path: str) -> _Compiled | _Fast | None:
     try:
-        return _compile_source(source)
+        compiled = _compile_source(source)
     except TemplateSyntaxError as exc:
         where = f" (line {exc.lineno})" if exc.lineno and exc.lineno > 1 else ""
         site.error(node, key, f"{path}: template error: {(exc.message or 'syntax error').rstrip('.')}{where}")
     except (JinjaError, SecurityError, ValueError, RecursionError) as exc:
         site.error(node, key, f"{path}: template error: {_error_text(exc)}")
+    else:
+        desc = _request_type.get()
+        if desc is None or not compiled.lookups:
+            return compiled
+        wrong = [text for text in (_check_lookup(look, desc) for look in compiled.lookups) if text]
+        for text in dict.fromkeys(wrong):  # the same mistake twice in one template: said once
+            site.error(node, key, f"{path}: {text}")
+        return None if wrong else compiled
     return None
 
 
@@ -875,6 +900,183 @@ def _run(path: str, fn: Callable[..., Any], *args: Any) -> Any:
     finally:
         if outer is None:
             _budget.left = None
+
+
+# -- request fields named by templates, checked against the method's input type at load
+
+# The input type of the method whose rule is being compiled: the loader sets it (request_type) around a
+# rule, so replies, statuses and metadata of files, admin text and session rules are all checked alike.
+_request_type: ContextVar[Descriptor | None] = ContextVar("virtsvc_request_type", default=None)
+
+
+@contextmanager
+def request_type(descriptor: Descriptor | None) -> Iterator[None]:
+    """Templates compiled inside check their ``request.x`` / ``requests[i].x`` look-ups against
+    ``descriptor`` (a method's input type): a field it does not have is a located problem."""
+    token = _request_type.set(descriptor)
+    try:
+        yield
+    finally:
+        _request_type.reset(token)
+
+
+# One step of a look-up: ("attr", name) for .name, ("key", name) for ["name"], ("index", text) for any
+# other subscript (a number, a variable: fine on a list), ("stop", "") where nothing more can be known.
+_LookupStep = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class _Lookup:
+    """``request.lines[0].sku`` as written: the root it starts from, its steps, and how to show it."""
+
+    root: str  # "request" (one message) or "requests" (a list of them)
+    steps: tuple[_LookupStep, ...]
+    start: int  # steps before this one are a loop's iterable, checked (and reported) as a look-up of its own
+    shown: str  # the variable the look-up starts from, as written (``request``, or a loop variable)
+    line: int  # line within the template
+
+
+_Scope = dict[str, tuple[str, tuple[_LookupStep, ...]]]
+
+
+def _request_lookups(ast: nodes.Template) -> tuple[_Lookup, ...]:
+    """Every look-up rooted at ``request`` or ``requests`` (or at a loop variable over one of their lists)."""
+    stored = {n.name for n in ast.find_all(nodes.Name) if n.ctx != "load"}
+    # A template that assigns ``request`` itself (set, a loop, a macro parameter) means something else by it.
+    scope: _Scope = {root: (root, ()) for root in _REQUEST_NAMES if root not in stored}
+    out: list[_Lookup] = []
+    if scope:
+        _walk(ast, scope, out)
+    return tuple(out)
+
+
+def _chain(node: nodes.Node) -> tuple[nodes.Node, list[_LookupStep], list[nodes.Node]]:
+    """The base of ``a.b["c"][i]``, its steps in order, and the subscript expressions to walk on."""
+    steps: list[_LookupStep] = []
+    args: list[nodes.Node] = []
+    while isinstance(node, (nodes.Getattr, nodes.Getitem)):
+        if isinstance(node, nodes.Getattr):
+            steps.append(("attr", node.attr))
+        else:
+            arg = node.arg
+            if isinstance(arg, nodes.Const) and isinstance(arg.value, str):
+                steps.append(("key", arg.value))
+            elif isinstance(arg, nodes.Const) and type(arg.value) is int:
+                steps.append(("index", str(arg.value)))
+            elif isinstance(arg, nodes.Slice):
+                steps.append(("stop", ""))  # a slice of a list: what follows is not checked
+                args.append(arg)
+            else:
+                steps.append(("index", arg.name if isinstance(arg, nodes.Name) else "..."))
+                args.append(arg)
+        node = node.node
+    steps.reverse()
+    return node, steps, args
+
+
+def _resolve(node: nodes.Node, scope: _Scope) -> tuple[str, tuple[_LookupStep, ...], str, int] | None:
+    """(root, steps, shown, start) of a plain look-up on a name in scope, else None."""
+    base, steps, _ = _chain(node)
+    if isinstance(base, nodes.Name) and base.ctx == "load" and base.name in scope:
+        root, prefix = scope[base.name]
+        return root, prefix + tuple(steps), base.name, len(prefix)
+    return None
+
+
+def _walk(node: nodes.Node, scope: _Scope, out: list[_Lookup]) -> None:
+    if isinstance(node, (nodes.Getattr, nodes.Getitem)):
+        found = _resolve(node, scope)
+        if found is not None:
+            root, steps, shown, start = found
+            out.append(_Lookup(root, steps, start, shown, node.lineno))
+            for arg in _chain(node)[2]:
+                _walk(arg, scope, out)
+            return
+    if isinstance(node, nodes.For):
+        _walk(node.iter, scope, out)
+        inner = dict(scope)
+        target = node.target
+        for name in [target, *target.find_all(nodes.Name)]:
+            if isinstance(name, nodes.Name):
+                inner.pop(name.name, None)
+        iterable = _resolve(node.iter, scope)  # a loop over requests, or over a list field of them
+        if iterable is not None and isinstance(target, nodes.Name):
+            reassigned = any(
+                n.name == target.name and n.ctx != "load" for b in node.body for n in b.find_all(nodes.Name)
+            )
+            if not reassigned:
+                root, steps, _, _ = iterable
+                inner[target.name] = (root, (*steps, ("index", "")))
+        for child in node.body:
+            _walk(child, inner, out)
+        if node.test is not None:
+            _walk(node.test, inner, out)
+        for child in node.else_:
+            _walk(child, scope, out)
+        return
+    for child in node.iter_child_nodes():
+        _walk(child, scope, out)
+
+
+def _show_step(step: _LookupStep) -> str:
+    kind, value = step
+    if kind == "attr":
+        return f".{value}"
+    if kind == "key":
+        return f"[{json.dumps(value)}]"
+    return f"[{value}]"
+
+
+def _check_lookup(look: _Lookup, descriptor: Descriptor) -> str | None:
+    """What is wrong with one look-up on requests of ``descriptor``, or None (also when nothing is known)."""
+    # Where the walk stands: a message type, or a list whose elements are of that type (None: not messages).
+    desc: Descriptor | None = descriptor
+    is_list = look.root == "requests"
+    if not is_list and descriptor.full_name in SPECIAL_TYPES and descriptor.full_name != EMPTY:
+        return None  # a request that is itself a well-known type has its special JSON form, not fields
+    for i, step in enumerate(look.steps):
+        kind, name = step
+        if kind == "stop":
+            return None
+        if is_list:
+            if kind != "index":
+                return None  # a list's method (or its own error at run time)
+            is_list = False
+            if desc is None:
+                return None
+            continue
+        assert desc is not None
+        if kind == "index":
+            return None  # a message under a computed key: cannot be known here
+        info = message_info(desc)
+        field = info.fields.get(name)
+        if field is None:
+            if kind == "attr" and hasattr(dict, name):
+                return None  # request.get(...), request.items(): the mapping's own methods
+            if i < look.start:
+                return None  # the loop's iterable, reported as a look-up of its own
+            shown = look.shown + "".join(_show_step(s) for s in look.steps[look.start : i + 1])
+            close = _text.closest(name, info.fields)
+            if close:
+                hint = f" ({_text.alternatives(close)})"
+            elif info.names:
+                hint = "; its fields are " + ", ".join(info.names)
+            else:
+                hint = "; it has no fields"
+            where = f" (line {look.line})" if look.line > 1 else ""
+            return f'{shown}: {desc.full_name} has no field "{name}"{hint}{where}'
+        if is_map(field):
+            return None  # any key may be there
+        mt = field.message_type
+        if mt is not None and mt.full_name in SPECIAL_TYPES:
+            return None  # a well-known type: its JSON form (text, a JSON tree) is not its fields
+        if field.is_repeated:
+            desc, is_list = mt, True
+        elif mt is not None:
+            desc = mt
+        else:
+            return None  # a scalar: what follows is its own methods (request.sku.upper())
+    return None
 
 
 # -- text templates
