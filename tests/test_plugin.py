@@ -186,7 +186,9 @@ def test_scenario_inline_rules_and_journal(pytester: pytest.Pytester) -> None:
                 virtual_service.calls("shop.v1.Inventory/Reserv")
 
         def test_unknown_scenario(virtual_service):
-            with pytest.raises(ValueError, match='unknown scenario "hapy"; did you mean "happy"'):
+            from virtsvc.errors import ConfigError
+
+            with pytest.raises(ConfigError, match='unknown scenario "hapy"; did you mean "happy"'):
                 virtual_service.use("hapy")
 
         def test_sessions_are_fresh(virtual_service, rpc):
@@ -241,7 +243,7 @@ def test_unmatched_call_fails_the_test_with_the_near_miss(pytester: pytest.Pytes
             "virtsvc_fail_on_unmatched = false)",
             "*_ test_no_scenario_and_no_rules _*",
             "*a call to shop.v1.Inventory/Reserve matched no rule (answered FAILED_PRECONDITION)*",
-            '*no scenario selected: send the metadata header "x-virtsvc-scenario: NAME"*',
+            "*no scenario selected for this test's session: call virtual_service.use(NAME)*",
         ]
     )
     assert "pytest_plugin.py" not in result.stdout.str()  # the message, not a traceback into the plugin

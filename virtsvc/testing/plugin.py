@@ -172,10 +172,10 @@ def _check_paths(
 
     if protos is not None and not protos.is_dir():
         what = "not a directory" if protos.exists() else "no such directory"
-        raise ConfigError(f'{keys[0]} = "{shown(protos)}": {what} (the .proto files to serve)')
+        raise ConfigError(f'{keys[0]} = "{shown(protos)}": {what}')
     if descriptors is not None and not descriptors.is_file():
         what = "not a file" if descriptors.exists() else "no such file"
-        raise ConfigError(f'{keys[1]} = "{shown(descriptors)}": {what} (a descriptor set to serve)')
+        raise ConfigError(f'{keys[1]} = "{shown(descriptors)}": {what}')
     for path in scenarios:
         if not path.exists():
             raise ConfigError(f'{keys[2]} = "{shown(path)}": no such file or directory')
@@ -209,7 +209,7 @@ def virtsvc_server(pytestconfig: pytest.Config) -> Iterator[VirtualServer | Remo
 
 def _failure_text(exc: BaseException) -> str:
     text = str(exc)
-    if "\n" in text:
+    if "\n" in text or getattr(exc, "problems", None):  # a list of file:line problems
         return f"virtsvc: the virtual server did not start:\n{text}"
     return f"virtsvc: {text}"
 
