@@ -94,8 +94,6 @@ class _Options:
     fail_on_unmatched: bool
     address: str | None
     admin_token: str | None
-    # The settings the paths came from (protos, descriptors, scenarios), named in errors.
-    keys: tuple[str, str, str] = ("virtsvc_protos", "virtsvc_descriptors", "virtsvc_scenarios")
 
 
 @dataclass
@@ -147,7 +145,6 @@ def _options(config: pytest.Config) -> _Options:
         and not config.getoption("virtsvc_no_fail_unmatched", False),
         address=config.getoption("virtsvc_address", None),
         admin_token=config.getoption("virtsvc_admin_token", None) or os.environ.get("VIRTSVC_ADMIN_TOKEN"),
-        keys=keys,
     )
     config.stash[_OPTIONS] = options
     return options
@@ -160,7 +157,8 @@ def _check_paths(
     scenarios: tuple[Path, ...],
     keys: tuple[str, str, str],
 ) -> None:
-    """ConfigError naming the setting whose path does not exist (``virtsvc_protos = "protoz": ...``)."""
+    """ConfigError naming the setting whose path does not exist (``virtsvc_protos = "protoz": ...``);
+    ``keys``: the settings that gave protos, descriptors and scenarios."""
     from virtsvc.errors import ConfigError
 
     def shown(path: Path) -> str:
