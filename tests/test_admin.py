@@ -453,9 +453,9 @@ def test_journal_filters_limit_and_fields(
 
     entries = client.call("GetJournal", session="a").entries
     ok, missed = entries[0], entries[-1]
-    assert (ok.scenario, ok.scenario_version, ok.session, ok.method, ok.kind) == (
+    assert (ok.scenario, ok.scenario_version.number_value, ok.session, ok.method, ok.kind) == (
         "shop",
-        "1",
+        1,
         "a",
         RESERVE,
         "unary",
@@ -464,7 +464,7 @@ def test_journal_filters_limit_and_fields(
     assert ok.metadata["x-virtsvc-session"] == "a"
     assert json_format.MessageToDict(ok.request) == {"sku": "A-1", "qty": 1.0}
     assert [json_format.MessageToDict(r) for r in ok.requests] == [{"sku": "A-1", "qty": 1.0}]
-    assert json_format.MessageToDict(ok.reply) == {"reservation_id": "r-1", "qty_reserved": 2.0}
+    assert json_format.MessageToDict(ok.reply) == {"reservationId": "r-1", "qtyReserved": 2.0}
     assert len(ok.replies) == 1
     assert ok.started_at.seconds > 1_600_000_000 and ok.duration.ToNanoseconds() > 0
     assert entries[0].seq < entries[1].seq
@@ -577,7 +577,8 @@ def test_grpcurl(catalog: Catalog, server: VirtualServer, channel: grpc.Channel)
     assert reserve(catalog, channel, session="g") == "r-1"
     journal = grpcurl("GetJournal", {"session": "g", "limit": 1})
     [entry] = journal["entries"]
-    assert entry["reply"] == {"reservation_id": "r-1", "qty_reserved": 2}
+    assert entry["reply"] == {"reservationId": "r-1", "qtyReserved": 2}
+    assert entry["scenarioVersion"] == 1
     assert entry["code"] == "OK" and entry["duration"].endswith("s") and entry["startedAt"].endswith("Z")
     assert grpcurl("ListScenarios", {})["scenarios"][0]["name"] == "shop"
     assert grpcurl("PutSessionRules", {"scenario": "shop", "session": "g", "text": SESSION_RULES}) == {

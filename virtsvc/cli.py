@@ -29,6 +29,7 @@ PROG = "virtsvc"
 LOG_FORMATS = ("json", "console")
 # logging.INFO. Heavy modules (structlog, grpc) are imported by what runs, not here: start-up time.
 _INFO = 20
+_WARNING = 30
 
 
 class _StreamLoggerFactory:
@@ -105,13 +106,19 @@ def _cmd_gen(args: argparse.Namespace, settings: Settings) -> int:
     protos = len(result.manifest["files"])
     written, removed = len(result.written), len(result.removed)
     if not written and not removed:
-        print(f"{out} is up to date ({protos} protos)")
+        print(f"{out} is up to date ({_count(protos, 'proto')})")
     elif result.compiled:
         also = f", removed {removed}" if removed else ""
-        print(f"generated {written} files from {len(result.compiled)} protos into {out}{also}")
+        compiled = _count(len(result.compiled), "proto")
+        print(f"generated {_count(written, 'file')} from {compiled} into {out}{also}")
     else:  # only deletions: nothing to compile, the descriptor set and manifest shrink
-        print(f"updated {out}: {written} files written, {removed} removed")
+        print(f"updated {out}: {_count(written, 'file')} written, {removed} removed")
     return 0
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 proto``, ``2 protos``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _catalog_from(args: argparse.Namespace, settings: Settings) -> Any:
@@ -142,18 +149,19 @@ def _scenario_paths(args: argparse.Namespace, settings: Settings) -> list[Path]:
 
 def _cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     """virtsvc check: validate scenario files against the descriptors without serving."""
-    from virtsvc.scenarios.loader import check_paths
+    from virtsvc.scenarios.loader import check_scenarios
 
     catalog = _catalog_from(args, settings)
     paths = _scenario_paths(args, settings)
     if not paths:
         raise ConfigError("check: no SCENARIO_PATH given and no [tool.virtsvc] scenarios in ./pyproject.toml")
-    problems = check_paths(paths, catalog)
+    problems, scenarios = check_scenarios(paths, catalog)
     if problems:
         for problem in problems:
             print(str(problem), file=sys.stderr)
         return 1
-    print(f"ok: {', '.join(str(p) for p in paths)} valid against {len(catalog.methods)} methods")
+    rules = sum(len(s.rules) for s in scenarios)
+    print(f"checked {_count(len(scenarios), 'scenario')}, {_count(rules, 'rule')}: ok")
     return 0
 
 
@@ -208,6 +216,7 @@ def _serve_options(args: argparse.Namespace, settings: Settings) -> Any:
         tls_client_ca=args.tls_client_ca,
         grace=args.grace,
         watch=args.watch,
+        min_ping_interval=args.min_ping_interval,
     )
 
 
@@ -233,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="log rendering (default: json when stdout is not a terminal, console otherwise)",
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     gen = commands.add_parser(
@@ -317,6 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         metavar="SECONDS",
         help="how long in-flight calls may take to finish on shutdown (default 10)",
+    )
+    serve.add_argument(
+        "--min-ping-interval",
+        type=_interval,
+        default=10.0,
+        metavar="SECONDS",
+        help="the shortest interval between keepalive pings a client may send, calls in flight or not; "
+        "faster clients are told too_many_pings (default 10)",
     )
     serve.add_argument(
         "--journal-size",
@@ -443,6 +461,19 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _interval(text: str) -> float:
+    value = _seconds(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {value}")
+    return value
+
+
+def _version() -> str:
+    from virtsvc import __version__
+
+    return str(__version__)
+
+
 def _print_error(exc: BaseException, stream: TextIO) -> None:
     problems = getattr(exc, "problems", None)
     if problems:
@@ -461,12 +492,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # argparse exits for --help (0) and usage errors (2)
         return exc.code if isinstance(exc.code, int) else 2
     stream = "stdout" if args.command == "serve" else "stderr"
+    # gen and check say what they did in one line of their own: their info events (gen.completed) only when
+    # a log format was asked for; warnings always.
+    level = _INFO if args.command == "serve" or args.log_format is not None else _WARNING
     undo: Callable[[], None] | None = None
     if args.command != "check" and "structlog" not in sys.modules and _log_format(args.log_format) == "json":
         # gen and serve log through virtsvc._logs, whose json lines need no structlog (a third of a gen run)
-        undo = _logs.json_lines(_INFO, stream, lambda: configure_logging("json", stream=stream))
+        undo = _logs.json_lines(level, stream, lambda: configure_logging("json", level, stream=stream))
     else:
-        configure_logging(args.log_format, stream=stream)
+        configure_logging(args.log_format, level, stream=stream)
     try:
         settings = load_settings()
         return int(args.handler(args, settings))

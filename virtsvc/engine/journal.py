@@ -20,7 +20,6 @@ from google.protobuf import any_pb2, json_format
 from google.protobuf.message import DecodeError, Message
 
 from virtsvc import _logs
-from virtsvc.scenarios.model import to_json
 
 if TYPE_CHECKING:
     from virtsvc.contracts.catalog import MethodSpec
@@ -156,7 +155,9 @@ def _decode(cls: type[Message], raw: bytes) -> Any:
         msg.ParseFromString(raw)
     except DecodeError:
         return {"@undecodable": base64.b64encode(raw).decode()}
-    return to_json(msg)
+    # The proto3 JSON names (lowerCamelCase, as grpcurl and every other client print them): the journal is
+    # read by people comparing it with what their client showed, so it speaks the same JSON.
+    return json_format.MessageToDict(msg, descriptor_pool=msg.DESCRIPTOR.file.pool)
 
 
 def metadata_json(pairs: Metadata) -> dict[str, str]:

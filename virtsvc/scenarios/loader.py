@@ -132,7 +132,17 @@ def _walk(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.as_posix())
 
 
+def _shown(path: Path) -> Path:
+    """``path`` as locations name it: relative to the cwd when under it (settings from pyproject.toml and
+    pytest's ini paths arrive absolute; the user wrote them relative), else as given."""
+    if path.is_absolute():
+        with contextlib.suppress(ValueError, OSError):
+            return path.relative_to(Path.cwd())
+    return path
+
+
 def _read(path: Path) -> Source:
+    path = _shown(path)
     file = str(path)
     if path.suffix.lower() == ".py":
         source = Source(file, "script")
@@ -308,7 +318,13 @@ def compile_rules(
 
 def check_paths(paths: Sequence[Path], catalog: Catalog) -> list[Problem]:
     """Every problem of the scenario files and scripts under ``paths`` (``virtsvc check``); [] when valid."""
+    return check_scenarios(paths, catalog)[0]
+
+
+def check_scenarios(paths: Sequence[Path], catalog: Catalog) -> tuple[list[Problem], list[CompiledScenario]]:
+    """:func:`check_paths`, with the scenarios compiled when there was no problem ([] otherwise)."""
     found: list[Problem] = []
+    compiled: list[CompiledScenario] = []
     present = []
     for path in paths:
         if Path(path).exists():
@@ -316,12 +332,14 @@ def check_paths(paths: Sequence[Path], catalog: Catalog) -> list[Problem]:
         else:
             found.append(Problem(str(path), 0, "no such file or directory"))
     try:
-        compile_sources(load_sources(present), catalog)
+        compiled = compile_sources(load_sources(present), catalog)
     except ScenarioError as exc:
         found.extend(exc.problems)
     except ConfigError as exc:
         found.append(Problem("", 0, str(exc)))
-    return sorted(set(found), key=lambda p: (p.file, p.line, p.message))
+    if found:
+        return sorted(set(found), key=lambda p: (p.file, p.line, p.message)), []
+    return [], compiled
 
 
 # -- cross-scenario checks ----------------------------------------------------------------------------

@@ -78,7 +78,12 @@ class AdminService:
             loaded = {s.name: s for s in registry.scenarios()}
             # Names with their extends, so that a cycle through loaded scenarios is refused too.
             known = {name: s.extends for name, s in loaded.items()}
-            compiled = compile_text(request.text, self.vserver.catalog, origin=ORIGIN, known=known)
+            try:
+                compiled = compile_text(request.text, self.vserver.catalog, origin=ORIGIN, known=known)
+            except VirtsvcError:
+                if _looks_like_python(request.text):
+                    raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, PYTHON_REFUSED) from None
+                raise
             if not compiled:  # pragma: no cover - the loader reports an empty text itself
                 raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"{ORIGIN}: the text holds no scenario")
             replaced = [s.name for s in compiled if s.name in loaded]
@@ -122,6 +127,13 @@ class AdminService:
         scenario, session_id = request.scenario, request.session or DEFAULT_SESSION
         store = self.vserver.store
         if store.find(scenario, session_id) is None:
+            if not scenario and not self.vserver.journal.entries(scenario, session_id, limit=1):
+                # Nothing under the empty scenario (session rules only): a forgotten "scenario" field,
+                # which must not pass for "nothing to reset".
+                raise Refusal(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f'give the scenario whose session "{session_id}" to reset; ' + self._loaded(),
+                )
             self._require_scenario(scenario)  # a typo must not pass for "nothing to reset"
         existed = store.reset(scenario, session_id)
         # The journal hears of the drop from the store; entries of calls refused before any session existed
@@ -247,6 +259,35 @@ class AdminService:
         return unknown_scenario_message(name, self.vserver.registry.names())
 
 
+PYTHON_REFUSED = (
+    f"{ORIGIN}: this text is Python: Python scenarios are accepted only from local paths (a .py file "
+    "under --scenarios or [tool.virtsvc] scenarios), never through the admin API; send YAML or JSON here"
+)
+
+_PYTHON_MARKS = ("import virtsvc", "from virtsvc", "Scenario(")
+
+
+def _looks_like_python(text: str) -> bool:
+    """Whether text that the loader refused is a Python scenario script: it parses as Python and either
+    names virtsvc or builds a Scenario, or is not YAML at all (``key: value`` lines parse as Python
+    annotations, so parsing as Python alone proves nothing)."""
+    import ast
+
+    import yaml
+
+    try:
+        ast.parse(text)
+    except (SyntaxError, ValueError):  # ValueError: NUL bytes
+        return False
+    if any(mark in text for mark in _PYTHON_MARKS):
+        return True
+    try:
+        list(yaml.safe_load_all(text))
+    except yaml.YAMLError:
+        return True
+    return False
+
+
 def _wake(watch: queue.Queue[Any]) -> None:
     with contextlib.suppress(queue.Full):  # a full watch polls: it sees the cancel within _WATCH_POLL
         watch.put_nowait(_GONE)
@@ -261,7 +302,12 @@ def _entry_message(entry: Entry) -> Message:
 def _fill_entry(out: Any, entry: Entry) -> None:
     out.seq = entry.seq
     out.scenario = entry.scenario
-    out.scenario_version = "" if entry.scenario_version is None else str(entry.scenario_version)
+    version = entry.scenario_version
+    if isinstance(version, bool) or not isinstance(version, (int, float)):
+        if version is not None:
+            out.scenario_version.string_value = str(version)
+    else:  # a number stays a number: "scenarioVersion": 1
+        out.scenario_version.number_value = version
     out.session = entry.session
     out.method = entry.method
     out.kind = entry.spec.kind

@@ -16,7 +16,10 @@ from virtsvc import _text
 from virtsvc.engine.limits import DEFAULT_MAX_MESSAGE_BYTES
 from virtsvc.errors import ConfigError
 
-__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "ServeOptions", "is_loopback"]
+__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "MAX_PING_STRIKES", "ServeOptions", "is_loopback"]
+
+#: Pings sooner than min_ping_interval a client may send before it is told too_many_pings (grpc's default 2).
+MAX_PING_STRIKES = 2
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,9 @@ class ServeOptions:
     tls_client_ca: Path | None = None  # mutual TLS
     grace: float = 10.0  # seconds in-flight calls get on shutdown (the sidecar)
     watch: bool = False  # reload changed scenario files (the sidecar)
+    # Seconds: the shortest interval between the keepalive pings a client may send, with or without calls
+    # in flight (Google's client libraries ping every 30 s); a client pinging faster is told too_many_pings.
+    min_ping_interval: float = 10.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -53,10 +59,25 @@ class ServeOptions:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be at least 1, not {value}")
+        if not self.min_ping_interval > 0:
+            raise ConfigError(f"min_ping_interval must be more than 0 seconds, not {self.min_ping_interval}")
 
     @classmethod
     def names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        """The grpc server channel arguments these settings make (keepalive policy, message sizes)."""
+        return [
+            ("grpc.so_reuseport", 0),  # an occupied port is an error, not a silently shared socket
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            # Keepalive: accept a client's pings every min_ping_interval, calls in flight or not (grpc's
+            # default of 5 minutes ended long-lived streams of clients pinging every 30 s with GOAWAY).
+            ("grpc.http2.min_ping_interval_without_data_ms", max(1, round(self.min_ping_interval * 1000))),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_ping_strikes", MAX_PING_STRIKES),
+        ]
 
     def replace(self, **changes: Any) -> ServeOptions:
         """A copy with ``changes``; an unknown name is a TypeError naming the closest setting."""

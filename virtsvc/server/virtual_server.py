@@ -184,11 +184,7 @@ class VirtualServer:
         return self.router.default_scenario
 
     def start(self) -> VirtualServer:
-        options = [
-            ("grpc.so_reuseport", 0),  # an occupied port is an error, not a silently shared socket
-            ("grpc.max_receive_message_length", self.options.max_message_bytes),
-            ("grpc.max_send_message_length", self.options.max_message_bytes),
-        ]
+        options = self.options.grpc_options()
         self.draining.clear()
         self.executor = futures.ThreadPoolExecutor(
             max_workers=self._max_workers, thread_name_prefix="virtsvc"
