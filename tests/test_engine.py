@@ -764,7 +764,7 @@ def test_journal_records_every_call(server: VirtualServer, pb: SimpleNamespace, 
     assert ok.method == "shop.v1.Inventory/Reserve"
     assert ("x-virtsvc-session", sid) in ok.metadata
     assert ok.requests() == [{"sku": "ABC", "qty": 2}]
-    assert ok.replies() == [{"reservation_id": "j-ABC"}]
+    assert ok.replies() == [{"reservationId": "j-ABC"}]
     assert (ok.code, ok.message, ok.near_miss) == (grpc.StatusCode.OK, "", None)
     assert ok.rule == at(ENGINE, "journal-reserve")
     assert ok.duration > 0 and ok.scenario_version == "v2"

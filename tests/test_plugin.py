@@ -109,7 +109,7 @@ def test_scenario_inline_rules_and_journal(pytester: pytest.Pytester) -> None:
             [call] = virtual_service.calls(RESERVE)
             assert call.method == RESERVE and call.code is grpc.StatusCode.OK
             assert call.request == {"sku": "A", "qty": 2} and call.requests == [call.request]
-            assert call.reply == {"reservation_id": "from-scenario", "qty_reserved": 1}
+            assert call.reply == {"reservationId": "from-scenario", "qtyReserved": 1}
             assert call.metadata["x-virtsvc-scenario"] == "happy"
 
         def test_inline_rules_without_use(virtual_service, rpc):
@@ -163,7 +163,7 @@ def test_scenario_inline_rules_and_journal(pytester: pytest.Pytester) -> None:
                 [{"sku": "A", "on_hand": 3}, {"reply": {"sku": "B"}, "delay": 0.01}], status="OK")
             assert [e.sku for e in rpc("shop.v1.Inventory/Watch", skus=["A", "B"])] == ["A", "B"]
             [call] = virtual_service.calls("shop.v1.Inventory/Watch")
-            assert call.replies == [{"sku": "A", "on_hand": "3"}, {"sku": "B"}]
+            assert call.replies == [{"sku": "A", "onHand": "3"}, {"sku": "B"}]
 
         def test_handler(virtual_service, rpc):
             def reserve(request, context):
@@ -457,9 +457,9 @@ def test_external_sidecar_shared_by_xdist_workers(pytester: pytest.Pytester, sid
             virtual_service.assert_called(RESERVE, times=2)
             calls = virtual_service.calls(RESERVE)
             assert calls[1].request == {"sku": "Y", "qty": 3}
-            assert calls[1].reply == {"reservation_id": "from-scenario", "qty_reserved": 1}
+            assert calls[1].reply == {"reservationId": "from-scenario", "qtyReserved": 1}
             [watch] = virtual_service.calls("shop.v1.Inventory/Watch")
-            assert watch.replies[1] == {"sku": "B", "on_hand": "2"}
+            assert watch.replies[1] == {"sku": "B", "onHand": "2"}
 
         def test_handler_needs_the_in_process_server(virtual_service):
             with pytest.raises(Exception, match=r"\\.handler\\(\\) runs a Python function inside"):

@@ -19,7 +19,7 @@ from google.protobuf import json_format
 from helpers import fails
 
 from virtsvc.admin import AdminClient
-from virtsvc.cli import _serve_options, build_parser
+from virtsvc.cli import _scenario_paths, _serve_options, build_parser
 from virtsvc.config import load_settings
 from virtsvc.contracts import Catalog
 from virtsvc.scenarios.loader import load_scenarios
@@ -104,7 +104,7 @@ def test_reset_session_without_a_scenario_is_refused(
     client.call("PutScenario", text=SHOP)
     _reserve(catalog, server.address, "shop", session="t1")
     error = fails(client.call, "ResetSession", session="t1")
-    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert error.code() is grpc.StatusCode.NOT_FOUND  # as for a scenario name with a typo
     assert error.details() == 'give the scenario whose session "t1" to reset; loaded scenarios: shop'
     assert len(client.call("GetJournal", scenario="shop", session="t1").entries) == 1  # untouched
     assert client.call("ResetSession", scenario="shop", session="t1").existed is True
@@ -140,11 +140,14 @@ def test_journal_speaks_proto3_json_with_numbers_as_numbers(
 
 
 def test_journal_paths_are_as_the_user_gave_them(catalog: Catalog, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`virtsvc serve` in the project reads scenarios = "scenarios" from pyproject.toml: relative."""
+    """`virtsvc serve` in the project reads scenarios = "scenarios" from pyproject.toml: its rule
+    locations are relative, as the plugin's are."""
     monkeypatch.chdir(ROOT)
     settings = load_settings()
-    assert all(p.is_absolute() for p in settings.scenarios)  # what the sidecar is handed
-    srv = VirtualServer(catalog, load_scenarios(list(settings.scenarios), catalog)).start()
+    assert all(p.is_absolute() for p in settings.scenarios)  # resolved by the settings
+    paths = _scenario_paths(build_parser().parse_args(["serve"]), settings)
+    assert paths == [Path("scenarios")]
+    srv = VirtualServer(catalog, load_scenarios(paths, catalog)).start()
     try:
         _reserve(catalog, srv.address, "checkout-happy")
         (entry,) = srv.journal.entries("checkout-happy", "t")

@@ -144,7 +144,7 @@ def test_admin_over_the_wire(start_sidecar: object, catalog: Catalog, tmp_path: 
         assert [s.name for s in admin.call("ListScenarios").scenarios] == ["live"]
         assert _reserve(sidecar.address, catalog, "live").reservation_id == "one"
         journal = admin.call("GetJournal", scenario="live", session="t").entries
-        assert [(e.method, e.code, e.reply["reservation_id"]) for e in journal] == [
+        assert [(e.method, e.code, e.reply["reservationId"]) for e in journal] == [
             ("shop.v1.Inventory/Reserve", "OK", "one")
         ]
         assert admin.call("ResetSession", scenario="live", session="t").existed is True

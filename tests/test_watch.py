@@ -106,7 +106,7 @@ def test_a_watch_streams_entries_as_calls_finish(
     fails(inv.GetItem, pb.inv.GetItemRequest(sku="Z"), metadata=_md(sid))
     first, second = reader.take(2)
     assert (first.method, first.session, first.code) == ("shop.v1.Inventory/Reserve", sid, "OK")
-    assert dict(first.reply) == {"reservation_id": "r-A"}
+    assert dict(first.reply) == {"reservationId": "r-A"}
     assert dict(first.headers) == {"x-served-by": "virtsvc"}
     assert first.rule == "shop.yaml:3" and first.matched
     assert (second.method, second.code, second.message) == (
@@ -142,12 +142,12 @@ def test_include_existing_sends_the_backlog_first_without_repeats(
         AdminClient(channel).watch(session=sid, method="shop.v1.Inventory.Reserve", include_existing=True)
     )
     backlog = reader.take(2)
-    assert [e.reply["reservation_id"] for e in backlog] == ["r-A", "r-B"]
+    assert [e.reply["reservationId"] for e in backlog] == ["r-A", "r-B"]
     _ready(server)
     inv.Reserve(pb.inv.ReserveRequest(sku="C"), metadata=_md(sid))
     fails(inv.GetItem, pb.inv.GetItemRequest(sku="Z"), metadata=_md(sid))  # another method: filtered out
     [live] = reader.take(1)
-    assert live.reply["reservation_id"] == "r-C"
+    assert live.reply["reservationId"] == "r-C"
     assert reader.nothing_more()
     reader.stream.cancel()
 
@@ -284,7 +284,7 @@ def test_grpcurl_watches_the_journal(
     finally:
         watch.terminate()
         watch.communicate(timeout=10)
-    assert [e["reply"]["reservation_id"] for e in entries] == ["r-A", "r-B"]
+    assert [e["reply"]["reservationId"] for e in entries] == ["r-A", "r-B"]
     assert all(e["session"] == sid and e["code"] == "OK" for e in entries)
     assert entries[0]["headers"] == {"x-served-by": "virtsvc"}
 

@@ -140,11 +140,21 @@ def _catalog_from(args: argparse.Namespace, settings: Settings) -> Any:
 
 
 def _scenario_paths(args: argparse.Namespace, settings: Settings) -> list[Path]:
-    paths = [Path(p) for p in args.scenarios] if args.scenarios else list(settings.scenarios)
+    # [tool.virtsvc] paths arrive absolute, but the user wrote them relative: locations in messages and
+    # the journal name them relative to the cwd when under it, as the flags' paths are, and as in-process.
+    paths = (
+        [Path(p) for p in args.scenarios] if args.scenarios else [_as_given(p) for p in settings.scenarios]
+    )
     for path in paths:
         if not path.exists():
             raise ConfigError(f"{path}: no such scenario file or directory")
     return paths
+
+
+def _as_given(path: Path) -> Path:
+    with contextlib.suppress(ValueError, OSError):
+        return path.relative_to(Path.cwd())
+    return path
 
 
 def _cmd_check(args: argparse.Namespace, settings: Settings) -> int:

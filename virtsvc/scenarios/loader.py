@@ -132,17 +132,7 @@ def _walk(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.as_posix())
 
 
-def _shown(path: Path) -> Path:
-    """``path`` as locations name it: relative to the cwd when under it (settings from pyproject.toml and
-    pytest's ini paths arrive absolute; the user wrote them relative), else as given."""
-    if path.is_absolute():
-        with contextlib.suppress(ValueError, OSError):
-            return path.relative_to(Path.cwd())
-    return path
-
-
 def _read(path: Path) -> Source:
-    path = _shown(path)
     file = str(path)
     if path.suffix.lower() == ".py":
         source = Source(file, "script")
