@@ -22,9 +22,10 @@ ALLOWED = {
     "admin": set(),  # the admin API's contract and client: generated stubs only
     "scenarios": {"contracts"},
     "engine": {"contracts", "scenarios"},
-    "server": {"contracts", "scenarios", "engine", "admin"},
-    "testing": {"contracts", "scenarios", "engine", "server", "admin"},
-    "cli": {"contracts", "scenarios", "engine", "server", "admin"},
+    "observe": {"contracts", "scenarios", "engine", "admin"},  # reads the journal and the call events
+    "server": {"contracts", "scenarios", "engine", "admin", "observe"},
+    "testing": {"contracts", "scenarios", "engine", "server", "admin", "observe"},
+    "cli": {"contracts", "scenarios", "engine", "server", "admin", "observe"},
 }
 
 

@@ -37,6 +37,7 @@ from virtsvc import _logs, _text
 from virtsvc.contracts.catalog import Catalog, MethodSpec
 from virtsvc.engine.journal import Entry, Journal, Metadata
 from virtsvc.engine.limits import DEFAULT_MAX_MESSAGE_BYTES, Gauge, server_busy_message, session_busy_message
+from virtsvc.engine.observers import CallObserver, Observers
 from virtsvc.engine.router import (
     BAGGAGE_SCENARIO,
     BAGGAGE_SESSION,
@@ -122,6 +123,7 @@ class Exchange:
         "_call",
         "_finished",
         "_incoming",
+        "_observed",
         "_requests",
         "context",
         "dispatcher",
@@ -156,6 +158,13 @@ class Exchange:
         self.scenario: CompiledScenario | None = None
         self.session: SessionState | None = None
         self.metadata: dict[str, str] = {}
+        self._observed: Any = None  # what the observers returned at the start, for their finish
+
+    def _observe(self) -> None:
+        """Tells the dispatcher's observers the call has started (only called when there are some)."""
+        observers = self.dispatcher.observers
+        if observers is not None:
+            self._observed = observers, observers.on_start(self)
 
     # -- 1. admit ------------------------------------------------------------------------------
 
@@ -404,15 +413,18 @@ class Exchange:
             return
         self._finished = True
         entry = self.entry
-        if entry is None:  # pragma: no cover - every path opens the entry before it can end
-            return
-        entry.code = code
-        entry.message = message
-        entry.details = details
-        entry.duration = time.perf_counter() - self.t0 or 1e-9
-        if len(entry.raw_requests) > MAX_JOURNALED_MESSAGES:  # a long client stream: keep it bounded
-            entry.raw_requests = entry.raw_requests[:MAX_JOURNALED_MESSAGES]
-        self.dispatcher.journal.record(entry)
+        if entry is not None:  # every path opens the entry before it can end
+            entry.code = code
+            entry.message = message
+            entry.details = details
+            entry.duration = time.perf_counter() - self.t0 or 1e-9
+            if len(entry.raw_requests) > MAX_JOURNALED_MESSAGES:  # a long client stream: keep it bounded
+                entry.raw_requests = entry.raw_requests[:MAX_JOURNALED_MESSAGES]
+            self.dispatcher.journal.record(entry)
+        observed = self._observed
+        if observed is not None:
+            self._observed = None
+            observed[0].on_finish(self, observed[1])
 
     def end(self, code: grpc.StatusCode, message: str, details: tuple[bytes, ...] = ()) -> NoReturn:
         """Ends the call with a status: journaled now, told to grpc when the pipeline unwinds."""
@@ -483,6 +495,8 @@ class Exchange:
 
     def run_single(self, answer: Callable[[Exchange], bytes]) -> bytes | None:
         """Unary and client-streaming calls: ``answer`` returns the reply's bytes."""
+        if self.dispatcher.observers is not None:
+            self._observe()
         try:
             try:
                 self.admit()
@@ -507,6 +521,8 @@ class Exchange:
 
     def run_stream(self, answer: Callable[[Exchange], Iterator[bytes]]) -> Iterator[bytes]:
         """Server-streaming and bidi calls: ``answer`` yields the replies."""
+        if self.dispatcher.observers is not None:
+            self._observe()
         try:
             try:
                 self.admit()
@@ -628,9 +644,19 @@ class Dispatcher(grpc.GenericRpcHandler):
         self.gauge = Gauge(max_concurrency) if max_concurrency else None
         self.max_concurrency_per_session = max_concurrency_per_session or None
         self.limited = self.gauge is not None or self.max_concurrency_per_session is not None
+        #: the call observers (None while there are none: the pipeline then pays one ``is None`` per call)
+        self.observers: Observers | None = None
+        self._observers = Observers(self._observers_changed)
         self._handlers: dict[str, grpc.RpcMethodHandler] = {
             spec.path: self._make_handler(spec) for spec in catalog.methods.values()
         }
+
+    def add_observer(self, observer: CallObserver) -> Callable[[], None]:
+        """Adds a call observer (see ``virtsvc.engine.observers``); returns the remover."""
+        return self._observers.add(observer)
+
+    def _observers_changed(self, observers: Observers) -> None:
+        self.observers = observers if len(observers) else None
 
     # -- grpc.GenericRpcHandler ------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from virtsvc import _logs
 from virtsvc.contracts.catalog import Catalog
 from virtsvc.contracts.reflection import add_reflection
 from virtsvc.engine.journal import Entry, Journal
+from virtsvc.engine.observers import CallObserver
 from virtsvc.engine.pipeline import Dispatcher
 from virtsvc.engine.router import Registry, Router
 from virtsvc.engine.store import MemoryStore, Store
@@ -172,6 +173,11 @@ class VirtualServer:
         keep it quick). A subscriber that raises is logged and dropped; it never breaks a call. Returns a
         function that unsubscribes."""
         return self.journal.subscribe(subscriber)
+
+    def add_observer(self, observer: CallObserver) -> Callable[[], None]:
+        """Adds a call observer, told of every call as it starts and as it ends (see
+        ``virtsvc.engine.observers``: metrics, traces, an in-flight count). Returns its remover."""
+        return self.dispatcher.add_observer(observer)
 
     @property
     def address(self) -> str:
