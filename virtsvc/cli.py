@@ -160,12 +160,14 @@ def _as_given(path: Path) -> Path:
 def _cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     """virtsvc check: validate scenario files against the descriptors without serving."""
     from virtsvc.scenarios.loader import check_scenarios
+    from virtsvc.scenarios.staleness import stale_rules
 
     catalog = _catalog_from(args, settings)
     paths = _scenario_paths(args, settings)
     if not paths:
         raise ConfigError("check: no SCENARIO_PATH given and no [tool.virtsvc] scenarios in ./pyproject.toml")
     problems, scenarios = check_scenarios(paths, catalog)
+    problems = problems or [stale.problem for stale in stale_rules(scenarios, catalog)]
     if problems:
         for problem in problems:
             print(str(problem), file=sys.stderr)

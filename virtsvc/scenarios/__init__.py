@@ -1,8 +1,8 @@
 """Scenarios: files and scripts -> a compiled model. YAML with the line of every key (``yamltree``,
 ``located``), validation and compilation (``loader``), the Python ``Scenario`` builder (``builder``), the
 keys a scenario may hold (``vocabulary``), the run-time model (``model``), answer strategies
-(``answers``), matching (``matching``), templates (``templates``), proto field helpers (``fields``) and
-fast proto3 JSON (``protojson``).
+(``answers``), matching (``matching``), templates (``templates``), proto field helpers (``fields``),
+fast proto3 JSON (``protojson``) and recorded rules whose contract has changed (``staleness``).
 
 Imports the contracts stage only.
 """
@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from virtsvc.scenarios.builder import RuleBuilder, Scenario, fail, status, step
     from virtsvc.scenarios.loader import check_paths, compile_rules, compile_text, load_scenarios
     from virtsvc.scenarios.model import CompiledScenario, Location, Rule
+    from virtsvc.scenarios.staleness import StaleRule, stale_rules
 
 __all__ = [
     "CompiledScenario",
@@ -24,11 +25,13 @@ __all__ = [
     "Rule",
     "RuleBuilder",
     "Scenario",
+    "StaleRule",
     "check_paths",
     "compile_rules",
     "compile_text",
     "fail",
     "load_scenarios",
+    "stale_rules",
     "status",
     "step",
 ]
@@ -48,6 +51,8 @@ __getattr__, __dir__ = facade(
         "CompiledScenario": "virtsvc.scenarios.model",
         "Location": "virtsvc.scenarios.model",
         "Rule": "virtsvc.scenarios.model",
+        "StaleRule": "virtsvc.scenarios.staleness",
+        "stale_rules": "virtsvc.scenarios.staleness",
     },
     globals(),
 )

@@ -72,6 +72,8 @@ _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)?")
 _UNITS = {None: 1.0, "ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _LOGNORMAL_Z99 = 2.3263  # the 99th percentile of the standard normal distribution
 
+_CONTRACT = re.compile(r"sha256:[0-9a-f]{8,64}")
+_CONTRACT_EXAMPLE = '"sha256:3f2a9c0d1e4b5a6f7c8d9e0f"'
 _LOCATION_KEY = "$location"  # set by the Python builder: "file:line" of the rule's call
 
 
@@ -580,6 +582,7 @@ class _Compiler:
             elif spec is not None:
                 when = compile_when(condition, spec, site, "when")
 
+        contract = self._contract(node, site)
         handler = node.get("handler")
         if "handler" in node and not callable(handler):
             site.error(
@@ -606,7 +609,23 @@ class _Compiler:
             times=times,
             priority=priority,
             handler=handler if callable(handler) else None,
+            contract=contract,
         )
+
+    def _contract(self, node: Mapping[Any, Any], site: Site) -> str | None:
+        """``contract:``: the fingerprint of the method's contract a recorded rule was made against."""
+        if "contract" not in node:
+            return None
+        value = node["contract"]
+        if not isinstance(value, str) or not _CONTRACT.fullmatch(value):
+            site.error(
+                node,
+                "contract",
+                f"contract: expected a contract fingerprint like {_CONTRACT_EXAMPLE} "
+                f"(written by `virtsvc record`), got {_show(value)}",
+            )
+            return None
+        return value
 
     def _method(self, node: Mapping[Any, Any], site: Site) -> MethodSpec | None:
         if "method" not in node:

@@ -169,6 +169,8 @@ class Rule:
     times: int | None = None
     priority: int = 0
     handler: Handler | None = None
+    # The fingerprint of the method's contract the rule was recorded against (``contract:``), if any.
+    contract: str | None = None
 
     @cached_property
     def where(self) -> str:

@@ -22,7 +22,7 @@ __all__ = [
 SCENARIO_KEYS = ("scenario", "version", "description", "extends", "rules")
 RULE_KEYS = (
     "method", "when", "times", "priority", "reply", "status", "fault", "sequence", "after", "stream",
-    "each_request", "handler", "delay", "headers", "trailers",
+    "each_request", "handler", "delay", "headers", "trailers", "contract",
 )  # fmt: skip
 STEP_KEYS = ("reply", "status", "fault", "stream", "delay", "headers", "trailers")
 STREAM_ITEM_KEYS = ("reply", "delay", "fault")
