@@ -20,12 +20,14 @@ BASE = {"virtsvc.errors", "virtsvc.config", "virtsvc._text", "virtsvc._lazy", "v
 ALLOWED = {
     "contracts": set(),
     "admin": set(),  # the admin API's contract and client: generated stubs only
+    "upstream": {"contracts"},  # the forwarding client; the engine knows only its protocol
     "scenarios": {"contracts"},
     "engine": {"contracts", "scenarios"},
     "observe": {"contracts", "scenarios", "engine", "admin"},  # reads the journal and the call events
-    "server": {"contracts", "scenarios", "engine", "admin", "observe"},
+    "server": {"contracts", "scenarios", "engine", "admin", "observe", "upstream"},
+    "record": {"contracts", "scenarios", "engine", "admin", "upstream", "server", "observe"},
     "testing": {"contracts", "scenarios", "engine", "server", "admin", "observe"},
-    "cli": {"contracts", "scenarios", "engine", "server", "admin", "observe"},
+    "cli": {"contracts", "scenarios", "engine", "server", "admin", "observe", "upstream", "record"},
 }
 
 

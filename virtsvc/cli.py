@@ -166,7 +166,7 @@ def _cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     paths = _scenario_paths(args, settings)
     if not paths:
         raise ConfigError("check: no SCENARIO_PATH given and no [tool.virtsvc] scenarios in ./pyproject.toml")
-    problems, scenarios = check_scenarios(paths, catalog)
+    problems, scenarios = check_scenarios(paths, catalog, _upstreams(args))
     problems = problems or [stale.problem for stale in stale_rules(scenarios, catalog)]
     if problems:
         for problem in problems:
@@ -205,6 +205,13 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         raise
 
 
+def _upstreams(args: argparse.Namespace) -> dict[str, str]:
+    """The --upstream NAME=HOST:PORT flags, in order."""
+    from virtsvc.upstream import parse_upstreams
+
+    return parse_upstreams(getattr(args, "upstream", None) or [])
+
+
 def _serve_options(args: argparse.Namespace, settings: Settings) -> Any:
     """The serve flags over ``[tool.virtsvc]``, as the one typed options object the server takes."""
     import os
@@ -229,6 +236,8 @@ def _serve_options(args: argparse.Namespace, settings: Settings) -> Any:
         grace=args.grace,
         watch=args.watch,
         min_ping_interval=args.min_ping_interval,
+        upstreams=_upstreams(args),
+        mode=args.mode,
     )
 
 
@@ -302,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="files or directories (default: [tool.virtsvc] scenarios)",
     )
+    _upstream_flag(check)
     check.set_defaults(handler=_cmd_check)
 
     serve = commands.add_parser(
@@ -327,6 +337,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--default-scenario", metavar="NAME", help="scenario for calls that name none")
     serve.add_argument("--watch", action="store_true", help="reload changed scenario files without a restart")
+    _upstream_flag(serve)
+    serve.add_argument(
+        "--mode",
+        choices=("simulate", "spy", "passthrough"),
+        default="simulate",
+        help="simulate: scenarios only (default); spy: scenarios first, the first --upstream for what no "
+        "rule answers; passthrough: the first --upstream answers everything",
+    )
     serve.add_argument(
         "--log-format",
         choices=LOG_FORMATS,
@@ -416,6 +434,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=_cmd_serve)
 
     return parser
+
+
+def _upstream_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--upstream",
+        metavar="NAME=HOST:PORT",
+        action="append",
+        default=[],
+        help="a real service that passthrough: rules and --mode spy|passthrough forward calls to "
+        "(repeatable)",
+    )
 
 
 def _descriptor_flags(parser: argparse.ArgumentParser) -> None:

@@ -46,6 +46,7 @@ class Entry:
         "delay",
         "details",
         "duration",
+        "forwarded",
         "headers",
         "message",
         "near_miss",
@@ -88,6 +89,7 @@ class Entry:
         self.trailers: Metadata = ()  # trailing metadata sent (grpc-status-details-bin aside: see details)
         self.details: tuple[bytes, ...] = ()  # the status details sent, serialised google.protobuf.Any
         self.scenario_version: int | str | None = None
+        self.forwarded: str | None = None  # the upstream that answered, when the call was forwarded
         self.seq = next(_SEQ)
 
     def __repr__(self) -> str:
@@ -141,6 +143,7 @@ class Entry:
             "message": self.message,
             "details": self.status_details(),
             "rule": self.rule,
+            "forwarded": self.forwarded,
             "near_miss": self.near_miss,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self.started_at))
             + f".{int(self.started_at % 1 * 1e6):06d}Z",

@@ -25,7 +25,7 @@ import contextvars
 import functools
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NoReturn
 
 import grpc
@@ -35,6 +35,7 @@ from google.rpc import status_pb2
 
 from virtsvc import _logs, _text
 from virtsvc.contracts.catalog import Catalog, MethodSpec
+from virtsvc.engine.forward import Upstream, forwarded_metadata
 from virtsvc.engine.journal import Entry, Journal, Metadata
 from virtsvc.engine.limits import DEFAULT_MAX_MESSAGE_BYTES, Gauge, server_busy_message, session_busy_message
 from virtsvc.engine.observers import CallObserver, Observers
@@ -61,6 +62,7 @@ log = _logs.get_logger("virtsvc.calls")
 # whereas some accept a truncated length-delimited field.
 GARBAGE = b"\x08\x80"
 MAX_JOURNALED_MESSAGES = 100  # per call, so a long stream cannot blow up the journal
+_NO_DEADLINE = 1e7  # seconds (about four months): more than this left is a call without a deadline
 _DEADLINE_SLACK = 0.1  # seconds: a cancellation this close to the deadline is the deadline
 _OK = grpc.StatusCode.OK
 _INTERNAL = grpc.StatusCode.INTERNAL
@@ -393,6 +395,77 @@ class Exchange:
                 call.add_request(raw, msg)
             yield raw, msg
 
+    def forward(self, name: str) -> Iterator[bytes]:
+        """Forwards the call to the upstream ``name`` and relays what it answers, unchanged: headers,
+        messages, trailers, status and details. The caller's deadline is the upstream call's; the caller's
+        cancellation cancels it. Journaled like any answer, marked as forwarded."""
+        upstream = self.dispatcher.upstreams.get(name)
+        entry = self.entry
+        assert entry is not None
+        entry.forwarded = name
+        if upstream is None:  # scenarios are checked against the declared upstreams: only from code
+            raise Refusal(grpc.StatusCode.UNAVAILABLE, f'upstream "{name}" is not declared on this server')
+        context = self.context
+        call = upstream.open(
+            self.spec,
+            self._forwarded_requests(),
+            forwarded_metadata(context.invocation_metadata()),
+            _timeout(context),
+        )
+        if not context.add_callback(call.cancel):
+            call.cancel()
+            raise _Cancelled
+        headers = call.headers()
+        if headers:
+            self.send_headers(headers)
+        for raw in call.replies():
+            yield self.sent(raw)
+        code, message, trailers = call.outcome()
+        if code is not _OK and not context.is_active():
+            raise _Cancelled  # the caller's deadline or cancellation ended the upstream call
+        if call.unreachable:
+            raise Refusal(
+                grpc.StatusCode.UNAVAILABLE,
+                f'upstream "{name}" at {upstream.address} is unavailable: {message or "no answer"}',
+            )
+        rich = next((v for k, v in trailers if k == "grpc-status-details-bin"), None)
+        plain = tuple((k, v) for k, v in trailers if k != "grpc-status-details-bin")
+        if plain:
+            self.set_trailers(plain)
+        if code is _OK:
+            return
+        details: tuple[bytes, ...] = ()
+        if isinstance(rich, bytes):
+            # Relayed as the upstream sent it; the journal keeps its details as the entry's own.
+            context.set_trailing_metadata((*plain, ("grpc-status-details-bin", rich)))
+            with contextlib.suppress(Exception):
+                details = tuple(d.SerializeToString() for d in status_pb2.Status.FromString(rich).details)
+        self.finish(code, message, details)
+        raise _Ended(code, message)
+
+    def forward_single(self, name: str) -> bytes:
+        reply = b""
+        for raw in self.forward(name):
+            reply = raw
+        return reply
+
+    def _forwarded_requests(self) -> bytes | Iterator[bytes]:
+        """What is forwarded: the request, or the messages read so far and then the rest of the stream."""
+        raws = self._requests
+        if self._incoming is None:
+            return raws[0]
+        read = list(raws)
+        incoming = self._incoming
+
+        def stream() -> Iterator[bytes]:
+            yield from read
+            for raw in incoming:
+                if len(raws) < MAX_JOURNALED_MESSAGES:
+                    raws.append(raw)
+                yield raw
+
+        return stream()
+
     def drain(self) -> None:
         """Lets the client finish sending before the final status, as a real server would. Every message is
         parsed (garbage is refused); the first ones are kept for the journal."""
@@ -634,10 +707,13 @@ class Dispatcher(grpc.GenericRpcHandler):
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_concurrency: int | None = None,
         max_concurrency_per_session: int | None = None,
+        upstreams: Mapping[str, Upstream] | None = None,
     ) -> None:
         self.catalog = catalog
         self.router = router
         self.journal = journal
+        #: the real services calls may be forwarded to, by name
+        self.upstreams: Mapping[str, Upstream] = dict(upstreams or {})
         self.stopping = stopping or threading.Event()
         self.max_message_bytes = max_message_bytes
         #: calls in flight in the whole server (None: not counted)
@@ -720,6 +796,13 @@ class Dispatcher(grpc.GenericRpcHandler):
         return Exchange(self, spec, context, [], request_iterator).run_stream(_answer_bidi)
 
 
+def _timeout(context: grpc.ServicerContext) -> float | None:
+    """The caller's deadline as a timeout for a forwarded call; None when the caller set none (grpc then
+    reports a time far in the future, which would overflow the upstream call's deadline)."""
+    remaining = context.time_remaining()
+    return None if remaining is None or remaining > _NO_DEADLINE else remaining
+
+
 def _unparsable(spec: MethodSpec, exc: Exception) -> str:
     reason = str(exc) or type(exc).__name__
     return (
@@ -788,7 +871,14 @@ def encode(spec: MethodSpec, result: Any) -> bytes:
 # -- the answer stage of each kind (module functions, not closures: nothing allocated per call for them) --
 
 
+def _forwarding(ex: Exchange) -> bool:
+    """Passthrough mode: the call goes to the real service as it came (not parsed, nothing read first)."""
+    return ex.dispatcher.router.forward_all
+
+
 def _answer_unary(ex: Exchange) -> bytes:
+    if _forwarding(ex):
+        return ex.strategy(ex.choose()).single(ex, 0)
     spec, raw = ex.spec, ex._requests[0]
     found = ex.plan()
     if found is not None and parses(spec, raw):
@@ -802,6 +892,8 @@ def _answer_unary(ex: Exchange) -> bytes:
 
 
 def _answer_client_stream(ex: Exchange) -> bytes:
+    if _forwarding(ex):
+        return ex.strategy(ex.choose()).single(ex, 0)
     spec, request_iterator = ex.spec, ex.client_stream()
     call = ex.call
     call.set_messages([])
@@ -821,6 +913,9 @@ def _answer_client_stream(ex: Exchange) -> bytes:
 
 
 def _answer_server_stream(ex: Exchange) -> Iterator[bytes]:
+    if _forwarding(ex):
+        yield from ex.strategy(ex.choose()).stream(ex, 0)
+        return
     ex.call.set_messages([parse(ex.spec, ex._requests[0])])
     choice = ex.choose()
     if choice.rule.handler is not None:
@@ -830,6 +925,9 @@ def _answer_server_stream(ex: Exchange) -> Iterator[bytes]:
 
 
 def _answer_bidi(ex: Exchange) -> Iterator[bytes]:
+    if _forwarding(ex):
+        yield from ex.strategy(ex.choose()).stream(ex, 0)
+        return
     spec, request_iterator = ex.spec, ex.client_stream()
     messages: list[Message] = []
     call = ex.call

@@ -18,7 +18,7 @@ from virtsvc import _text
 from virtsvc.engine.store import DEFAULT_SESSION, RuleSet, SessionState, Store
 from virtsvc.errors import Refusal, RuleFailure
 from virtsvc.scenarios.answers import Answer, Plan
-from virtsvc.scenarios.model import Call, CompiledScenario, MatchResult, Rule
+from virtsvc.scenarios.model import Call, CompiledScenario, Location, MatchResult, Rule, Step
 
 __all__ = [
     "BAGGAGE_SCENARIO",
@@ -141,15 +141,37 @@ class Choice:
         self.refusal = refusal  # the rule answers this call by refusing it (an exhausted sequence)
 
 
+def mode_rule(mode: str, upstream: str) -> Rule:
+    """The rule that forwards what the server-wide ``--mode`` sends to the real service (journaled as
+    answered by ``--mode spy`` or ``--mode passthrough``)."""
+    at = Location(f"--mode {mode}", 0)
+    return Rule("", f"mode:{mode}", "*", at, (Step(at, passthrough=upstream),))
+
+
 class Router:
     """Turns a call's metadata into (scenario, session), and owns the choice of the rule that answers it:
     candidates (the session's rules, then the scenario's, best first), conditions, ``times`` and sequence
-    positions."""
+    positions; then the scenario's ``passthrough`` and, in ``spy`` mode, the real service.
 
-    def __init__(self, registry: Registry, store: Store, default_scenario: str | None = None) -> None:
+    ``mode`` is ``simulate`` (scenarios only), ``spy`` (scenarios first, then ``upstream`` for what no rule
+    answers, and for calls that name no scenario) or ``passthrough`` (``upstream`` answers everything).
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        store: Store,
+        default_scenario: str | None = None,
+        *,
+        mode: str = "simulate",
+        upstream: str | None = None,
+    ) -> None:
         self.registry = registry
         self.store = store
         self.default_scenario = default_scenario
+        self.mode = mode
+        self.forward_all = mode == "passthrough"
+        self._mode_rule = mode_rule(mode, upstream) if mode != "simulate" and upstream is not None else None
 
     def route(self, metadata: Mapping[str, str]) -> tuple[CompiledScenario | None, SessionState]:
         """The scenario and session named by the call's metadata (explicit headers win over baggage); no
@@ -161,7 +183,12 @@ class Router:
             scenario = scenario if scenario is not None else baggage.get(BAGGAGE_SCENARIO)
             session_id = session_id if session_id is not None else baggage.get(BAGGAGE_SESSION)
         session_id = session_id or DEFAULT_SESSION
+        if self.forward_all:
+            # Everything is real: the scenario named (if any) only files the call in the journal.
+            return None, self.store.session(scenario or NO_SCENARIO, session_id)
         if not scenario:
+            if self._mode_rule is not None and not self.default_scenario:
+                return None, self.store.session(NO_SCENARIO, session_id)  # spy: nothing to match, real
             if self.default_scenario:
                 scenario = self.default_scenario
             else:
@@ -189,7 +216,7 @@ class Router:
 
     def plan(self, session: SessionState, scenario: str, method: str) -> tuple[Rule, Plan] | None:
         """The first candidate's fixed plan, when it answers every call alike (no session rules before it)."""
-        if session.rules:
+        if session.rules or self.forward_all:
             return None
         rules = self.registry.rules_for(scenario, method)
         if not rules:
@@ -202,6 +229,9 @@ class Router:
         (a sequence moves on); Refusal with the near-miss report when none does, or when a sequence with
         ``after: fail`` is exhausted."""
         session = call.session
+        if self.forward_all:
+            assert self._mode_rule is not None
+            return self._step(self._mode_rule, session)
         method = call.method.full_name
         misses: list[tuple[Rule, MatchResult]] = []
         used_up: list[Rule] = []
@@ -221,9 +251,27 @@ class Router:
                 used_up.append(rule)
                 continue
             return self._step(rule, session)
+        fallback = self._fallback(call.scenario)
+        if fallback is not None:
+            return self._step(fallback, session)
         raise Refusal(
             grpc.StatusCode.UNIMPLEMENTED, self._near_miss(call, candidates, misses, used_up), near_miss=True
         )
+
+    def _fallback(self, scenario: str) -> Rule | None:
+        """What answers a call no rule matched: the scenario's ``passthrough`` (or the nearest one it
+        extends), else the real service in spy mode."""
+        seen: set[str] = set()
+        name: str | None = scenario
+        while name and name not in seen:
+            seen.add(name)
+            compiled = self.registry.get(name)
+            if compiled is None:
+                break
+            if compiled.fallback is not None:
+                return compiled.fallback
+            name = compiled.extends
+        return self._mode_rule
 
     @staticmethod
     def _step(rule: Rule, session: SessionState) -> Choice:

@@ -26,6 +26,7 @@ __all__ = [
     "Fail",
     "FaultAnswer",
     "Metadata",
+    "Passthrough",
     "Plan",
     "Reply",
     "Stream",
@@ -89,6 +90,14 @@ class Exchange(Protocol):
 
     def drain(self) -> None:
         """Reads what the client still sends before the final status, as a real server would."""
+
+    def forward(self, upstream: str) -> Iterator[bytes]:
+        """Forwards the call to the upstream and relays its headers, replies, trailers and status."""
+        ...
+
+    def forward_single(self, upstream: str) -> bytes:
+        """``forward`` for unary and client-streaming calls: the one reply."""
+        ...
 
 
 class Answer(Protocol):
@@ -240,8 +249,27 @@ class EachRequest(_StepAnswer):
         self._ending(ex, index)
 
 
+@dataclass(frozen=True, slots=True)
+class Passthrough(_StepAnswer):
+    """The real service answers: the call is forwarded to the step's upstream (after the step's delay)."""
+
+    def single(self, ex: Exchange, index: int) -> bytes:
+        if self.step.delay is not None:
+            ex.wait(self.step.delay)
+        assert self.step.passthrough is not None
+        return ex.forward_single(self.step.passthrough)
+
+    def stream(self, ex: Exchange, index: int) -> Iterator[bytes]:
+        if self.step.delay is not None:
+            ex.wait(self.step.delay)
+        assert self.step.passthrough is not None
+        yield from ex.forward(self.step.passthrough)
+
+
 def answer_for(step: Step) -> Answer:
     """The answer strategy of a compiled step (chosen once, at load)."""
+    if step.passthrough is not None:
+        return Passthrough(step)
     if step.fault is not None:
         return FaultAnswer(step)
     if step.each_request is not None:

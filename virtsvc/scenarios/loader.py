@@ -212,10 +212,15 @@ def _script_problem(file: str, exc: BaseException) -> Problem:
 # -- entry points -------------------------------------------------------------------------------------
 
 
-def compile_sources(sources: Sequence[Source], catalog: Catalog) -> list[CompiledScenario]:
-    """Validates and compiles every scenario of ``sources``; raises ScenarioError with every problem."""
+def compile_sources(
+    sources: Sequence[Source], catalog: Catalog, upstreams: Collection[str] = ()
+) -> list[CompiledScenario]:
+    """Validates and compiles every scenario of ``sources``; raises ScenarioError with every problem.
+
+    ``upstreams`` names the real services a ``passthrough:`` may forward to (``--upstream NAME=...``).
+    """
     problems = Problems()
-    compiler = _Compiler(catalog, problems)
+    compiler = _Compiler(catalog, problems, upstreams)
     entries: list[_Entry] = []
     for source in sources:
         problems.items.extend(source.problems)
@@ -247,6 +252,7 @@ def compile_text(
     catalog: Catalog,
     origin: str = "<admin>",
     known: Collection[str] | Mapping[str, str | None] = (),
+    upstreams: Collection[str] = (),
 ) -> list[CompiledScenario]:
     """Compiles YAML or JSON text (the admin API's PutScenario); never Python.
 
@@ -254,7 +260,7 @@ def compile_text(
     its ``extends`` also lets cycles through them be found.
     """
     problems = Problems()
-    compiler = _Compiler(catalog, problems)
+    compiler = _Compiler(catalog, problems, upstreams)
     entries = []
     docs = _yaml.load_text(text, origin, problems)
     for doc in docs:
@@ -275,6 +281,7 @@ def compile_rules(
     scenario: str,
     origin: str,
     key_prefix: str,
+    upstreams: Collection[str] = (),
 ) -> tuple[Rule, ...]:
     """Compiles session-scoped rules: YAML/JSON text (a list of rules, or a mapping with ``rules:``) or
     plain rule dicts from Python (which may carry a ``handler`` and a ``"$location"``).
@@ -303,17 +310,19 @@ def compile_rules(
     if not isinstance(nodes, Sequence) or isinstance(nodes, (str, bytes)):
         site.error(nodes, None, f"expected a list of rules, got {_kind(nodes)}")
         problems.raise_if_any()
-    rules = _Compiler(catalog, problems).rules(nodes, site, scenario, key_prefix)
+    rules = _Compiler(catalog, problems, upstreams).rules(nodes, site, scenario, key_prefix)
     problems.raise_if_any()
     return rules
 
 
-def check_paths(paths: Sequence[Path], catalog: Catalog) -> list[Problem]:
+def check_paths(paths: Sequence[Path], catalog: Catalog, upstreams: Collection[str] = ()) -> list[Problem]:
     """Every problem of the scenario files and scripts under ``paths`` (``virtsvc check``); [] when valid."""
-    return check_scenarios(paths, catalog)[0]
+    return check_scenarios(paths, catalog, upstreams)[0]
 
 
-def check_scenarios(paths: Sequence[Path], catalog: Catalog) -> tuple[list[Problem], list[CompiledScenario]]:
+def check_scenarios(
+    paths: Sequence[Path], catalog: Catalog, upstreams: Collection[str] = ()
+) -> tuple[list[Problem], list[CompiledScenario]]:
     """:func:`check_paths`, with the scenarios compiled when there was no problem ([] otherwise)."""
     found: list[Problem] = []
     compiled: list[CompiledScenario] = []
@@ -324,7 +333,7 @@ def check_scenarios(paths: Sequence[Path], catalog: Catalog) -> tuple[list[Probl
         else:
             found.append(Problem(str(path), 0, "no such file or directory"))
     try:
-        compiled = compile_sources(load_sources(present), catalog)
+        compiled = compile_sources(load_sources(present), catalog, upstreams)
     except ScenarioError as exc:
         found.extend(exc.problems)
     except ConfigError as exc:
@@ -413,9 +422,10 @@ class _Defaults:
 class _Compiler:
     """Validates scenario data (located YAML nodes or plain Python data) into model objects."""
 
-    def __init__(self, catalog: Catalog, problems: Problems) -> None:
+    def __init__(self, catalog: Catalog, problems: Problems, upstreams: Collection[str] = ()) -> None:
         self.catalog = catalog
         self.problems = problems
+        self.upstreams = sorted(upstreams)
         _ensure_rich_error_types(catalog.pool)
 
     # -- scenario -------------------------------------------------------------------------------
@@ -450,10 +460,13 @@ class _Compiler:
             site.error(doc, "description", f"description: expected text, got {_show(description)}")
             description = ""
         extends = self._name(doc, "extends", site) if doc.get("extends") is not None else None
+        passthrough = (
+            self._upstream(doc, "passthrough", site, "passthrough") if "passthrough" in doc else None
+        )
         rules: tuple[Rule, ...] = ()
         nodes = doc.get("rules")
         if "rules" not in doc:
-            if extends is None:
+            if extends is None and passthrough is None:
                 site.error(doc, None, 'missing "rules:" (the list of rules)')
         elif nodes is None:
             pass  # `rules:` with nothing under it: no rules of its own
@@ -473,6 +486,8 @@ class _Compiler:
                 description=description,
                 extends=extends,
                 from_script=from_script,
+                passthrough=passthrough,
+                passthrough_at=Location(site.file, site.line_of(doc, "passthrough")) if passthrough else None,
             )
         return _Entry(name, location, extends, extends_at, compiled)
 
@@ -489,6 +504,22 @@ class _Compiler:
                 key,
                 f"{key}: bad scenario name {_show(value)}; a name matches {NAME_PATTERN}{hint}",
             )
+            return None
+        return value
+
+    def _upstream(self, node: Mapping[Any, Any], key: str, site: Site, path: str) -> str | None:
+        """A ``passthrough:`` value: the name of a declared upstream."""
+        value = node[key]
+        if not isinstance(value, str) or not value:
+            site.error(
+                node,
+                key,
+                f"{path}: expected the name of an upstream (declared with --upstream NAME=HOST:PORT), "
+                f"got {_show(value)}",
+            )
+            return None
+        if value not in self.upstreams:
+            site.error(node, key, f"{path}: {unknown_upstream_message(value, self.upstreams)}")
             return None
         return value
 
@@ -669,7 +700,7 @@ class _Compiler:
                     node,
                     None,
                     "the rule has nothing to do: give it a reply, status, fault, sequence, stream, "
-                    "each_request or (in Python) a handler",
+                    "each_request, passthrough or (in Python) a handler",
                 )
             return ()
         step = self._step(node, site, spec, "", location, defaults, level="rule")
@@ -700,7 +731,9 @@ class _Compiler:
             if not any(k in item for k in ITEM_ANSWERS):
                 if all(k in STEP_KEYS for k in item):  # else the unknown key is most likely the answer
                     item_site.error(
-                        item, None, f"{path} has nothing to do: give it a reply, status, fault or stream"
+                        item,
+                        None,
+                        f"{path} has nothing to do: give it a reply, status, fault, stream or passthrough",
                     )
                 continue
             step = self._step(
@@ -732,8 +765,20 @@ class _Compiler:
         status = self._status(node, "status", site, prefix + "status") if "status" in node else None
         failing = status is not None and not status.ok
 
-        # Which answers may be combined: a fault replaces everything; streams carry their own messages.
-        if "fault" in node:
+        # Which answers may be combined: a fault replaces everything; streams carry their own messages; a
+        # passthrough relays the real service's answer whole.
+        passthrough = None
+        if "passthrough" in node:
+            for k in ("reply", "status", "fault", "stream", "each_request", "headers", "trailers"):
+                if k in node:
+                    site.error(
+                        node,
+                        k,
+                        f"{prefix}{k}: a passthrough relays the upstream's own answer; remove the {k} "
+                        "or the passthrough",
+                    )
+            passthrough = self._upstream(node, "passthrough", site, prefix + "passthrough")
+        elif "fault" in node:
             for k in ("reply", "status", "stream", "each_request"):
                 if k in node:
                     site.error(
@@ -803,6 +848,7 @@ class _Compiler:
             fault=fault,
             stream=stream,
             each_request=each,
+            passthrough=passthrough,
         )
 
     def _stream(
@@ -1266,11 +1312,23 @@ def _reply(node: Mapping[Any, Any], spec: MethodSpec | None, site: Site, path: s
     return templates.compile_message(value if value is not None else {}, spec.output, site, path)
 
 
-def load_scenarios(paths: str | Path | Sequence[str | Path], catalog: Catalog) -> list[CompiledScenario]:
+def load_scenarios(
+    paths: str | Path | Sequence[str | Path], catalog: Catalog, upstreams: Collection[str] = ()
+) -> list[CompiledScenario]:
     """Loads and validates scenario files, directories and scripts against ``catalog``; raises
-    ScenarioError listing every problem. The public way to get compiled scenarios for a server."""
+    ScenarioError listing every problem. The public way to get compiled scenarios for a server.
+    ``upstreams`` names the real services ``passthrough:`` may forward to."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     if not paths:
         return []
-    return compile_sources(load_sources([Path(p) for p in paths]), catalog)
+    return compile_sources(load_sources([Path(p) for p in paths]), catalog, upstreams)
+
+
+def unknown_upstream_message(name: str, known: Collection[str]) -> str:
+    """The one wording of "no such upstream", with the closest names and the declared ones."""
+    names = sorted(known)
+    text = f'unknown upstream "{name}"' + _text.did_you_mean(name, names, quote='"')
+    if not names:
+        return text + "; no upstream is declared (serve --upstream NAME=HOST:PORT)"
+    return text + "; declared upstreams: " + _text.quoted_list(names)

@@ -150,6 +150,7 @@ class Step:
     fault: Fault | None = None
     stream: tuple[Step, ...] | None = None
     each_request: Step | None = None
+    passthrough: str | None = None  # forward the call to this upstream and relay its answer
 
 
 Handler = Callable[..., Any]
@@ -222,6 +223,17 @@ class CompiledScenario:
     description: str = ""
     extends: str | None = None
     from_script: bool = False  # loaded from a Python script (may hold handlers)
+    passthrough: str | None = None  # the upstream answering calls that no rule matches
+    passthrough_at: Location | None = None  # where ``passthrough:`` was written
+
+    @cached_property
+    def fallback(self) -> Rule | None:
+        """The scenario's ``passthrough`` as a rule of its own, tried after every other: it answers any
+        method, and the journal names its ``file:line`` as the rule that answered."""
+        if self.passthrough is None:
+            return None
+        at = self.passthrough_at or self.location
+        return Rule(self.name, "passthrough", "*", at, (Step(at, passthrough=self.passthrough),))
 
     def methods(self) -> set[str]:
         return {r.method for r in self.rules}

@@ -19,16 +19,17 @@ __all__ = [
     "STREAM_ITEM_KEYS",
 ]
 
-SCENARIO_KEYS = ("scenario", "version", "description", "extends", "rules")
+SCENARIO_KEYS = ("scenario", "version", "description", "extends", "passthrough", "rules")
 RULE_KEYS = (
     "method", "when", "times", "priority", "reply", "status", "fault", "sequence", "after", "stream",
-    "each_request", "handler", "delay", "headers", "trailers", "contract",
+    "each_request", "handler", "delay", "headers", "trailers", "contract", "passthrough",
 )  # fmt: skip
-STEP_KEYS = ("reply", "status", "fault", "stream", "delay", "headers", "trailers")
+STEP_KEYS = ("reply", "status", "fault", "stream", "delay", "headers", "trailers", "passthrough")
 STREAM_ITEM_KEYS = ("reply", "delay", "fault")
 EACH_REQUEST_KEYS = ("reply", "status", "delay")
 STATUS_KEYS = ("code", "message", "details")
 AFTER_VALUES = ("repeat_last", "cycle", "fail")
-STEP_ANSWERS = ("reply", "status", "fault", "stream", "each_request")  # what a rule's own step does
-ITEM_ANSWERS = ("reply", "status", "fault", "stream")  # what a sequence item does
+# what a rule's own step does
+STEP_ANSWERS = ("reply", "status", "fault", "stream", "each_request", "passthrough")
+ITEM_ANSWERS = ("reply", "status", "fault", "stream", "passthrough")  # what a sequence item does
 RULE_ANSWER_KEYS = (*STEP_ANSWERS, "sequence", "handler")  # any of these makes a rule answer

@@ -79,7 +79,13 @@ class AdminService:
             # Names with their extends, so that a cycle through loaded scenarios is refused too.
             known = {name: s.extends for name, s in loaded.items()}
             try:
-                compiled = compile_text(request.text, self.vserver.catalog, origin=ORIGIN, known=known)
+                compiled = compile_text(
+                    request.text,
+                    self.vserver.catalog,
+                    origin=ORIGIN,
+                    known=known,
+                    upstreams=self.vserver.upstreams,
+                )
             except VirtsvcError:
                 if _looks_like_python(request.text):
                     raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, PYTHON_REFUSED) from None
@@ -158,6 +164,7 @@ class AdminService:
                 scenario=scenario,
                 origin=ORIGIN,
                 key_prefix="session:",
+                upstreams=self.vserver.upstreams,
             )
             # One replacement: a call in flight sees either the old rules or the new ones, never a mix.
             self.vserver.store.put_rules(scenario, session_id, RuleSet(rules, source=request.text))
@@ -327,6 +334,7 @@ def _fill_entry(out: Any, entry: Entry) -> None:
     out.message = entry.message
     out.rule = entry.rule or ""
     out.near_miss = entry.near_miss or ""
+    out.forwarded = entry.forwarded or ""
     out.started_at.FromNanoseconds(int(entry.started_at * 1e9))
     out.duration.FromNanoseconds(round(entry.duration * 1e9))
     out.matched = entry.matched

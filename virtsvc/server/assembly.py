@@ -30,7 +30,8 @@ def build_server(
     """A VirtualServer (not started) for the contracts and scenarios at these paths; ``settings`` are
     :class:`ServeOptions` fields (``port=0``, ``default_scenario=...``) over ``options``."""
     catalog = load_catalog(protos, descriptors, includes)
-    return VirtualServer(catalog, load_scenarios(scenarios, catalog), options, **settings)
+    upstreams = settings.get("upstreams", options.upstreams if options is not None else {})
+    return VirtualServer(catalog, load_scenarios(scenarios, catalog, upstreams), options, **settings)
 
 
 @contextlib.contextmanager

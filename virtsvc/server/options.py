@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from virtsvc import _text
+from virtsvc.engine.forward import MODES
 from virtsvc.engine.limits import DEFAULT_MAX_MESSAGE_BYTES
 from virtsvc.errors import ConfigError
 
@@ -46,6 +48,11 @@ class ServeOptions:
     # Seconds: the shortest interval between the keepalive pings a client may send, with or without calls
     # in flight (Google's client libraries ping every 30 s); a client pinging faster is told too_many_pings.
     min_ping_interval: float = 10.0
+    # Real services by name (NAME -> HOST:PORT) that `passthrough:` and the modes forward calls to.
+    upstreams: Mapping[str, str] = field(default_factory=dict)
+    # simulate (scenarios only), spy (scenarios first, then the real service) or passthrough (real only);
+    # spy and passthrough forward to the first upstream declared.
+    mode: str = "simulate"
 
     def __post_init__(self) -> None:
         for name in (
@@ -59,6 +66,16 @@ class ServeOptions:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be at least 1, not {value}")
+        if self.mode not in MODES:
+            raise ConfigError(
+                f"mode must be one of {', '.join(MODES)}, not {self.mode!r}"
+                + _text.did_you_mean(str(self.mode), MODES)
+            )
+        if self.mode != "simulate" and not self.upstreams:
+            raise ConfigError(
+                f"--mode {self.mode} forwards calls to a real service: declare it with "
+                "--upstream NAME=HOST:PORT"
+            )
         if not self.min_ping_interval > 0:
             raise ConfigError(f"min_ping_interval must be more than 0 seconds, not {self.min_ping_interval}")
 

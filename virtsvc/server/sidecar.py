@@ -26,7 +26,7 @@ log = _logs.get_logger("virtsvc")
 
 def run_sidecar(*, catalog: Catalog, scenario_paths: Sequence[Path], options: ServeOptions) -> int:
     """Serves until SIGTERM/SIGINT, then drains for ``options.grace`` seconds; returns the exit status."""
-    server = VirtualServer(catalog, load_scenarios(scenario_paths, catalog), options)
+    server = VirtualServer(catalog, load_scenarios(scenario_paths, catalog, options.upstreams), options)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
@@ -50,6 +50,8 @@ def run_sidecar(*, catalog: Catalog, scenario_paths: Sequence[Path], options: Se
         scenarios=server.registry.names(),
         default_scenario=options.default_scenario,
         watch=options.watch,
+        mode=options.mode,
+        upstreams=dict(options.upstreams),
         tls=server.tls,
         admin_auth=bool(options.admin_token),  # whether a token is set; the token itself is never logged
         max_concurrency=server.max_concurrency,
@@ -96,7 +98,7 @@ class ScenarioWatcher(threading.Thread):
 
     def reload(self) -> bool:
         try:
-            scenarios = load_scenarios(self.paths, self.server.catalog)
+            scenarios = load_scenarios(self.paths, self.server.catalog, self.server.upstreams)
         except ScenarioError as exc:
             problems = [str(p) for p in exc.problems]
             log.error("scenarios.reload_failed", problems=problems, kept=self.server.registry.names())

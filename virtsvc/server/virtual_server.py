@@ -32,6 +32,7 @@ from virtsvc.engine.store import MemoryStore, Store
 from virtsvc.errors import ConfigError
 from virtsvc.scenarios.model import CompiledScenario
 from virtsvc.server.options import DEFAULT_MAX_MESSAGE_BYTES, ServeOptions
+from virtsvc.upstream import GrpcUpstream
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -141,7 +142,18 @@ class VirtualServer:
                 f'default scenario "{default_scenario}" is not loaded; loaded scenarios: '
                 + (", ".join(self.registry.names()) or "none")
             )
-        self.router = Router(self.registry, self.store, default_scenario)
+        #: the real services calls may be forwarded to, by name (``options.upstreams``)
+        self.upstreams = {
+            name: GrpcUpstream(name, address, max_message_bytes=options.max_message_bytes)
+            for name, address in options.upstreams.items()
+        }
+        self.router = Router(
+            self.registry,
+            self.store,
+            default_scenario,
+            mode=options.mode,
+            upstream=next(iter(self.upstreams), None),
+        )
         self.stopping = threading.Event()  # the grace is over: delays and waits end now
         self.draining = threading.Event()  # stop() has begun: long-lived watches end now
         self.dispatcher = Dispatcher(
@@ -152,6 +164,7 @@ class VirtualServer:
             max_message_bytes=options.max_message_bytes,
             max_concurrency=options.max_concurrency,
             max_concurrency_per_session=options.max_concurrency_per_session,
+            upstreams=self.upstreams,
         )
         self.health = health.HealthServicer()
         max_workers = options.max_workers
@@ -254,6 +267,8 @@ class VirtualServer:
         event.wait()
         timer.cancel()
         self.stopping.set()
+        for upstream in self.upstreams.values():
+            upstream.close()
 
     def wait(self, timeout: float | None = None) -> bool:
         server = self._server
