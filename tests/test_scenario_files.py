@@ -444,10 +444,10 @@ def test_answer_combinations(cat: Catalog, workdir: Path) -> None:
         "s.yaml:6: reply: a failing call carries no reply (status is UNAVAILABLE); drop the reply, or answer "
         "and fail on successive calls with a sequence",
         "s.yaml:10: reply: a fault replaces the answer; remove the reply or the fault",
-        "s.yaml:13: sequence[1] has nothing to do: give it a reply, status, fault or stream",
+        "s.yaml:13: sequence[1] has nothing to do: give it a reply, status, fault, stream or passthrough",
         "s.yaml:14: reply: a sequence rule answers from its items; move reply into the sequence",
         "s.yaml:15: the rule has nothing to do: give it a reply, status, fault, sequence, stream, "
-        "each_request or (in Python) a handler",
+        "each_request, passthrough or (in Python) a handler",
         "s.yaml:20: handler: a handler is a Python function; only Python scenarios (scenario.handler) "
         "set one",
         "s.yaml:23: stream[0].status: a stream's final status goes next to stream:, at the rule level",
@@ -783,7 +783,7 @@ def test_compile_rules_from_text_and_from_dicts(cat: Catalog) -> None:
         )
     assert str(info.value) == (
         "t.py:7: the rule has nothing to do: give it a reply, status, fault, sequence, stream, "
-        "each_request or (in Python) a handler\n"
+        "each_request, passthrough or (in Python) a handler\n"
         't.py:7: times: expected a positive integer, got "2"'
     )
     with pytest.raises(ScenarioError) as info:
