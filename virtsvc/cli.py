@@ -238,6 +238,8 @@ def _serve_options(args: argparse.Namespace, settings: Settings) -> Any:
         min_ping_interval=args.min_ping_interval,
         upstreams=_upstreams(args),
         mode=args.mode,
+        dashboard_port=args.dashboard_port,
+        history=args.history,
     )
 
 
@@ -430,6 +432,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         type=Path,
         help="mutual TLS: clients must present a certificate signed by this PEM CA",
+    )
+    serve.add_argument(
+        "--dashboard-port",
+        type=_port,
+        default=None,
+        metavar="N",
+        help="serve the live dashboard (a web page) on this port of --host; 0 picks one (default: none). "
+        "With --admin-token it asks for the token",
+    )
+    serve.add_argument(
+        "--history",
+        metavar="FILE",
+        type=Path,
+        default=None,
+        help="a run history written by 'virtsvc report --history FILE': the dashboard shows its trends",
     )
     serve.set_defaults(handler=_cmd_serve)
 

@@ -53,6 +53,9 @@ class ServeOptions:
     # simulate (scenarios only), spy (scenarios first, then the real service) or passthrough (real only);
     # spy and passthrough forward to the first upstream declared.
     mode: str = "simulate"
+    # The live dashboard's HTTP port on the same host (0 picks a free one); None serves no dashboard.
+    dashboard_port: int | None = None
+    history: Path | None = None  # a run history (virtsvc report --history) whose trends the dashboard shows
 
     def __post_init__(self) -> None:
         for name in (
@@ -76,6 +79,8 @@ class ServeOptions:
                 f"--mode {self.mode} forwards calls to a real service: declare it with "
                 "--upstream NAME=HOST:PORT"
             )
+        if self.dashboard_port is not None and not 0 <= self.dashboard_port <= 65535:
+            raise ConfigError(f"dashboard_port must be between 0 and 65535, not {self.dashboard_port}")
         if not self.min_ping_interval > 0:
             raise ConfigError(f"min_ping_interval must be more than 0 seconds, not {self.min_ping_interval}")
 

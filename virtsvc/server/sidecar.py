@@ -56,6 +56,7 @@ def run_sidecar(*, catalog: Catalog, scenario_paths: Sequence[Path], options: Se
         admin_auth=bool(options.admin_token),  # whether a token is set; the token itself is never logged
         max_concurrency=server.max_concurrency,
         max_concurrency_per_session=server.max_concurrency_per_session,
+        dashboard=server.dashboard.url if server.dashboard is not None else None,
     )
     while not stop.wait(0.5):
         pass

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Iterable
 from concurrent import futures
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -33,6 +33,9 @@ from virtsvc.errors import ConfigError
 from virtsvc.scenarios.model import CompiledScenario
 from virtsvc.server.options import DEFAULT_MAX_MESSAGE_BYTES, ServeOptions
 from virtsvc.upstream import GrpcUpstream
+
+if TYPE_CHECKING:
+    from virtsvc.observe.dashboard import Dashboard
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -180,6 +183,20 @@ class VirtualServer:
         self._credentials = credentials
         self.tls = "mutual" if options.tls_client_ca is not None else bool(credentials)
         self._server: grpc.Server | None = None
+        self.dashboard: Dashboard | None = None
+        if options.dashboard_port is not None:
+            from virtsvc.observe.dashboard import Dashboard
+
+            # Made here, so a dashboard that may not serve (off loopback without a token) fails before
+            # anything listens; it starts and stops with the server.
+            self.dashboard = Dashboard(
+                self.journal,
+                self.registry,
+                host=options.host,
+                port=options.dashboard_port,
+                token=options.admin_token,
+                history=options.history,
+            )
 
     def subscribe(self, subscriber: Callable[[Entry], None]) -> Callable[[], None]:
         """Calls ``subscriber(entry)`` with every journal entry as its call finishes (on the serving thread:
@@ -246,6 +263,13 @@ class VirtualServer:
             server.stop(None)
             raise ConfigError(f"cannot listen on {target}: the address is in use or not available here")
         self.port = port
+        if self.dashboard is not None:
+            self.dashboard.info.update(address=self.address, default_scenario=self.default_scenario)
+            try:
+                self.dashboard.start()
+            except ConfigError:
+                server.stop(None)
+                raise
         server.start()
         self._server = server
         for name in ["", *services]:
@@ -269,6 +293,8 @@ class VirtualServer:
         self.stopping.set()
         for upstream in self.upstreams.values():
             upstream.close()
+        if self.dashboard is not None:
+            self.dashboard.stop()
 
     def wait(self, timeout: float | None = None) -> bool:
         server = self._server
