@@ -104,7 +104,7 @@ def test_reset_session_without_a_scenario_is_refused(
     client.call("PutScenario", text=SHOP)
     _reserve(catalog, server.address, "shop", session="t1")
     error = fails(client.call, "ResetSession", session="t1")
-    assert error.code() is grpc.StatusCode.NOT_FOUND  # as for a scenario name with a typo
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert error.details() == 'give the scenario whose session "t1" to reset; loaded scenarios: shop'
     assert len(client.call("GetJournal", scenario="shop", session="t1").entries) == 1  # untouched
     assert client.call("ResetSession", scenario="shop", session="t1").existed is True

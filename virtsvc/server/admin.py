@@ -135,10 +135,10 @@ class AdminService:
         if store.find(scenario, session_id) is None:
             if not scenario and not self.vserver.journal.entries(scenario, session_id, limit=1):
                 # Nothing under the empty scenario (session rules only): a forgotten "scenario" field,
-                # which must not pass for "nothing to reset". NOT_FOUND, as for an unknown scenario: the
-                # pytest plugin's RemoteServer drops every session it may have used, tolerating NOT_FOUND.
+                # which must not pass for "nothing to reset". The pytest plugin's RemoteServer drops every
+                # session it may have used, and tolerates this refusal for the empty scenario alone.
                 raise Refusal(
-                    grpc.StatusCode.NOT_FOUND,
+                    grpc.StatusCode.INVALID_ARGUMENT,
                     f'give the scenario whose session "{session_id}" to reset; ' + self._loaded(),
                 )
             self._require_scenario(scenario)  # a typo must not pass for "nothing to reset"

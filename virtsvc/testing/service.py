@@ -345,7 +345,12 @@ class _Remote:
         try:
             self.server.admin.call("ResetSession", scenario=scenario, session=session)
         except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.NOT_FOUND:  # a scenario deleted meanwhile: nothing to drop
+            # NOT_FOUND: a scenario deleted meanwhile; INVALID_ARGUMENT for the empty scenario: it held no
+            # session rules. Either way there is nothing to drop.
+            nothing = exc.code() == grpc.StatusCode.NOT_FOUND or (
+                not scenario and exc.code() == grpc.StatusCode.INVALID_ARGUMENT
+            )
+            if not nothing:
                 raise VirtsvcError(
                     f"the virtual server at {self.address} refused ResetSession: {_rpc_text(exc)}"
                 ) from None
