@@ -167,31 +167,33 @@ def test_readme_module_map_lists_every_module() -> None:
     """The Development section's module map lists every module and package of virtsvc/, and no other."""
     block = README[README.index("```\nvirtsvc/\n") + 4 :].split("```")[0]
     listed: set[str] = set()
-    package = ""
+    parents: list[str] = []  # the package path down to the current depth
     for line in block.splitlines()[1:]:
+        indent = len(line) - len(line.lstrip(" "))
         name = line.strip().split(" ")[0]
-        if not name:
-            continue
-        if line.startswith("  ") and not line.startswith("    "):
-            package = name.rstrip("/") if name.endswith("/") else ""
-            listed.add(name.rstrip("/"))
-        elif line.startswith("    ") and package and not line.startswith("     "):
-            listed.add(f"{package}/{name}")
-    on_disk = (
-        {
-            p.relative_to(ROOT / "virtsvc").as_posix()
-            for p in (ROOT / "virtsvc").rglob("*.py")
-            if p.name != "__init__.py" and "v1" not in p.parts and "__pycache__" not in p.parts
-        }
-        | {
-            p.relative_to(ROOT / "virtsvc").as_posix()
-            for p in (ROOT / "virtsvc").iterdir()
-            if p.is_dir() and (p / "__init__.py").exists()
-        }
-        | {"__init__.py"}
-    )
-    listed = {x for x in listed if not x.endswith(".proto")}
-    assert listed == on_disk
+        if not name or indent % 2 or indent > 8:
+            continue  # a description's continuation line
+        depth = indent // 2 - 1
+        del parents[depth:]
+        path = "/".join([*parents, name.rstrip("/")])
+        if name.endswith("/"):
+            parents.append(name.rstrip("/"))
+            if not (ROOT / "virtsvc" / path / "__init__.py").exists():
+                continue  # a data folder (static files, the admin contract), not a package
+        elif not name.endswith(".py"):
+            continue  # a data file
+        listed.add(path)
+    on_disk = {
+        p.relative_to(ROOT / "virtsvc").as_posix()
+        for p in (ROOT / "virtsvc").rglob("*.py")
+        if p.name != "__init__.py" and "v1" not in p.parts and "__pycache__" not in p.parts
+    }
+    on_disk |= {
+        p.parent.relative_to(ROOT / "virtsvc").as_posix()
+        for p in (ROOT / "virtsvc").rglob("__init__.py")
+        if p.parent != ROOT / "virtsvc"
+    }
+    assert listed == on_disk | {"__init__.py"}
 
 
 def test_readme_near_miss_example_is_what_a_call_gets(
