@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 import pytest
+from _upstream import start_upstream
 
 from virtsvc.contracts import Catalog
 from virtsvc.engine.journal import Entry, Journal
@@ -23,7 +24,7 @@ from virtsvc.engine.router import Registry
 from virtsvc.errors import ConfigError
 from virtsvc.observe.dashboard import Hub
 from virtsvc.observe.dashboard.web import COOKIE, cookie_value
-from virtsvc.scenarios.loader import load_scenarios
+from virtsvc.scenarios.loader import compile_text, load_scenarios
 from virtsvc.server import VirtualServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -492,3 +493,43 @@ def test_serve_dashboard_port_must_be_a_port() -> None:
         "virtsvc serve: error: argument --dashboard-port: not a port number: 'http' "
         "(see 'virtsvc serve --help')"
     )
+
+
+def test_forwarded_calls_name_their_upstream(catalog: Catalog, pb: SimpleNamespace) -> None:
+    """A call a `passthrough:` sent to the real service names the upstream in its line and its details, and
+    the scenario's fallback is listed among its rules (method ``*``)."""
+    upstream = start_upstream(pb)
+    upstreams = {"inventory": upstream.address}
+    text = (
+        "scenario: real-rest\npassthrough: inventory\nrules:\n"
+        "  - method: shop.v1.Payments/Charge\n    reply: {}\n"
+    )
+    scenarios = compile_text(text, catalog, origin="real.yaml", upstreams=upstreams)
+    try:
+        with VirtualServer(catalog, scenarios, port=0, dashboard_port=0, upstreams=upstreams) as vs:
+            assert vs.dashboard is not None
+            s = Stream(vs.dashboard.port)
+            try:
+                [scenario] = s.next("snapshot")["scenarios"]["list"]
+                assert [(r["where"], r["method"], r["answers"]) for r in scenario["rules"]] == [
+                    ("real.yaml:4", "shop.v1.Payments/Charge", "reply"),
+                    ("real.yaml:2", "*", "passthrough inventory"),
+                ]
+                with grpc.insecure_channel(vs.address) as channel:
+                    reply = pb.inv_grpc.InventoryStub(channel).Reserve(
+                        pb.inv.ReserveRequest(sku="C", qty=1), metadata=[("x-virtsvc-scenario", "real-rest")]
+                    )
+                assert reply.reservation_id == "real-C-1"
+                [call] = s.next("calls")
+                assert (call["forwarded"], call["rule"]) == ("inventory", "real.yaml:2")
+                details = vs.dashboard.hub.details(call["seq"])
+                assert details is not None
+                assert details["reply"]["reservationId"] == "real-C-1"
+                assert (details["forwarded"], details["rule_answers"]) == (
+                    "inventory",
+                    "passthrough inventory",
+                )
+            finally:
+                s.close()
+    finally:
+        upstream.stop()

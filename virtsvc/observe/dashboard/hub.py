@@ -54,6 +54,7 @@ def summary(entry: Entry) -> dict[str, Any]:
         "message": entry.message,
         "rule": entry.rule,
         "near_miss": entry.near_miss,
+        "forwarded": entry.forwarded,
         "started_at": entry.started_at,
         "duration_ms": round(entry.duration * 1000, 3),
         "delay_ms": round(entry.delay * 1000, 3),
@@ -68,7 +69,9 @@ def rule_summary(rule: Rule) -> str:
         what = f"sequence of {len(rule.steps)}"
     elif rule.steps:
         step = rule.steps[0]
-        if step.fault is not None:
+        if step.passthrough is not None:
+            what = f"passthrough {step.passthrough}"
+        elif step.fault is not None:
             what = f"fault {step.fault.name.lower()}"
         elif step.stream is not None:
             what = f"stream of {len(step.stream)}"
@@ -88,13 +91,21 @@ def rule_summary(rule: Rule) -> str:
     return ", ".join([what, *extra])
 
 
+def _rules(scenario: CompiledScenario) -> list[Rule]:
+    """A scenario's own rules, then its ``passthrough:`` fallback (method ``*``) when it has one."""
+    fallback = scenario.fallback
+    return [*scenario.rules, *([fallback] if fallback is not None else [])]
+
+
 def scenario_json(scenario: CompiledScenario) -> dict[str, Any]:
     return {
         "name": scenario.name,
         "version": scenario.version,
         "source": str(scenario.location),
         "extends": scenario.extends,
-        "rules": [{"where": r.where, "method": r.method, "answers": rule_summary(r)} for r in scenario.rules],
+        "rules": [
+            {"where": r.where, "method": r.method, "answers": rule_summary(r)} for r in _rules(scenario)
+        ],
     }
 
 
@@ -343,7 +354,7 @@ class Hub:
         scenario = self.registry.get(entry.scenario)
         names = [entry.scenario]
         while scenario is not None:
-            for rule in scenario.rules:
+            for rule in _rules(scenario):
                 if rule.where == entry.rule:
                     return rule_summary(rule)
             if scenario.extends is None or scenario.extends in names:

@@ -108,7 +108,7 @@ function admits(call, f) {
   if (f.errors && call.code === "OK") return false;
   if (f.unmatched && call.near_miss === null) return false;
   if (f.text) {
-    const hay = [call.method, call.code, call.message, call.rule, call.near_miss, call.session, call.scenario]
+    const hay = [call.method, call.code, call.message, call.rule, call.near_miss, call.session, call.scenario, call.forwarded]
       .join(" ")
       .toLowerCase();
     if (!hay.includes(f.text)) return false;
@@ -183,7 +183,7 @@ function drawTail() {
     const failed = call.code !== "OK";
     const why = call.near_miss !== null
       ? el("span", { class: "miss" }, firstLine(call.near_miss))
-      : call.rule || "";
+      : [call.rule || "", call.forwarded ? ` → ${call.forwarded}` : ""].join("");
     return el(
       "tr",
       {
@@ -272,6 +272,9 @@ function details(r) {
   } else if (r.rule) {
     out.push(el("h3", {}, "Rule that answered"),
       el("p", { id: "details-rule", class: "mono" }, r.rule, r.rule_answers ? el("span", { class: "muted" }, ` (${r.rule_answers})`) : null));
+  }
+  if (r.forwarded) {
+    out.push(el("p", { id: "details-forwarded" }, "Forwarded to the real service ", el("code", {}, r.forwarded), ": the reply below is its answer."));
   }
   out.push(...block(r.requests.length > 1 ? `Requests (${r.requests.length})` : "Request",
     r.requests.length > 1 ? r.requests : r.request, "details-request"));
