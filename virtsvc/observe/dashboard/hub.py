@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import queue
 import threading
 import time
 from collections import OrderedDict, deque
@@ -37,6 +36,8 @@ RECENT = 2_000  # calls kept for their details (the journal keeps its own, bound
 UNMATCHED = 100  # unmatched calls kept for their near-miss text
 SNAPSHOT_CALLS = 500  # calls a new browser is sent
 CLIENT_BACKLOG = 1_000  # entries waiting for one browser before it is resynchronised
+DRAIN_EVERY = 0.05  # seconds the hub's thread sleeps when it finds nothing handed over
+BATCH = 1_000  # entries counted under one hold of the lock
 MAX_KEYS = 1_000  # (scenario, method) pairs counted apart; calls to unknown scenarios can name any
 SAMPLES = 1_000  # recent durations per (scenario, method), for the percentiles
 OTHER = "(other)"
@@ -160,19 +161,27 @@ class _Stats:
 
 
 class Client:
-    """One browser's stream: its own bounded queue; ``lagging`` once it fell behind and missed entries."""
+    """One browser's stream: its own bounded backlog; ``lagging`` once it fell behind and missed entries."""
 
     def __init__(self, backlog: int = CLIENT_BACKLOG) -> None:
-        self.queue: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=backlog)
+        self.backlog = backlog
+        self.items: deque[dict[str, Any]] = deque()
         self.lagging = threading.Event()
 
-    def offer(self, item: dict[str, Any]) -> None:
+    def offer(self, lines: list[dict[str, Any]]) -> None:
         if self.lagging.is_set():
             return
-        try:
-            self.queue.put_nowait(item)
-        except queue.Full:
-            self.lagging.set()
+        if len(self.items) + len(lines) > self.backlog:
+            self.lagging.set()  # its stream starts over from a snapshot: no gap, no wait
+            return
+        self.items.extend(lines)
+
+    def take(self, most: int) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        with contextlib.suppress(IndexError):
+            while len(out) < most:
+                out.append(self.items.popleft())
+        return out
 
 
 class Hub:
@@ -190,7 +199,10 @@ class Hub:
         self.journal = journal
         self.registry = registry
         self.client_backlog = client_backlog
-        self._intake: queue.Queue[Entry | None] = queue.Queue(maxsize=intake)
+        # A deque, not a queue.Queue: appending is one atomic operation under the GIL, with no lock or
+        # condition to signal on the serving thread; the hub's thread drains it every DRAIN_EVERY seconds.
+        self._intake: deque[Entry] = deque()
+        self._intake_bound = intake
         self._recent_size = recent
         self._recent: OrderedDict[int, Entry] = OrderedDict()
         self._unmatched: deque[dict[str, Any]] = deque(maxlen=UNMATCHED)
@@ -199,9 +211,10 @@ class Hub:
         self._sessions: dict[tuple[str, str], int] = {}  # (scenario, session) -> calls
         self._clients: list[Client] = []
         self._lock = threading.Lock()  # counting + fan-out vs. attaching a client with its snapshot
-        self.version = 0  # grows with every entry counted: the streams send figures when it moved
+        self.version = 0  # grows with every batch counted: the streams send figures when it moved
         self.missed = 0  # entries the hub had no room for (its thread fell behind the calls)
         self.seen = 0
+        self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
         self._unsubscribe: Callable[[], None] | None = None
 
@@ -209,12 +222,14 @@ class Hub:
 
     def hear(self, entry: Entry) -> None:
         """The journal's subscriber: on the serving thread, so it only hands the entry over."""
-        try:
-            self._intake.put_nowait(entry)
-        except queue.Full:
-            self.missed += 1  # a lost count is better than a slower call
+        intake = self._intake
+        if len(intake) < self._intake_bound:
+            intake.append(entry)
+        else:
+            self.missed += 1  # a lost count is better than a slower call (approximate under contention)
 
     def start(self) -> None:
+        self._stopped.clear()
         self._unsubscribe = self.journal.subscribe(self.hear)
         # Calls journaled before the dashboard started (a server started earlier): counted once, in order.
         # Subscribed first, so none falls between; an entry both read here and heard is skipped by its seq.
@@ -228,55 +243,58 @@ class Hub:
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+        self._stopped.set()
         thread, self._thread = self._thread, None
         if thread is not None:
-            while True:  # make room for the stop signal even when the intake is full
-                try:
-                    self._intake.put_nowait(None)
-                    break
-                except queue.Full:
-                    with contextlib.suppress(queue.Empty):
-                        self._intake.get_nowait()
             thread.join(5)
 
-    def _run(self, backlog: Iterable[Entry]) -> None:
-        for entry in backlog:
-            self._take(entry)
-        while True:
-            item = self._intake.get()
-            if item is None:
-                return
-            if item.seq in self._recent:
-                continue
-            try:
-                self._take(item)
-            except Exception:  # a bug here must not end the dashboard's thread; say where
-                log.exception("dashboard.failed", seq=item.seq)
+    def _run(self, backlog: list[Entry]) -> None:
+        self._take_all(backlog)
+        intake = self._intake
+        while not self._stopped.is_set():
+            if not intake:
+                self._stopped.wait(DRAIN_EVERY)
+            batch: list[Entry] = []
+            with contextlib.suppress(IndexError):
+                while len(batch) < BATCH:
+                    batch.append(intake.popleft())
+            if batch:
+                try:
+                    self._take_all(batch)
+                except Exception:  # a bug here must not end the dashboard's thread; say where
+                    log.exception("dashboard.failed", seqs=[e.seq for e in batch[:5]])
 
-    def _take(self, entry: Entry) -> None:
-        line = summary(entry)
+    def _take_all(self, batch: list[Entry]) -> None:
+        recent = self._recent
+        batch = [e for e in batch if e.seq not in recent]  # the backlog and the subscriber may overlap
+        if not batch:
+            return
         with self._lock:
-            key = (entry.scenario, entry.method)
-            stats = self._stats.get(key)
-            if stats is None:
-                if len(self._stats) >= MAX_KEYS:
-                    key = (OTHER, OTHER)
-                stats = self._stats.setdefault(key, _Stats())
-            stats.add(entry)
-            if entry.rule is not None:
-                self._rules[entry.rule] = self._rules.get(entry.rule, 0) + 1
-            session = (entry.scenario, entry.session)
-            if session in self._sessions or len(self._sessions) < MAX_KEYS:
-                self._sessions[session] = self._sessions.get(session, 0) + 1
-            if entry.near_miss is not None:
-                self._unmatched.append(line)
-            self._recent[entry.seq] = entry
-            while len(self._recent) > self._recent_size:
-                self._recent.popitem(last=False)
-            self.seen += 1
+            # Lines for the tail only when someone is watching: nobody reads them otherwise.
+            lines = [summary(e) for e in batch] if self._clients else None
+            for i, entry in enumerate(batch):
+                key = (entry.scenario, entry.method)
+                stats = self._stats.get(key)
+                if stats is None:
+                    if len(self._stats) >= MAX_KEYS:
+                        key = (OTHER, OTHER)
+                    stats = self._stats.setdefault(key, _Stats())
+                stats.add(entry)
+                if entry.rule is not None:
+                    self._rules[entry.rule] = self._rules.get(entry.rule, 0) + 1
+                session = (entry.scenario, entry.session)
+                if session in self._sessions or len(self._sessions) < MAX_KEYS:
+                    self._sessions[session] = self._sessions.get(session, 0) + 1
+                if entry.near_miss is not None:
+                    self._unmatched.append(lines[i] if lines is not None else summary(entry))
+                recent[entry.seq] = entry
+            while len(recent) > self._recent_size:
+                recent.popitem(last=False)
+            self.seen += len(batch)
             self.version += 1
-            for client in self._clients:
-                client.offer(line)
+            if lines is not None:
+                for client in self._clients:
+                    client.offer(lines)
 
     # -- the reading side ----------------------------------------------------------------------------
 

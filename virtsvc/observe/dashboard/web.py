@@ -15,13 +15,11 @@ page elsewhere cannot read it through a DNS name rebound to 127.0.0.1. Everythin
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import html
 import importlib
 import json
-import queue
 import socket
 import threading
 import time
@@ -48,7 +46,7 @@ log = _logs.get_logger("virtsvc.dashboard")
 COOKIE = "virtsvc_dashboard"
 MAX_STREAMS = 32  # open event streams (each holds a thread)
 WRITE_TIMEOUT = 30.0  # seconds a socket write may block before the connection is given up
-POLL = 0.25  # seconds a stream waits for an entry before it looks at its figures and at shutdown
+POLL = 0.1  # seconds a stream sleeps when it has nothing to send (it also looks for shutdown then)
 FIGURES_EVERY = 0.5  # seconds between two figure updates on one stream
 SCENARIOS_EVERY = 1.0  # seconds between two looks at whether the loaded scenarios changed
 PING_EVERY = 15.0  # seconds of silence before a comment line keeps proxies and the browser connected
@@ -417,7 +415,10 @@ class _Handler(BaseHTTPRequestHandler):
                     self._event("snapshot", {**snapshot, **self._hello(), "resync": True})
                     figures_version = hub.version
                     continue
-                batch = _take(client.queue)
+                batch = client.take(BATCH)
+                if not batch:
+                    dashboard.closing.wait(POLL)
+                    batch = client.take(BATCH)
                 now = time.monotonic()
                 if batch:
                     self._event("calls", batch)
@@ -450,18 +451,6 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(self, text: str) -> None:
         self.wfile.write(text.encode())
         self.wfile.flush()
-
-
-def _take(q: queue.Queue[dict[str, Any]]) -> list[dict[str, Any]]:
-    """What is waiting on a stream's queue (up to BATCH), after waiting up to POLL for the first one."""
-    try:
-        batch = [q.get(timeout=POLL)]
-    except queue.Empty:
-        return []
-    with contextlib.suppress(queue.Empty):
-        while len(batch) < BATCH:
-            batch.append(q.get_nowait())
-    return batch
 
 
 LOGIN_PAGE = """<!doctype html>
