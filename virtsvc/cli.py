@@ -14,7 +14,7 @@ import gc
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO, TypeVar
 
 from virtsvc import _logs
 from virtsvc.config import Settings, load_settings
@@ -30,6 +30,7 @@ LOG_FORMATS = ("json", "console")
 # logging.INFO. Heavy modules (structlog, grpc) are imported by what runs, not here: start-up time.
 _INFO = 20
 _WARNING = 30
+_T = TypeVar("_T")
 
 
 class _StreamLoggerFactory:
@@ -243,6 +244,118 @@ def _serve_options(args: argparse.Namespace, settings: Settings) -> Any:
     )
 
 
+# ------------------------------------------------------------------------------------------ journal, report
+
+
+def _address(args: argparse.Namespace, settings: Settings) -> str:
+    """--address, else [tool.virtsvc] host:port (127.0.0.1:50051)."""
+    if args.address:
+        return str(args.address)
+    host = settings.host
+    return f"[{host}]:{settings.port}" if ":" in host else f"{host}:{settings.port}"
+
+
+def _admin_token(args: argparse.Namespace) -> str | None:
+    import os
+
+    return args.admin_token or os.environ.get("VIRTSVC_ADMIN_TOKEN") or None
+
+
+def _from_server(address: str, what: str, fetch: Callable[[Any], _T]) -> _T:
+    """``fetch(channel)`` on the server at ``address``; a refusal or an unreachable server is one line."""
+    import grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            return fetch(channel)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            name = code.name if code is not None else "UNKNOWN"
+            raise VirtsvcError(
+                f"cannot read {what} of the server at {address}: {name}: {exc.details()}"
+            ) from None
+
+
+def _cmd_journal_export(args: argparse.Namespace, settings: Settings) -> int:
+    """virtsvc journal export: the journal of a running server as JSON lines, one entry per line."""
+    from virtsvc.observe.report import fetch_journal, write_journal
+
+    address = _address(args, settings)
+    token = _admin_token(args)
+    entries = _from_server(
+        address,
+        "the journal",
+        lambda channel: fetch_journal(
+            channel, token, scenario=args.scenario or "", session=args.session or ""
+        ),
+    )
+    count = write_journal(entries, args.out)
+    print(f"wrote {count} journal {'entry' if count == 1 else 'entries'} to {args.out}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace, settings: Settings) -> int:
+    """virtsvc report: figures per scenario and method, unmatched calls, unused rules, per test; the gates."""
+    from virtsvc.observe import formats
+    from virtsvc.observe.gates import Gates, parse_p99, parse_rate
+    from virtsvc.observe.report import build_report, fetch_journal, fetch_rules, read_journal, rules_of
+
+    gates = Gates(
+        max_error_rate=None if args.max_error_rate is None else parse_rate(args.max_error_rate),
+        max_p99=None if args.max_p99 is None else parse_p99(args.max_p99),
+        fail_on_unmatched=args.fail_on_unmatched,
+        fail_on_unused=args.fail_on_unused,
+    )
+    fmt = args.format or (formats.format_from_suffix(args.output) if args.output else "text")
+    rules = None
+    if args.scenarios:
+        from virtsvc.scenarios.loader import load_scenarios
+
+        rules = list(rules_of(load_scenarios(_scenario_paths(args, settings), _catalog_from(args, settings))))
+    if args.journal is not None:
+        entries = read_journal(args.journal)
+        source = str(args.journal)
+    else:
+        source = _address(args, settings)
+        token = _admin_token(args)
+        entries = _from_server(source, "the journal", lambda channel: fetch_journal(channel, token))
+        if rules is None:
+            rules = _from_server(source, "the rules", lambda channel: fetch_rules(channel, token))
+    report = build_report(entries, rules, scenario=args.scenario, session=args.session, source=source)
+    verdicts = gates.check(report)
+    history = None
+    if args.history is not None:
+        from virtsvc.observe.history import History
+
+        store = History(args.history)
+        store.record(report)
+        history = store.view(args.history_runs)
+    text = formats.render(report, fmt, verdicts, history)
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    failed = [g for g in verdicts if not g.ok]
+    for gate in failed:
+        print(f"{PROG}: gate failed: {gate.name}: {gate.figure}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _report_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--address",
+        metavar="HOST:PORT",
+        help="the server whose journal to read (default: [tool.virtsvc] host and port, else 127.0.0.1:50051)",
+    )
+    parser.add_argument(
+        "--admin-token",
+        metavar="TOKEN",
+        help="the server's admin token (default: $VIRTSVC_ADMIN_TOKEN)",
+    )
+    parser.add_argument("--scenario", metavar="NAME", help="only the calls of this scenario")
+    parser.add_argument("--session", metavar="ID", help="only the calls of this session")
+
+
 # -------------------------------------------------------------------------------------------------- parsing
 
 
@@ -449,6 +562,71 @@ def build_parser() -> argparse.ArgumentParser:
         help="a run history written by 'virtsvc report --history FILE': the dashboard shows its trends",
     )
     serve.set_defaults(handler=_cmd_serve)
+
+    journal = commands.add_parser("journal", help="read the journal of a running server")
+    journal_commands = journal.add_subparsers(dest="journal_command", metavar="COMMAND", required=True)
+    export = journal_commands.add_parser(
+        "export",
+        help="write the journal as JSON lines",
+        description=(
+            "Write the journal of a running server as JSON lines, one entry per line in proto3 JSON (as "
+            "GetJournal sends it), oldest first: for `virtsvc report --journal` and as a CI artifact."
+        ),
+    )
+    _report_flags(export)
+    export.add_argument("--out", metavar="FILE", type=Path, required=True, help="the file to write")
+    export.set_defaults(handler=_cmd_journal_export)
+
+    report = commands.add_parser(
+        "report",
+        help="report a run's calls per scenario, method and test; gates for CI",
+        description=(
+            "Per scenario and method: calls, error rate, latency p50/p90/p99, unmatched calls with their "
+            "near miss, and the rules no call used; per test (the pytest plugin labels each test's session). "
+            "The gates exit 1 naming each one that failed and the figure that failed it, 0 when all hold."
+        ),
+    )
+    source = report.add_mutually_exclusive_group()
+    source.add_argument(
+        "--journal", metavar="FILE", type=Path, help="a journal written by `virtsvc journal export`"
+    )
+    _report_flags(report)
+    report.add_argument(
+        "--format",
+        choices=("text", "json", "junit", "html"),
+        default=None,
+        help="text (default), json, junit (XML) or html; with --output, taken from its suffix",
+    )
+    report.add_argument("--output", "-o", metavar="FILE", type=Path, help="write here instead of stdout")
+    report.add_argument(
+        "--scenarios",
+        metavar="PATH",
+        nargs="+",
+        action="extend",
+        type=Path,
+        help="scenario files or directories whose rules the report checks for use (default: the server's)",
+    )
+    _descriptor_flags(report)
+    report.add_argument(
+        "--max-error-rate", metavar="R", help="gate: the error rate of all calls at most R (0.05 or 5%%)"
+    )
+    report.add_argument(
+        "--max-p99", metavar="DURATION", help="gate: every scenario and method's p99 at most DURATION (250ms)"
+    )
+    report.add_argument(
+        "--fail-on-unmatched", action="store_true", help="gate: no call that no rule answered"
+    )
+    report.add_argument("--fail-on-unused", action="store_true", help="gate: no rule that no call used")
+    report.add_argument(
+        "--history",
+        metavar="FILE",
+        type=Path,
+        help="append this run to a SQLite history and show its trends and flaky tests",
+    )
+    report.add_argument(
+        "--history-runs", metavar="N", type=_positive, default=10, help="runs the trends show (default 10)"
+    )
+    report.set_defaults(handler=_cmd_report)
 
     return parser
 

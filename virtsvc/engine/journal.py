@@ -48,6 +48,7 @@ class Entry:
         "duration",
         "forwarded",
         "headers",
+        "label",
         "message",
         "near_miss",
         "raw_replies",
@@ -90,6 +91,7 @@ class Entry:
         self.details: tuple[bytes, ...] = ()  # the status details sent, serialised google.protobuf.Any
         self.scenario_version: int | str | None = None
         self.forwarded: str | None = None  # the upstream that answered, when the call was forwarded
+        self.label: str | None = None  # the session's label once its journal is kept (Journal.keep)
         self.seq = next(_SEQ)
 
     def __repr__(self) -> str:
@@ -149,6 +151,7 @@ class Entry:
             + f".{int(self.started_at % 1 * 1e6):06d}Z",
             "duration_ms": round(self.duration * 1000, 3),
             "delay_ms": round(self.delay * 1000, 3),
+            "label": self.label,
         }
 
 
@@ -202,6 +205,10 @@ class Journal:
 
     Memory is bounded by ``min(sessions x size, max_entries)`` entries (about 1 KB each for small calls):
     past ``max_entries`` the journal of the least recently active session is dropped first.
+
+    A session's journal goes when the session is dropped, unless it is kept (:meth:`keep`): then it stays
+    readable until its deadline, for reports at the end of a run. ``rule_uses`` counts the calls each rule
+    (``file:line``) answered since the journal was made, whatever the bound dropped.
     """
 
     def __init__(self, size: int = 500, max_entries: int = 100_000) -> None:
@@ -216,6 +223,11 @@ class Journal:
         self._rings: OrderedDict[tuple[str, str], deque[Entry]] = OrderedDict()
         self._total = 0
         self.dropped = 0  # entries dropped by the total bound, ever
+        self.rule_uses: dict[str, int] = {}  # rule file:line -> calls it answered, ever
+        # Kept journals of dropped sessions: key -> (monotonic deadline, label). Swept when read or kept,
+        # never per call.
+        self._kept: dict[tuple[str, str], tuple[float, str | None]] = {}
+        self._next_sweep = 0.0
         self._lock = threading.Lock()
         self._subscribers: list[Subscriber] = []
 
@@ -233,6 +245,13 @@ class Journal:
                 if self._total > self.max_entries:
                     self._drop_oldest()
             ring.append(entry)
+            if self._kept:
+                kept = self._kept.get(key)
+                if kept is not None:  # a late call of a test that has ended
+                    entry.label = kept[1]
+            rule = entry.rule
+            if rule is not None:
+                self.rule_uses[rule] = self.rule_uses.get(rule, 0) + 1
         for subscriber in self._subscribers:
             try:
                 subscriber(entry)
@@ -246,7 +265,8 @@ class Journal:
         """Past the total bound: drop whole journals, least recently active first (never the newest)."""
         rings = self._rings
         while self._total > self.max_entries and len(rings) > 1:
-            _, oldest = rings.popitem(last=False)
+            key, oldest = rings.popitem(last=False)
+            self._kept.pop(key, None)
             self._total -= len(oldest)
             self.dropped += len(oldest)
 
@@ -258,6 +278,8 @@ class Journal:
         limit: int | None = None,
     ) -> list[Entry]:
         """Entries oldest first; each filter narrows; ``limit`` keeps the newest ones."""
+        if self._kept:
+            self._sweep()
         if scenario is not None and session is not None:
             rings: Iterable[deque[Entry]] = [self._rings.get((scenario, session), deque())]
         else:
@@ -277,12 +299,37 @@ class Journal:
 
     def clear(self, scenario: str, session: str) -> None:
         with self._lock:
+            self._kept.pop((scenario, session), None)
             ring = self._rings.pop((scenario, session), None)
             self._total -= len(ring) if ring is not None else 0
+
+    def keep(self, scenario: str, session: str, label: str | None, ttl: float) -> None:
+        """Keeps the session's journal for ``ttl`` seconds after its session is dropped (the drop event no
+        longer clears it), labelling its entries, and those still to come, with ``label``."""
+        key = (scenario, session)
+        with self._lock:
+            ring = self._rings.get(key)
+            if ring is not None:  # a session without calls leaves nothing to keep
+                self._kept[key] = (time.monotonic() + ttl, label or None)
+                for entry in ring:
+                    entry.label = label or None
+        self._sweep()
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        if now < self._next_sweep:  # at most once a second: readers call this for every read
+            return
+        self._next_sweep = now + 1.0
+        with self._lock:
+            for key in [k for k, (deadline, _) in self._kept.items() if deadline <= now]:
+                del self._kept[key]
+                ring = self._rings.pop(key, None)
+                self._total -= len(ring) if ring is not None else 0
 
     def drop_scenario(self, scenario: str) -> None:
         with self._lock:
             for key in [k for k in self._rings if k[0] == scenario]:
+                self._kept.pop(key, None)
                 self._total -= len(self._rings.pop(key))
 
     def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
@@ -297,8 +344,9 @@ class Journal:
             self._subscribers = [s for s in self._subscribers if s is not subscriber]
 
     def drop_session(self, scenario: str, session: str) -> None:
-        """A store's drop event: the session's journal goes with it."""
-        self.clear(scenario, session)
+        """A store's drop event: the session's journal goes with it, unless it is kept."""
+        if (scenario, session) not in self._kept:
+            self.clear(scenario, session)
 
     def __iter__(self) -> Iterator[Entry]:
         return iter(self.entries())

@@ -60,6 +60,7 @@ __all__ = [
     "compile_rules",
     "compile_sources",
     "compile_text",
+    "duration_seconds",
     "load_scenarios",
     "load_sources",
 ]
@@ -1154,6 +1155,16 @@ def _status_code(value: Any, site: Site, node: Any, key: Any, path: str) -> grpc
         node, key, f"{path}: expected a status code name (e.g. UNAVAILABLE) or number, got {_show(value)}"
     )
     return None
+
+
+def duration_seconds(text: str) -> float | None:
+    """A duration as scenarios write it (``25ms``, ``1.5s``, ``2m``, ``500us``, bare seconds) in seconds;
+    None when ``text`` is not one (negative ones included)."""
+    match = _DURATION.fullmatch(text.strip())
+    if not match:
+        return None
+    seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    return seconds if math.isfinite(seconds) else None
 
 
 def _seconds(value: Any, site: Site, node: Any, key: Any, path: str) -> float | None:

@@ -28,7 +28,7 @@ from virtsvc.server.options import is_loopback
 if TYPE_CHECKING:
     from virtsvc.server.virtual_server import VirtualServer
 
-__all__ = ["AdminService", "add_admin"]
+__all__ = ["AdminService", "add_admin", "entry_json"]
 
 log = _logs.get_logger("virtsvc.admin")
 
@@ -56,9 +56,10 @@ class AdminService:
 
     def ListScenarios(self, request: Any) -> Message:
         registry = self.vserver.registry
+        uses = self.vserver.journal.rule_uses
         reply = messages.ListScenariosResponse(default_scenario=self.vserver.default_scenario or "")
         for scenario in registry.scenarios():  # sorted by name
-            reply.scenarios.add(
+            info = reply.scenarios.add(
                 name=scenario.name,
                 version="" if scenario.version is None else str(scenario.version),
                 description=scenario.description,
@@ -68,6 +69,9 @@ class AdminService:
                 rule_count=len(scenario.rules),
                 from_script=scenario.from_script,
             )
+            if request.include_rules:
+                for rule in scenario.rules:
+                    info.rules.add(method=rule.method, rule=rule.where, uses=uses.get(rule.where, 0))
         return reply
 
     def PutScenario(self, request: Any) -> Message:
@@ -142,11 +146,22 @@ class AdminService:
                     f'give the scenario whose session "{session_id}" to reset; ' + self._loaded(),
                 )
             self._require_scenario(scenario)  # a typo must not pass for "nothing to reset"
+        journal = self.vserver.journal
+        if request.keep_journal:
+            # Before the drop, whose event would otherwise clear it: readable until the session's TTL.
+            journal.keep(scenario, session_id, request.label, self.vserver.options.session_ttl)
         existed = store.reset(scenario, session_id)
-        # The journal hears of the drop from the store; entries of calls refused before any session existed
-        # (routing errors) go too.
-        self.vserver.journal.clear(scenario, session_id)
-        log.info("admin.session.reset", scenario=scenario, session=session_id, existed=existed)
+        if not request.keep_journal:
+            # The journal hears of the drop from the store; entries of calls refused before any session
+            # existed (routing errors) go too.
+            journal.clear(scenario, session_id)
+        log.info(
+            "admin.session.reset",
+            scenario=scenario,
+            session=session_id,
+            existed=existed,
+            kept_journal=request.keep_journal,
+        )
         return messages.ResetSessionResponse(existed=existed)
 
     def PutSessionRules(self, request: Any) -> Message:
@@ -343,6 +358,15 @@ def _fill_entry(out: Any, entry: Entry) -> None:
     for detail in entry.status_details():
         out.details.add().update(detail)
     out.delay.FromNanoseconds(round(entry.delay * 1e9))
+    if entry.label:
+        out.label = entry.label
+
+
+def entry_json(entry: Entry) -> dict[str, Any]:
+    """An entry as ``GetJournal`` sends it, in proto3 JSON (what ``virtsvc journal export`` writes)."""
+    from virtsvc.observe.report import journal_json
+
+    return journal_json(_entry_message(entry))
 
 
 def _as_object(value: Any) -> dict[str, Any]:

@@ -15,6 +15,11 @@ Settings (``[tool.pytest.ini_options]``/``pytest.ini``; each falls back to ``[to
 ``virtsvc_protos``, ``virtsvc_descriptors``, ``virtsvc_scenarios``, ``virtsvc_default_scenario``,
 ``virtsvc_fail_on_unmatched`` (default true).
 
+``--virtsvc-report PATH`` writes the report of the run's calls (``virtsvc report``'s, with a per-test
+breakdown: each test's session is labelled with its node id) when the run ends, in the format its suffix
+names (.txt, .json, .xml for JUnit, .html). Under xdist each worker hands its calls to the controller,
+which writes one report.
+
 This module imports nothing heavy: grpc and the server load when a fixture is first used, so projects that
 never use the fixtures pay nothing.
 """
@@ -41,6 +46,10 @@ _T = TypeVar("_T")
 _SERVICE = pytest.StashKey["VirtualService"]()
 _OPTIONS = pytest.StashKey["_Options"]()
 _FAILED = pytest.StashKey["_StartFailure"]()
+_SESSIONS = pytest.StashKey["set[str]"]()  # the session ids of this process's tests
+_COLLECTED = pytest.StashKey["_Collected"]()  # what the report is made of
+_WRITTEN = pytest.StashKey[str]()  # the summary line once the report is written
+_WORKER_KEY = "virtsvc_report"  # in xdist's workeroutput
 _OPT_OUT = (
     "(to allow unmatched calls, pass --virtsvc-no-fail-unmatched or set virtsvc_fail_on_unmatched = false)"
 )
@@ -63,6 +72,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         help="do not fail tests whose calls matched no rule",
     )
+    group.addoption(
+        "--virtsvc-report",
+        metavar="PATH",
+        help="write a report of the virtual services' calls per scenario, method and test when the run "
+        "ends; the format from the suffix: .txt, .json, .xml (JUnit) or .html",
+    )
     parser.addini("virtsvc_protos", "virtsvc: directory of .proto files to serve", type="paths")
     parser.addini("virtsvc_descriptors", "virtsvc: descriptor set to serve (instead of protos)", type="paths")
     parser.addini("virtsvc_scenarios", "virtsvc: scenario files or directories", type="paths")
@@ -76,6 +91,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    report = config.getoption("virtsvc_report", None)
+    if report:
+        from virtsvc.errors import ConfigError
+        from virtsvc.observe.formats import format_from_suffix
+
+        try:
+            format_from_suffix(report)
+        except ConfigError as exc:
+            raise pytest.UsageError(f"--virtsvc-report: {exc}") from None
     address = config.getoption("virtsvc_address", None)
     if address:
         host, sep, port = str(address).rpartition(":")
@@ -199,6 +223,8 @@ def virtsvc_server(pytestconfig: pytest.Config) -> Iterator[VirtualServer | Remo
     finally:
         from virtsvc.testing.service import RemoteServer
 
+        if pytestconfig.getoption("virtsvc_report", None):
+            _collect(pytestconfig, server)
         if isinstance(server, RemoteServer):
             server.close()
         else:
@@ -301,9 +327,11 @@ def virtual_service(
         error = ""
     if error:
         pytest.fail(error, pytrace=False)
+    session_id = new_session_id(request.node.nodeid)
+    request.config.stash.setdefault(_SESSIONS, set()).add(session_id)
     service = VirtualService(
         virtsvc_server,
-        new_session_id(request.node.nodeid),
+        session_id,
         fail_on_unmatched=options.fail_on_unmatched,
         root=request.config.rootpath,
         fixture="virtual_service",
@@ -316,7 +344,14 @@ def virtual_service(
         try:
             problems = service.problems(new_only=True, rules=False)
         finally:
-            service.close()
+            # The journal stays, labelled with the test, for a report at the end of the run: the plugin's
+            # own (--virtsvc-report) or, on a shared sidecar, `virtsvc report` (until the session's TTL).
+            from virtsvc.testing.service import RemoteServer
+
+            keep = isinstance(virtsvc_server, RemoteServer) or bool(
+                request.config.getoption("virtsvc_report")
+            )
+            service.close(keep_journal=keep, label=request.node.nodeid)
     except VirtsvcError as exc:
         error = f"virtsvc: cannot check and drop this test's session: {exc}"
     if error:
@@ -361,3 +396,97 @@ def _explain(item: pytest.Item, service: Any, *, skipped: bool) -> None:
         return
     if unmatched and not skipped:
         item.add_report_section("call", "virtsvc", "\n".join(service.unmatched_text(c) for c in unmatched))
+
+
+# -- the report --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Collected:
+    """The journal entries of this run's tests (proto3 JSON) and the scenarios' rules, ``"scenario\0rule"``
+    -> [scenario, method, rule, uses or None]: plain data, as xdist carries it from a worker."""
+
+    entries: list[dict[str, Any]]
+    rules: dict[str, list[Any]]
+
+    def add(self, entries: list[dict[str, Any]], rules: dict[str, list[Any]]) -> None:
+        self.entries += entries
+        for key, info in rules.items():  # each worker served the same scenarios: their uses add up
+            known = self.rules.get(key)
+            if known is None:
+                self.rules[key] = list(info)
+            elif known[3] is not None and info[3] is not None:
+                known[3] += info[3]
+
+
+def _collected(config: pytest.Config) -> _Collected:
+    return config.stash.setdefault(_COLLECTED, _Collected([], {}))
+
+
+def _collect(config: pytest.Config, server: Any) -> None:
+    """The journal entries of this process's tests and the scenarios' rules, before the server stops."""
+    from virtsvc.testing.service import RemoteServer
+
+    sessions = sorted(config.stash.get(_SESSIONS, None) or ())
+    rules: dict[str, list[Any]] = {}
+    entries: list[dict[str, Any]] = []
+    if isinstance(server, RemoteServer):
+        from virtsvc.observe.report import journal_json
+
+        admin = server.admin
+        for session in sessions:
+            entries += [journal_json(e) for e in admin.call("GetJournal", session=session).entries]
+        # A shared sidecar counts every suite's calls: only this run's calls say whether a rule was used.
+        for info in admin.call("ListScenarios", include_rules=True).scenarios:
+            for rule in info.rules:
+                rules[f"{info.name}\0{rule.rule}"] = [info.name, rule.method, rule.rule, None]
+    else:
+        from virtsvc.server.admin import entry_json
+
+        for session in sessions:
+            entries += [entry_json(e) for e in server.journal.entries(session=session)]
+        uses = server.journal.rule_uses
+        for scenario in server.registry.scenarios():
+            for rule in scenario.rules:
+                key = f"{scenario.name}\0{rule.where}"
+                rules[key] = [scenario.name, rule.method, rule.where, uses.get(rule.where, 0)]
+    _collected(config).add(entries, rules)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """xdist's controller: a worker's calls and rules join the controller's for the one report."""
+    output = getattr(node, "workeroutput", {}).get(_WORKER_KEY)
+    if output is not None:
+        _collected(node.config).add(output["entries"], output["rules"])
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    config = session.config
+    path = config.getoption("virtsvc_report", None)
+    if not path:
+        return
+    collected = _collected(config)
+    workeroutput = getattr(config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: the controller writes the report
+        workeroutput[_WORKER_KEY] = {"entries": collected.entries, "rules": collected.rules}
+        return
+    from virtsvc.observe.formats import format_from_suffix, render
+    from virtsvc.observe.report import RuleInfo, build_report
+
+    report = build_report(
+        collected.entries, [RuleInfo(*info) for info in collected.rules.values()], source="pytest"
+    )
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(render(report, format_from_suffix(target)), encoding="utf-8")
+    config.stash[_WRITTEN] = (
+        f"virtsvc: report of {report.calls} call{'' if report.calls == 1 else 's'} in "
+        f"{len(report.tests)} test{'' if len(report.tests) == 1 else 's'} written to {path}"
+    )
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    written = config.stash.get(_WRITTEN, None)
+    if written:
+        terminalreporter.write_line(written)

@@ -225,6 +225,10 @@ class _Backend(Protocol):
 
     def reset(self, scenario: str, session: str) -> None: ...
 
+    def end(self, scenario: str, session: str, label: str) -> None:
+        """Drops the session's state and rules but keeps its journal, labelled, until the session's TTL."""
+        ...
+
 
 class _InProcess:
     """Inline rules compiled here and assigned to the session in the server's store."""
@@ -264,6 +268,11 @@ class _InProcess:
     def reset(self, scenario: str, session: str) -> None:
         self.server.store.reset(scenario, session)
         self.server.journal.clear(scenario, session)  # calls refused before a session existed
+
+    def end(self, scenario: str, session: str, label: str) -> None:
+        # Kept before the drop, whose event would otherwise clear it.
+        self.server.journal.keep(scenario, session, label, self.server.options.session_ttl)
+        self.server.store.reset(scenario, session)
 
 
 class _Remote:
@@ -341,9 +350,15 @@ class _Remote:
         return records
 
     def reset(self, scenario: str, session: str) -> None:
+        self._reset(scenario, session)
+
+    def end(self, scenario: str, session: str, label: str) -> None:
+        self._reset(scenario, session, keep_journal=True, label=label)
+
+    def _reset(self, scenario: str, session: str, **keep: Any) -> None:
         self._text_lines.pop(session, None)
         try:
-            self.server.admin.call("ResetSession", scenario=scenario, session=session)
+            self.server.admin.call("ResetSession", scenario=scenario, session=session, **keep)
         except grpc.RpcError as exc:
             # NOT_FOUND: a scenario deleted meanwhile; INVALID_ARGUMENT for the empty scenario: it held no
             # session rules. Either way there is nothing to drop.
@@ -726,8 +741,13 @@ class VirtualService:
 
     # -- ending -------------------------------------------------------------------------------------
 
-    def close(self) -> None:
-        """Closes the channels and drops the session (its state, rules and journal) from the server."""
+    def close(self, *, keep_journal: bool = False, label: str = "") -> None:
+        """Closes the channels and drops the session (its state, rules and journal) from the server.
+
+        With ``keep_journal``, its journal stays readable, each entry labelled ``label`` (the pytest plugin:
+        the test's node id), until the session's TTL has passed or the journal's bound drops it: so that a
+        report at the end of a run (``virtsvc report``, ``--virtsvc-report``) sees every test's calls.
+        """
         if self._closed:
             return
         self._closed = True
@@ -747,7 +767,10 @@ class VirtualService:
             homes.update(c.scenario for c in self.calls())
         finally:
             for scenario in homes:
-                self._backend.reset(scenario, self.session)
+                if keep_journal:
+                    self._backend.end(scenario, self.session, label)
+                else:
+                    self._backend.reset(scenario, self.session)
 
     def __enter__(self) -> VirtualService:
         return self
