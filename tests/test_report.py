@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html.parser
 import json
+import re
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -250,7 +251,11 @@ def test_each_gate_that_fails_names_its_figure(report: Report, scenario_file: Pa
         "error rate 16.67% (2 of 12 calls); shop shop.v1.Payments/Charge 100.00%; "
         "shop shop.v1.Inventory/Reserve 33.33%"
     )
-    assert p99.startswith("shop shop.v1.Inventory/Reserve p99 4") and p99.endswith("ms")
+    # 40 ms of simulated delay and what the machine adds to it.
+    assert (
+        re.fullmatch(r"shop shop\.v1\.Inventory/Reserve p99 [\d.]+ms", p99)
+        and float(p99.split()[-1][:-2]) >= 40
+    )
     assert unmatched.startswith(
         "1 unmatched call: shop shop.v1.Inventory/Reserve; the first: no rule matched "
         'shop.v1.Inventory/Reserve in scenario "shop", session "sess-a"'
