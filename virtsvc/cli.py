@@ -178,6 +178,35 @@ def _cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_diff(args: argparse.Namespace, settings: Settings) -> int:
+    """virtsvc diff: breaking changes from OLD_PROTOS to NEW_PROTOS, and the scenario rules they break."""
+    from virtsvc.contracts.diff import diff_catalogs, load_tree
+
+    old, new = load_tree(args.old), load_tree(args.new)
+    changes = diff_catalogs(old, new)
+    breaking = [c for c in changes if c.breaking]
+    broken: dict[Any, list[Any]] = {}
+    if args.scenarios:
+        from virtsvc.scenarios.loader import load_scenarios
+        from virtsvc.scenarios.staleness import rules_broken_by
+
+        for path in args.scenarios:
+            if not path.exists():
+                raise ConfigError(f"{path}: no such scenario file or directory")
+        broken = rules_broken_by(breaking, load_scenarios(args.scenarios, old), old)
+    for change in breaking:
+        rules = broken.get(change)
+        print(str(change) + ("; breaks " + ", ".join(r.where for r in rules) if rules else ""))
+    if breaking:
+        hit = {r.where for rules in broken.values() for r in rules}
+        also = f", breaking {_count(len(hit), 'scenario rule')}" if args.scenarios else ""
+        print(f"{_count(len(breaking), 'breaking change')}{also}", file=sys.stderr)
+        return 1
+    additions = len(changes)
+    print("no breaking changes" + (f": {_count(additions, 'addition')}" if additions else " (identical)"))
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     """virtsvc serve: the sidecar. Runs until SIGTERM/SIGINT, then drains and exits 0."""
     # Importing what serving needs (grpc, protobuf, yaml, jinja2...) makes some 25,000 container objects that
@@ -627,6 +656,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--history-runs", metavar="N", type=_positive, default=10, help="runs the trends show (default 10)"
     )
     report.set_defaults(handler=_cmd_report)
+
+    diff = commands.add_parser(
+        "diff",
+        help="breaking changes between two versions of the contracts",
+        description=(
+            "Compare two proto trees (or descriptor sets): one breaking change per line, naming the element "
+            "(removed or renamed services, methods, fields and enum values; changed field numbers, types, "
+            "labels and oneofs; changed streaming kinds and input or output types). With --scenarios, the "
+            "rules (file:line) each change breaks. Exit 1 on a breaking change, 0 when the trees are "
+            "identical or differ by additions only."
+        ),
+    )
+    diff.add_argument("old", metavar="OLD_PROTOS", type=Path, help="the contracts as they were")
+    diff.add_argument("new", metavar="NEW_PROTOS", type=Path, help="the contracts as they are to be")
+    diff.add_argument(
+        "--scenarios",
+        metavar="PATH",
+        nargs="+",
+        type=Path,
+        default=[],
+        help="scenario files or directories, loaded against OLD_PROTOS: name the rules each change breaks",
+    )
+    diff.set_defaults(handler=_cmd_diff)
 
     return parser
 

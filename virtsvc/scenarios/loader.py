@@ -35,8 +35,8 @@ from google.protobuf.descriptor_pool import DescriptorPool
 
 from virtsvc import _text
 from virtsvc.contracts.catalog import Catalog, MethodSpec, normalize_method_name
-from virtsvc.errors import ConfigError, Problem, ScenarioError
-from virtsvc.scenarios import templates
+from virtsvc.errors import ConfigError, ConversionError, Problem, ScenarioError
+from virtsvc.scenarios import fields, templates
 from virtsvc.scenarios import yamltree as _yaml
 from virtsvc.scenarios.builder import Scenario
 from virtsvc.scenarios.located import LocatedDict, LocatedList, Problems, Site
@@ -52,6 +52,7 @@ from virtsvc.scenarios.vocabulary import (
     STEP_ANSWERS,
     STEP_KEYS,
     STREAM_ITEM_KEYS,
+    VERIFY_VALUES,
 )
 
 __all__ = [
@@ -615,6 +616,10 @@ class _Compiler:
                 when = compile_when(condition, spec, site, "when")
 
         contract = self._contract(node, site)
+        examples = self._examples(node, site, spec)
+        verify = node.get("verify", "shape")
+        if verify not in VERIFY_VALUES:
+            site.error(node, "verify", _unknown_value("verify", verify, VERIFY_VALUES, "shape (the default)"))
         handler = node.get("handler")
         if "handler" in node and not callable(handler):
             site.error(
@@ -642,6 +647,9 @@ class _Compiler:
             priority=priority,
             handler=handler if callable(handler) else None,
             contract=contract,
+            examples=examples,
+            verify=verify,
+            source=node,
         )
 
     def _contract(self, node: Mapping[Any, Any], site: Site) -> str | None:
@@ -658,6 +666,39 @@ class _Compiler:
             )
             return None
         return value
+
+    def _examples(
+        self, node: Mapping[Any, Any], site: Site, spec: MethodSpec | None
+    ) -> tuple[tuple[bytes, ...], ...]:
+        """``examples:``: requests `virtsvc verify` sends; a list of messages each for client streams."""
+        if "examples" not in node or spec is None:
+            return ()
+        items = node["examples"]
+        streams = spec.client_streaming
+        shape = "lists of request messages" if streams else "request messages"
+        if not isinstance(items, list) or not items:
+            site.error(node, "examples", f"examples: expected a list of {shape}, got {_show(items)}")
+            return ()
+        out: list[tuple[bytes, ...]] = []
+        for i, item in enumerate(items):
+            where = Site(site.file, site.problems, site.line_of(items, i) or site.line_of(node, "examples"))
+            messages = item if streams else [item]
+            if streams and not isinstance(item, list):
+                where.error(items, i, f"examples[{i}]: expected a list of requests, got {_show(item)}")
+                continue
+            encoded = []
+            for j, message in enumerate(messages):
+                path = f"examples[{i}][{j}]" if streams else f"examples[{i}]"
+                msg = spec.input_class()
+                try:
+                    fields.fill_message(msg, {} if message is None else message, True, path)
+                except ConversionError as exc:
+                    where.error(items, i, str(exc))
+                    break
+                encoded.append(msg.SerializeToString())
+            else:
+                out.append(tuple(encoded))
+        return tuple(out)
 
     def _method(self, node: Mapping[Any, Any], site: Site) -> MethodSpec | None:
         if "method" not in node:

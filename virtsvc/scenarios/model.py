@@ -172,6 +172,11 @@ class Rule:
     handler: Handler | None = None
     # The fingerprint of the method's contract the rule was recorded against (``contract:``), if any.
     contract: str | None = None
+    # Requests `virtsvc verify` replays against the real service (``examples:``): each a serialised stream
+    # of input messages (one message but for client-streaming methods).
+    examples: tuple[tuple[bytes, ...], ...] = ()
+    verify: Literal["shape", "exact"] = "shape"  # compare the real answer's shape only, or its values too
+    source: Mapping[str, Any] | None = field(default=None, repr=False)  # the rule as written (with lines)
 
     @cached_property
     def where(self) -> str:

@@ -17,18 +17,21 @@ __all__ = [
     "STEP_ANSWERS",
     "STEP_KEYS",
     "STREAM_ITEM_KEYS",
+    "VERIFY_VALUES",
 ]
 
 SCENARIO_KEYS = ("scenario", "version", "description", "extends", "passthrough", "rules")
 RULE_KEYS = (
     "method", "when", "times", "priority", "reply", "status", "fault", "sequence", "after", "stream",
-    "each_request", "handler", "delay", "headers", "trailers", "contract", "passthrough",
+    "each_request", "handler", "delay", "headers", "trailers", "contract", "passthrough", "examples",
+    "verify",
 )  # fmt: skip
 STEP_KEYS = ("reply", "status", "fault", "stream", "delay", "headers", "trailers", "passthrough")
 STREAM_ITEM_KEYS = ("reply", "delay", "fault")
 EACH_REQUEST_KEYS = ("reply", "status", "delay")
 STATUS_KEYS = ("code", "message", "details")
 AFTER_VALUES = ("repeat_last", "cycle", "fail")
+VERIFY_VALUES = ("shape", "exact")  # how `virtsvc verify` compares a real answer with the rule's
 # what a rule's own step does
 STEP_ANSWERS = ("reply", "status", "fault", "stream", "each_request", "passthrough")
 ITEM_ANSWERS = ("reply", "status", "fault", "stream", "passthrough")  # what a sequence item does
