@@ -26,8 +26,9 @@ ALLOWED = {
     "observe": {"contracts", "scenarios", "engine", "admin"},  # reads the journal and the call events
     "server": {"contracts", "scenarios", "engine", "admin", "observe", "upstream"},
     "record": {"contracts", "scenarios", "engine", "admin", "upstream", "server", "observe"},
+    "verify": {"contracts", "scenarios", "upstream"},  # a client of the real service: replays and judges
     "testing": {"contracts", "scenarios", "engine", "server", "admin", "observe"},
-    "cli": {"contracts", "scenarios", "engine", "server", "admin", "observe", "upstream", "record"},
+    "cli": {"contracts", "scenarios", "engine", "server", "admin", "observe", "upstream", "record", "verify"},
 }
 
 
