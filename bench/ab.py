@@ -2,6 +2,7 @@
 
     python bench/ab.py --base 8852e93                 # the working tree against that commit
     python bench/ab.py --base main~3 --case matched --repeats 9
+    python bench/ab.py --base HEAD --against HEAD --b-metrics  # what --metrics-port costs
 
 Both trees serve the same descriptors and ``bench/scenarios/bench.yaml`` with ``virtsvc serve`` (the base
 from a temporary ``git worktree``, each through its own ``PYTHONPATH``), started side by side on the server
@@ -49,10 +50,10 @@ def worktree(ref: str) -> Iterator[Path]:
         subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=ROOT, capture_output=True)
 
 
-def serve_command(descriptors: Path) -> list[str]:
+def serve_command(descriptors: Path, *extra: str) -> list[str]:
     serve = [sys.executable, "-m", "virtsvc.cli", "serve", "--log-format", "json"]
     paths = ["--descriptors", str(descriptors), "--scenarios", str(SCENARIOS)]
-    return [*serve, *paths, "--host", "127.0.0.1", "--port", "0"]
+    return [*serve, *paths, "--host", "127.0.0.1", "--port", "0", *extra]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -67,6 +68,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7, help="runs per tree (default 7)")
     parser.add_argument("--requests", type=int, default=40_000, help="calls per run (default 40,000)")
     parser.add_argument("--out", type=Path, help="also write every figure as JSON here")
+    parser.add_argument(
+        "--b-metrics",
+        action="store_true",
+        help="B serves with --metrics-port 0 (metrics counted); with --against the same ref as --base, "
+        "what metrics cost",
+    )
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(ROOT / "bench"))
@@ -78,8 +85,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         other = trees_stack.enter_context(worktree(args.against)) if args.against else ROOT
         env = Env(Path(tmp))
         case = env.static if args.case == "static" else env.matched
-        trees = {f"A {args.base}": base, f"B {args.against or 'working tree'}": other}
-        specs = [(name, serve_command(env.descriptors)) for name in trees]
+        b_name = f"B {args.against or 'working tree'}{', metrics' if args.b_metrics else ''}"
+        trees = {f"A {args.base}": base, b_name: other}
+        b_extra = ("--metrics-port", "0") if args.b_metrics else ()
+        specs = [
+            (name, serve_command(env.descriptors, *(b_extra if name.startswith("B") else ())))
+            for name in trees
+        ]
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
         headers = {"content-type": "application/grpc", "te": "trailers", SCENARIO_HEADER: case.name}
         environs = {name: {**os.environ, "PYTHONPATH": str(tree)} for name, tree in trees.items()}

@@ -402,30 +402,34 @@ class Bench:
         self.results: dict[str, Any] = {}
 
     @contextlib.contextmanager
-    def servers(self) -> Iterator[tuple[Server, Server, Server]]:
+    def servers(self) -> Iterator[tuple[Server, Server, Server, Server]]:
         py = sys.executable
         with server_processes(
             [
                 ("handwritten", [py, str(BENCH / "handwritten.py"), "--mode", "servicer"]),
                 ("generic", [py, str(BENCH / "handwritten.py"), "--mode", "generic"]),
                 ("virtsvc", self.env.serve("--port", "0")),
+                # the same, with Prometheus metrics counted (and served, idle: nothing scrapes them)
+                ("virtsvc-metrics", self.env.serve("--port", "0", "--metrics-port", "0")),
             ]
-        ) as (hw, gen, vs):
-            yield hw, gen, vs
+        ) as (hw, gen, vs, vm):
+            yield hw, gen, vs, vm
 
     # 1-3: throughput, CPU per call, latency, streaming
     def throughput(self) -> None:
         cfg, env = self.cfg, self.env
-        with self.servers() as (hw, gen, vs):
+        with self.servers() as (hw, gen, vs, vm):
             t_hw = Target("hand-written servicer", hw, None)
             t_gen = Target("generic handler, pre-serialised", gen, None)
             t_vs_static = Target("virtsvc serve, static", vs, "static")
+            t_vm_static = Target("virtsvc serve --metrics-port, static", vm, "static")
             t_vs_matched = Target("virtsvc serve, matched", vs, "matched")
             t_vs_stream = Target("virtsvc serve, stream1000", vs, "stream1000")
             checks = [
                 (t_hw, env.static),
                 (t_gen, env.static),
                 (t_vs_static, env.static),
+                (t_vm_static, env.static),
                 (t_hw, env.matched),
                 (t_vs_matched, env.matched),
                 (t_hw, env.stream),
@@ -444,6 +448,7 @@ class Bench:
                     (t_hw, env.static),
                     (t_gen, env.static),
                     (t_vs_static, env.static),
+                    (t_vm_static, env.static),
                     (t_hw, env.matched),
                     (t_vs_matched, env.matched),
                 ],
@@ -492,16 +497,19 @@ class Bench:
                     )
             rss_vs1 = rss_bytes(vs.pid)
 
-        s_hw, s_gen, s_vs, m_hw, m_vs = (r.summary() for r in unary)
-        for s, base in ((s_gen, s_hw), (s_vs, s_hw), (m_hw, m_hw), (m_vs, m_hw)):
+        s_hw, s_gen, s_vs, s_vm, m_hw, m_vs = (r.summary() for r in unary)
+        for s, base in ((s_gen, s_hw), (s_vs, s_hw), (s_vm, s_hw), (m_hw, m_hw), (m_vs, m_hw)):
             s["ratio"] = ratio(s["calls_per_s"], base["calls_per_s"])
             s["cpu_ratio"] = ratio(base["server_cpu_us_per_call"], s["server_cpu_us_per_call"])
         s_hw["ratio"] = s_hw["cpu_ratio"] = 1.0
+        # what metrics cost the static reply: metrics on / off, same run
+        s_vm["vs_metrics_off"] = ratio(s_vm["calls_per_s"], s_vs["calls_per_s"])
+        s_vm["cpu_vs_metrics_off"] = ratio(s_vs["server_cpu_us_per_call"], s_vm["server_cpu_us_per_call"])
         lat = [r.summary() for r in c1]
         st = [r.summary(STREAM_COUNT) for r in stream]
         for s in st:
             s["ratio"] = ratio(s["messages_per_s"], st[0]["messages_per_s"])
-        self.results["unary"] = {"static": [s_hw, s_gen, s_vs], "matched": [m_hw, m_vs]}
+        self.results["unary"] = {"static": [s_hw, s_gen, s_vs, s_vm], "matched": [m_hw, m_vs]}
         self.results["latency_c1_h2load"] = lat
         self.results["streaming"] = st
         self.results["latency_pyclient"] = [
@@ -1121,6 +1129,7 @@ def table(results: dict[str, Any]) -> str:
             "hand-written servicer, static",
             "generic handler, pre-serialised bytes",
             "virtsvc serve, static reply (journal on)",
+            "  same, --metrics-port (metrics counted)",
             "hand-written servicer, 2 fields + format",
             "virtsvc serve, matched 2 fields + template",
         ]
@@ -1133,6 +1142,12 @@ def table(results: dict[str, Any]) -> str:
         w("  (ratio: throughput / the hand-written servicer's for the same work; matched rows compare with")
         w("   the hand-written matched row. CPU ratio: its CPU per call / this one's, below 1 = more CPU")
         w("   per call. p50/p99: h2load's per-request times at this load, medians of the runs)")
+        on = results["unary"]["static"][3]
+        if on.get("vs_metrics_off") is not None:
+            w(
+                f"  metrics on / off, static reply: throughput {on['vs_metrics_off']:.3f}x, "
+                f"CPU per call ratio {on['cpu_vs_metrics_off']:.3f}x (below 1 = more CPU with metrics)"
+            )
     if "latency_c1_h2load" in results:
         w("")
         w(f"{'Latency at concurrency 1 (h2load -c1 -m1)':<52}{'calls/s':>10}{'p50':>10}{'p99':>10}")
@@ -1448,13 +1463,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def judge(bench: Bench, results: dict[str, Any], floor: float = CHECK_THRESHOLD) -> dict[str, Any]:
     """The gross-regression check; a failing first verdict is re-measured once before it stands."""
-    hw, _, vs = results["unary"]["static"]
+    hw, _, vs, _ = results["unary"]["static"]
     value = vs["ratio"]
     remeasured = False
     if value is None or value < floor:
         bench.log(f"static ratio {_x(value)} is below {floor}x: measuring that pair again")
         remeasured = True
-        with bench.servers() as (s_hw, _, s_vs):
+        with bench.servers() as (s_hw, _, s_vs, _):
             runs = alternate(
                 bench.env,
                 [

@@ -172,13 +172,13 @@ def test_watch_reloads_good_edits_and_keeps_serving_on_bad_ones(
     file.write_text(
         "scenario: w\nrules:\n  - method: shop.v1.Inventory/Reserve\n    reply: {reservationId: v2}\n"
     )
-    sidecar.wait_for_event("scenarios.reloaded")
+    sidecar.wait_for_event("reloaded")
     assert _reserve(sidecar.address, catalog, "w").reservation_id == "v2"
 
     file.write_text(
         "scenario: w\nrules:\n  - method: shop.v1.Inventory/Reserve\n    replly: {reservationId: v3}\n"
     )
-    failed = sidecar.wait_for_event("scenarios.reload_failed")
+    failed = sidecar.wait_for_event("reload_failed")
     assert failed["problems"] == [f'{file}:4: unknown rule key "replly"; did you mean "reply"?']
     assert failed["kept"] == ["w"]
     assert _reserve(sidecar.address, catalog, "w").reservation_id == "v2"
@@ -210,7 +210,7 @@ def test_sigterm_lets_a_call_in_flight_finish(
     assert result == {"reply": "finished"}
     assert sidecar.process.wait(timeout=15) == 0
     names = [e.get("event") for e in sidecar.events()]
-    assert names[-2:] == ["stopping", "stopped"]
+    assert names[-2:] == ["draining", "stopped"]
 
 
 def test_descriptors_from_gen_and_from_a_users_export(

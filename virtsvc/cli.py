@@ -28,8 +28,10 @@ __all__ = ["build_parser", "configure_logging", "main"]
 PROG = "virtsvc"
 LOG_FORMATS = ("json", "console")
 # logging.INFO. Heavy modules (structlog, grpc) are imported by what runs, not here: start-up time.
+_DEBUG = 10
 _INFO = 20
 _WARNING = 30
+_LOG_LEVELS = {"debug": _DEBUG, "info": _INFO, "warning": _WARNING, "error": 40}
 _T = TypeVar("_T")
 
 
@@ -301,6 +303,8 @@ def _serve_options(args: argparse.Namespace, settings: Settings) -> Any:
         mode=args.mode,
         dashboard_port=args.dashboard_port,
         history=args.history,
+        metrics_port=args.metrics_port,
+        log_calls=_LOG_LEVELS[args.log_level] <= _DEBUG,  # the rpc events are debug-level
     )
 
 
@@ -525,6 +529,20 @@ def build_parser() -> argparse.ArgumentParser:
         choices=LOG_FORMATS,
         default=argparse.SUPPRESS,
         help="json (default when stdout is not a terminal) or console",
+    )
+    serve.add_argument(
+        "--log-level",
+        choices=list(_LOG_LEVELS),
+        default="info",
+        help="the least severe events logged (default info); debug adds an rpc event per call",
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (HOST: --host; 0 picks a port; "
+        "needs the metrics extra)",
     )
     serve.add_argument(
         "--grace",
@@ -850,6 +868,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # gen and check say what they did in one line of their own: their info events (gen.completed) only when
     # a log format was asked for; warnings always.
     level = _INFO if args.command == "serve" or args.log_format is not None else _WARNING
+    if args.command == "serve":
+        level = _LOG_LEVELS[args.log_level]
     undo: Callable[[], None] | None = None
     if args.command != "check" and "structlog" not in sys.modules and _log_format(args.log_format) == "json":
         # gen and serve log through virtsvc._logs, whose json lines need no structlog (a third of a gen run)

@@ -4,11 +4,11 @@ The journal tells its subscribers about a call once it has ended; an observer al
 arrives, before it is routed, which is what an in-flight gauge or a span that starts with the call needs.
 Without observers the pipeline pays one ``is None`` test per call.
 
-``on_start`` runs on the serving thread as the call arrives (``exchange.metadata`` is not read yet:
-``exchange.context`` is grpc's; scenario and session are not known); what it returns is handed back to
-``on_finish``, which runs once the call has been journaled (``exchange.entry`` is its complete entry).
-Exactly one ``on_finish`` follows each ``on_start``. Both run on serving threads and must be quick; an
-observer that raises is logged and removed, and the call goes on.
+``on_start`` runs on the serving thread as the call arrives, its metadata read (``exchange.metadata``,
+text values) but before it is routed or limited (scenario and session are not known yet); what it
+returns is handed back to ``on_finish``, which runs once the call has been journaled (``exchange.entry``
+is its complete entry). Exactly one ``on_finish`` follows each ``on_start``. Both run on serving threads
+and must be quick; an observer that raises is logged and removed, and the call goes on.
 """
 
 from __future__ import annotations

@@ -179,6 +179,8 @@ class Exchange:
         metadata = self.metadata = {k: v for k, v in pairs if isinstance(v, str)}
         if "baggage" in metadata:  # W3C: members of several baggage headers combine
             metadata["baggage"] = ",".join(v for k, v in pairs if k == "baggage" and isinstance(v, str))
+        if d.observers is not None:
+            self._observe()
         gauge = d.gauge
         if gauge is not None and not gauge.enter():
             self._open_unrouted()
@@ -568,8 +570,6 @@ class Exchange:
 
     def run_single(self, answer: Callable[[Exchange], bytes]) -> bytes | None:
         """Unary and client-streaming calls: ``answer`` returns the reply's bytes."""
-        if self.dispatcher.observers is not None:
-            self._observe()
         try:
             try:
                 self.admit()
@@ -594,8 +594,6 @@ class Exchange:
 
     def run_stream(self, answer: Callable[[Exchange], Iterator[bytes]]) -> Iterator[bytes]:
         """Server-streaming and bidi calls: ``answer`` yields the replies."""
-        if self.dispatcher.observers is not None:
-            self._observe()
         try:
             try:
                 self.admit()

@@ -56,6 +56,11 @@ class ServeOptions:
     # The live dashboard's HTTP port on the same host (0 picks a free one); None serves no dashboard.
     dashboard_port: int | None = None
     history: Path | None = None  # a run history (virtsvc report --history) whose trends the dashboard shows
+    # Observability (README, "Observability"): Prometheus /metrics on this port of `host` (0 picks one), the
+    # `rpc` log event per call, and spans: None follows the OTEL_ variables, True requires them, False never.
+    metrics_port: int | None = None
+    log_calls: bool = False
+    traces: bool | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -81,6 +86,8 @@ class ServeOptions:
             )
         if self.dashboard_port is not None and not 0 <= self.dashboard_port <= 65535:
             raise ConfigError(f"dashboard_port must be between 0 and 65535, not {self.dashboard_port}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port must be a port number from 0 to 65535, not {self.metrics_port}")
         if not self.min_ping_interval > 0:
             raise ConfigError(f"min_ping_interval must be more than 0 seconds, not {self.min_ping_interval}")
 

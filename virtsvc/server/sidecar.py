@@ -1,7 +1,9 @@
 """`virtsvc serve`: the long-running sidecar around a VirtualServer.
 
 Ready event, scenario hot reload (``--watch``), and a graceful stop on SIGTERM/SIGINT: health turns
-NOT_SERVING, no new calls are accepted, in-flight calls get ``--grace`` seconds, then exit 0.
+NOT_SERVING, no new calls are accepted, in-flight calls get ``--grace`` seconds, then exit 0. Its lifecycle
+events: ``serving`` (the address, and where metrics are served), ``reloaded`` (or ``reload_failed``, the
+old scenarios kept), ``draining`` (a signal arrived) and ``stopped``.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def run_sidecar(*, catalog: Catalog, scenario_paths: Sequence[Path], options: Se
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
-        log.info("stopping", signal=signal.Signals(signum).name, grace=options.grace)
+        log.info("draining", signal=signal.Signals(signum).name, grace=options.grace)
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -57,6 +59,9 @@ def run_sidecar(*, catalog: Catalog, scenario_paths: Sequence[Path], options: Se
         max_concurrency=server.max_concurrency,
         max_concurrency_per_session=server.max_concurrency_per_session,
         dashboard=server.dashboard.url if server.dashboard is not None else None,
+        metrics=server.metrics_endpoint.url if server.metrics_endpoint is not None else None,
+        traces=server.tracing is not None,
+        log_calls=options.log_calls,
     )
     while not stop.wait(0.5):
         pass
@@ -102,17 +107,17 @@ class ScenarioWatcher(threading.Thread):
             scenarios = load_scenarios(self.paths, self.server.catalog, self.server.upstreams)
         except ScenarioError as exc:
             problems = [str(p) for p in exc.problems]
-            log.error("scenarios.reload_failed", problems=problems, kept=self.server.registry.names())
+            log.error("reload_failed", problems=problems, kept=self.server.registry.names())
             return False
         except ConfigError as exc:
-            log.error("scenarios.reload_failed", problems=[str(exc)], kept=self.server.registry.names())
+            log.error("reload_failed", problems=[str(exc)], kept=self.server.registry.names())
             return False
         # Scenarios put through the admin API are not files: they survive a reload of the files.
         kept = [s for s in self.server.registry.scenarios() if s.location.file.startswith("<")]
         names = {s.name for s in scenarios}
         self.server.reload([*scenarios, *(s for s in kept if s.name not in names)])
         _settle_heap(refreeze=True)
-        log.info("scenarios.reloaded", scenarios=self.server.registry.names())
+        log.info("reloaded", scenarios=self.server.registry.names())
         return True
 
     def stop(self) -> None:

@@ -45,6 +45,10 @@ __all__ = [
     "tls_from_options",
 ]
 
+if TYPE_CHECKING:
+    from virtsvc.observe.metrics import CallMetrics, MetricsEndpoint
+    from virtsvc.observe.traces import Tracing
+
 log = _logs.get_logger("virtsvc.server.virtual_server")
 
 # Workers kept free beyond --max-concurrency, so that calls over the limit are refused at once rather than
@@ -197,6 +201,32 @@ class VirtualServer:
                 token=options.admin_token,
                 history=options.history,
             )
+        self._observe(options)
+
+    def _observe(self, options: ServeOptions) -> None:
+        """What watches the calls: the ``rpc`` log, metrics and traces, each only when asked for."""
+        if options.log_calls:
+            from virtsvc.observe.logs import CallLog
+
+            self.subscribe(CallLog())
+        #: the call counters behind /metrics (None without ``metrics_port``)
+        self.metrics: CallMetrics | None = None
+        self.metrics_endpoint: MetricsEndpoint | None = None
+        if options.metrics_port is not None:
+            from virtsvc.observe.metrics import CallMetrics, import_prometheus
+
+            import_prometheus()  # missing: a ConfigError now, not at start
+            store = self.store
+            self.metrics = CallMetrics(self.registry, self.journal, lambda: len(store))
+            self.add_observer(self.metrics)
+        #: the spans of calls (None when OpenTelemetry is not configured, see virtsvc.observe.traces)
+        self.tracing: Tracing | None = None
+        if options.traces is not False:
+            from virtsvc.observe.traces import tracing_from_environment
+
+            self.tracing = tracing_from_environment(required=options.traces is True)
+            if self.tracing is not None:
+                self.add_observer(self.tracing)
 
     def subscribe(self, subscriber: Callable[[Entry], None]) -> Callable[[], None]:
         """Calls ``subscriber(entry)`` with every journal entry as its call finishes (on the serving thread:
@@ -263,12 +293,23 @@ class VirtualServer:
             server.stop(None)
             raise ConfigError(f"cannot listen on {target}: the address is in use or not available here")
         self.port = port
+        if self.metrics is not None and self.metrics_endpoint is None:
+            from virtsvc.observe.metrics import MetricsEndpoint
+
+            try:
+                self.metrics_endpoint = MetricsEndpoint(
+                    self.metrics, self.host, self.options.metrics_port or 0
+                )
+            except ConfigError:
+                server.stop(None)
+                raise
         if self.dashboard is not None:
             self.dashboard.info.update(address=self.address, default_scenario=self.default_scenario)
             try:
                 self.dashboard.start()
             except ConfigError:
                 server.stop(None)
+                self._close_metrics()
                 raise
         server.start()
         self._server = server
@@ -295,6 +336,14 @@ class VirtualServer:
             upstream.close()
         if self.dashboard is not None:
             self.dashboard.stop()
+        self._close_metrics()
+        if self.tracing is not None:
+            self.tracing.close()
+
+    def _close_metrics(self) -> None:
+        endpoint, self.metrics_endpoint = self.metrics_endpoint, None
+        if endpoint is not None:
+            endpoint.close()
 
     def wait(self, timeout: float | None = None) -> bool:
         server = self._server
