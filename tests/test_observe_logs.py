@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 import pytest
+import structlog
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
@@ -42,6 +43,18 @@ rules:
     when: {request: {sku: KNOWN}}
     reply: {sku: KNOWN}
 """
+
+
+@pytest.fixture(autouse=True)
+def debug_level() -> Iterator[None]:
+    """Debug events pass whatever level an earlier test left structlog filtering at (capture_logs keeps
+    the wrapper class, and the rpc events are debug-level)."""
+    saved = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(10))
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
 
 
 @pytest.fixture(scope="module")
