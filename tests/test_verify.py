@@ -302,6 +302,11 @@ def test_an_unreachable_target_is_one_clear_line(
         ("examples: {sku: A}", "examples: expected a list of request messages, got a mapping"),
         ("examples: [{skew: A}]", 'examples[0].skew: unknown field "skew"'),
         ("verify: exactly", 'verify: unknown value "exactly"'),
+        (
+            "when: {request: {sku: A}}\n    examples: [{sku: A}, {sku: B}]",
+            "examples[1]: the rule's when does not hold for this request: "
+            'request.sku: expected "A", got "B"',
+        ),
     ],
 )
 def test_bad_examples_and_verify_keys_are_located(
@@ -316,4 +321,4 @@ def test_bad_examples_and_verify_keys_are_located(
     rc = cli.main(["check", "--protos", str(ESTATE), str(path)])
     err = capsys.readouterr().err
     assert rc == 1
-    assert err.startswith(f"{path}:5: {message}"), err
+    assert err.startswith(f"{path}:{6 if 'when' in rule else 5}: {message}"), err

@@ -41,7 +41,18 @@ from virtsvc.scenarios import yamltree as _yaml
 from virtsvc.scenarios.builder import Scenario
 from virtsvc.scenarios.located import LocatedDict, LocatedList, Problems, Site
 from virtsvc.scenarios.matching import compile_when
-from virtsvc.scenarios.model import CompiledScenario, Delay, Fault, Location, Rule, Status, Step, TextTemplate
+from virtsvc.scenarios.model import (
+    Call,
+    CompiledScenario,
+    Delay,
+    Fault,
+    Location,
+    Matcher,
+    Rule,
+    Status,
+    Step,
+    TextTemplate,
+)
 from virtsvc.scenarios.vocabulary import (
     AFTER_VALUES,
     EACH_REQUEST_KEYS,
@@ -617,6 +628,8 @@ class _Compiler:
 
         contract = self._contract(node, site)
         examples = self._examples(node, site, spec)
+        if when is not None and spec is not None:
+            self._examples_match(examples, when, spec, node, site, scenario)
         verify = node.get("verify", "shape")
         if verify not in VERIFY_VALUES:
             site.error(node, "verify", _unknown_value("verify", verify, VERIFY_VALUES, "shape (the default)"))
@@ -699,6 +712,27 @@ class _Compiler:
             else:
                 out.append(tuple(encoded))
         return tuple(out)
+
+    def _examples_match(
+        self,
+        examples: Sequence[tuple[bytes, ...]],
+        when: Matcher,
+        spec: MethodSpec,
+        node: Mapping[Any, Any],
+        site: Site,
+        scenario: str,
+    ) -> None:
+        """Each example must be a request the rule answers: else verifying it says nothing of the rule."""
+        for i, example in enumerate(examples):
+            call = Call(method=spec, scenario=scenario, session=None, metadata={}, raw_requests=list(example))
+            # metadata conditions are verify's to send (when.metadata literals), not the example's
+            failures = [f for f in when.check(call).failures if not f.startswith("metadata")]
+            if failures:
+                site.error(
+                    node,
+                    "examples",
+                    f"examples[{i}]: the rule's when does not hold for this request: " + "; ".join(failures),
+                )
 
     def _method(self, node: Mapping[Any, Any], site: Site) -> MethodSpec | None:
         if "method" not in node:
