@@ -291,6 +291,27 @@ def test_scenarios_name_the_rules_each_change_breaks(
     assert err == ["4 breaking changes, breaking 3 scenario rules"]
 
 
+def test_the_readme_example_is_what_diff_prints(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's `virtsvc diff` example, run on the trees and scenario of the test above, prints it."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("$ virtsvc diff ", readme.index("## Contract changes: `virtsvc diff`"))
+    command, _, rest = readme[start:].partition("\n")
+    expected = rest[: rest.index("```")].splitlines()
+    new = _edit(BANK, ("Owner owner = 2;", "Owner holder = 2;"))
+    new = _edit(new, ("    SAVINGS = 2;\n", ""))
+    new = _edit(new, ("returns (stream Account)", "returns (Account)"))
+    new = _edit(new, ("repeated string tags = 4;", "repeated string labels = 4;"))
+    _tree(tmp_path / "protos-v1", BANK)
+    _tree(tmp_path / "protos-v2", new)
+    (tmp_path / "scenarios").mkdir()
+    (tmp_path / "scenarios" / "bank.yaml").write_text(SCENARIO)
+    monkeypatch.chdir(tmp_path)
+    rc, out, _err = _diff(command.removeprefix("$ virtsvc diff ").split(), capsys)
+    assert (rc, out) == (1, expected)
+
+
 def test_scenarios_are_loaded_against_the_old_tree(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
