@@ -169,6 +169,12 @@ ADDITIVE = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test compiles into a cache of its own: parallel workers never prune each other's entries."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+
+
 def _tree(root: Path, text: str) -> Path:
     (root / "bank" / "v1").mkdir(parents=True)
     (root / "bank" / "v1" / "bank.proto").write_text(text)

@@ -63,6 +63,12 @@ message Unrelated {
 METHOD = "bank.v1.Accounts/Get"
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test compiles into a cache of its own: parallel workers never prune each other's entries."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+
+
 def _catalog(tmp_path: Path, files: dict[str, str], name: str = "tree") -> Catalog:
     root = tmp_path / name
     for rel, text in files.items():

@@ -67,6 +67,12 @@ LINES = {"a1": 3, "b1": 6, "missing": 11, "regex": 14, "watch": 17, "bulk": 23, 
          "ping": 37, "fault": 39}  # fmt: skip
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test compiles into a cache of its own: parallel workers never prune each other's entries."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+
+
 def _tree(tmp_path: Path, name: str, edits: list[tuple[str, str]] = ()) -> Path:  # type: ignore[assignment]
     root = tmp_path / name
     shutil.copytree(ESTATE, root)
