@@ -12,9 +12,8 @@ from typing import Any
 
 import grpc
 import pytest
-from _upstream import Upstream, run_virtsvc, start_upstream
+from _upstream import Upstream, every_kind, run_virtsvc, start_upstream
 from google.protobuf import empty_pb2
-from grpc_status import rpc_status
 
 from virtsvc.contracts import Catalog
 from virtsvc.errors import ConfigError, ScenarioError
@@ -92,54 +91,6 @@ def serve(catalog: Catalog, upstream: Upstream, down: str) -> Iterator[Any]:
         channel.close()
     for server in servers:
         server.stop(0)
-
-
-def every_kind(
-    pb: SimpleNamespace, channel: grpc.Channel, metadata: tuple[tuple[str, str], ...] = ()
-) -> list:
-    """One call of each RPC kind (and a rich error), as the caller sees them: messages, headers, trailers,
-    status, details."""
-    inv = pb.inv_grpc.InventoryStub(channel)
-    orders = pb.orders_grpc.OrdersStub(channel)
-    seen: list[Any] = []
-
-    def outcome(call: Any, replies: Any) -> None:
-        seen.append(
-            (
-                [r.SerializeToString() for r in replies],
-                tuple(call.initial_metadata() or ()),
-                tuple(call.trailing_metadata() or ()),
-                call.code(),
-                call.details(),
-            )
-        )
-
-    reply, call = inv.Reserve.with_call(pb.inv.ReserveRequest(sku="A", qty=2), metadata=metadata, timeout=5)
-    outcome(call, [reply])
-    try:
-        inv.Reserve(pb.inv.ReserveRequest(sku="NONE"), metadata=metadata, timeout=5)
-    except grpc.RpcError as err:
-        outcome(err, [])
-        status = rpc_status.from_call(err)
-        assert status is not None
-        seen.append([d.SerializeToString() for d in status.details])
-    stream = inv.Watch(pb.inv.WatchRequest(skus=["a", "b", "c"]), metadata=metadata, timeout=5)
-    outcome(stream, list(stream))
-    counts = [pb.inv.StockCount(sku="a", count=1), pb.inv.StockCount(sku="b", count=-1)]
-    reply, call = inv.BulkUpdate.with_call(iter(counts), metadata=metadata, timeout=5)
-    outcome(call, [reply])
-    track = orders.Track(
-        iter(
-            [
-                pb.orders.TrackRequest(order_id="o1", text="hi"),
-                pb.orders.TrackRequest(order_id="o1", text="ho"),
-            ]
-        ),
-        metadata=metadata,
-        timeout=5,
-    )
-    outcome(track, list(track))
-    return seen
 
 
 def test_passthrough_mode_answers_every_kind_exactly_as_the_real_service(

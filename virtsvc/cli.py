@@ -268,6 +268,48 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         raise
 
 
+def _cmd_record(args: argparse.Namespace, settings: Settings) -> int:
+    """virtsvc record: a proxy to the real service writing what it answers as a scenario file."""
+    from virtsvc.record.recorder import run_record
+
+    _logs.structlog_if_imported()
+    address = args.upstream
+    if args.descriptors is not None or args.protos is not None:
+        catalog = _catalog_from(args, settings)
+    else:
+        from virtsvc.upstream import catalog_from_reflection
+
+        catalog = catalog_from_reflection(address, credentials=_upstream_credentials(args))
+    return run_record(
+        upstream=address,
+        out=args.out,
+        catalog=catalog,
+        mode=args.mode,
+        host=args.host or settings.host,
+        port=settings.port if args.port is None else args.port,
+        redact=args.redact,
+        keep_latency=args.keep_latency,
+        credentials=_upstream_credentials(args),
+    )
+
+
+def _upstream_credentials(args: argparse.Namespace) -> Any:
+    """TLS to the upstream: --upstream-tls (system roots), or --upstream-ca FILE (a private CA)."""
+    if args.upstream_ca is None and not args.upstream_tls:
+        return None
+    import grpc
+
+    roots = None
+    if args.upstream_ca is not None:
+        try:
+            roots = Path(args.upstream_ca).read_bytes()
+        except OSError as exc:
+            raise ConfigError(
+                f"--upstream-ca {args.upstream_ca}: cannot read: {exc.strerror or exc}"
+            ) from None
+    return grpc.ssl_channel_credentials(root_certificates=roots)
+
+
 def _upstreams(args: argparse.Namespace) -> dict[str, str]:
     """The --upstream NAME=HOST:PORT flags, in order."""
     from virtsvc.upstream import parse_upstreams
@@ -765,8 +807,61 @@ def build_parser() -> argparse.ArgumentParser:
         help="deadline of each call, and of reaching the target (default 10)",
     )
     verify.set_defaults(handler=_cmd_verify)
+    _record_parser(commands)
 
     return parser
+
+
+def _record_parser(commands: Any) -> None:
+    record = commands.add_parser(
+        "record",
+        help="record a real service's answers as a scenario file (a proxy)",
+        description=(
+            "A proxy to the real service at --upstream: every call of all four RPC kinds is forwarded and "
+            "its answer returned unchanged, and written to --out as a scenario that `virtsvc serve` replays "
+            "and `virtsvc check` passes. The contracts come from --protos/--descriptors, else from the "
+            "upstream's server reflection. Stops on SIGINT/SIGTERM, leaving a complete file."
+        ),
+    )
+    record.add_argument("--upstream", required=True, metavar="HOST:PORT", help="the real service")
+    _descriptor_flags(record)
+    record.add_argument("--out", required=True, type=Path, metavar="FILE", help="the scenario file to write")
+    record.add_argument("--host", help="address to bind (default: [tool.virtsvc] host, else 127.0.0.1)")
+    record.add_argument(
+        "--port", type=_port, help="port (default: [tool.virtsvc] port, else 50051; 0 picks one)"
+    )
+    record.add_argument(
+        "--mode",
+        choices=("once", "new_episodes", "all", "refresh"),
+        default="once",
+        help="once: a new file, refused if FILE exists (default); new_episodes: add the calls FILE lacks; "
+        "all: record FILE anew; refresh: re-record only the rules whose contract changed, then exit",
+    )
+    record.add_argument(
+        "--redact",
+        metavar="NAME",
+        nargs="+",
+        action="extend",
+        default=[],
+        help="a header, or a field path (request.card.number, reply.token), kept out of the file; "
+        "authorization, cookies and API-key-like headers always are (repeatable)",
+    )
+    record.add_argument(
+        "--keep-latency", action="store_true", help="keep each call's observed latency as its rule's delay"
+    )
+    record.add_argument(
+        "--upstream-tls", action="store_true", help="reach the upstream over TLS (system trust roots)"
+    )
+    record.add_argument(
+        "--upstream-ca", metavar="FILE", type=Path, help="reach the upstream over TLS, trusting this PEM CA"
+    )
+    record.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=argparse.SUPPRESS,
+        help="json (default when stdout is not a terminal) or console",
+    )
+    record.set_defaults(handler=_cmd_record)
 
 
 def _upstream_flag(parser: argparse.ArgumentParser) -> None:
@@ -864,10 +959,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits for --help (0) and usage errors (2)
         return exc.code if isinstance(exc.code, int) else 2
-    stream = "stdout" if args.command == "serve" else "stderr"
+    stream = "stdout" if args.command in ("serve", "record") else "stderr"
     # gen and check say what they did in one line of their own: their info events (gen.completed) only when
     # a log format was asked for; warnings always.
-    level = _INFO if args.command == "serve" or args.log_format is not None else _WARNING
+    level = _INFO if args.command in ("serve", "record") or args.log_format is not None else _WARNING
     if args.command == "serve":
         level = _LOG_LEVELS[args.log_level]
     undo: Callable[[], None] | None = None

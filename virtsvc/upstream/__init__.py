@@ -7,5 +7,6 @@ with one grpc channel per upstream, moving raw bytes so that messages cross unch
 from __future__ import annotations
 
 from virtsvc.upstream.client import GrpcUpstream, parse_upstream, parse_upstreams
+from virtsvc.upstream.reflection import catalog_from_reflection
 
-__all__ = ["GrpcUpstream", "parse_upstream", "parse_upstreams"]
+__all__ = ["GrpcUpstream", "catalog_from_reflection", "parse_upstream", "parse_upstreams"]
