@@ -4,6 +4,7 @@ it, interrupted recordings leave a valid file, the schema comes through reflecti
 
 from __future__ import annotations
 
+import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -260,3 +261,47 @@ def test_the_writer_replaces_the_file_atomically(tmp_path: Path) -> None:
     assert out.stat().st_ino != inode  # a new file renamed over the old one, not rewritten in place
     assert yaml.safe_load(out.read_text(encoding="utf-8")) == {"scenario": "s", "rules": []}
     assert [p.name for p in tmp_path.iterdir()] == ["s.yaml"]
+
+
+def test_refresh_re_records_only_the_rules_whose_contract_changed(
+    spawn: Any, upstream: Upstream, pb: SimpleNamespace, tmp_path: Path
+) -> None:
+    """After the upstream's proto changes, `check` names the stale rule at its file:line, and `record --mode
+    refresh` replays only that rule's request against the new upstream and rewrites it; the others stay as
+    they were, and `check` passes again."""
+    record = spawn("record", "--upstream", upstream.address, "--protos", str(PROTOS), "--out", "rec.yaml",
+                   "--port", "0")  # fmt: skip
+    record.wait_serving()
+    with grpc.insecure_channel(record.address) as channel:
+        inv = pb.inv_grpc.InventoryStub(channel)
+        inv.Reserve(pb.inv.ReserveRequest(sku="A", qty=1), timeout=5)
+        inv.GetItem(pb.inv.GetItemRequest(sku="X"), timeout=5)
+    assert record.stop() == 0
+    before = yaml.safe_load((tmp_path / "rec.yaml").read_text(encoding="utf-8"))["rules"]
+    new_protos = tmp_path / "protos"
+    shutil.copytree(PROTOS, new_protos)
+    inventory = new_protos / "shop" / "v1" / "inventory.proto"
+    text = inventory.read_text(encoding="utf-8")
+    changed = text.replace("  int32 qty_reserved = 3;\n}", "  int32 qty_reserved = 3;\n  string note = 4;\n}")
+    assert changed != text
+    inventory.write_text(changed, encoding="utf-8")
+    checked = run_virtsvc("check", "--protos", str(new_protos), "rec.yaml", cwd=tmp_path)
+    assert checked.returncode == 1
+    stale = checked.stderr.strip().splitlines()
+    assert len(stale) == 1 and stale[0].startswith(
+        "rec.yaml:4: rule recorded against a contract that has since"
+    )
+    assert "shop.v1.Inventory/Reserve" in stale[0]
+    release = start_upstream(pb, variant="v2")
+    try:
+        done = run_virtsvc("record", "--upstream", release.address, "--protos", str(new_protos), "--out",
+                           "rec.yaml", "--mode", "refresh", cwd=tmp_path)  # fmt: skip
+    finally:
+        release.stop()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "refreshed 1 of 2 rules in rec.yaml"
+    after = yaml.safe_load((tmp_path / "rec.yaml").read_text(encoding="utf-8"))["rules"]
+    assert after[0]["reply"]["reservationId"] == "real2-A-1"
+    assert after[0]["contract"] != before[0]["contract"]
+    assert after[1] == before[1]  # GetItem's contract did not change: kept as it was
+    assert run_virtsvc("check", "--protos", str(new_protos), "rec.yaml", cwd=tmp_path).returncode == 0

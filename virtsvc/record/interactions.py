@@ -58,6 +58,7 @@ class Interaction:
     def from_journal_entry(cls, data: dict[str, Any]) -> Interaction:
         """From the admin API's JournalEntry, as proto3 JSON (``json_format.MessageToDict``)."""
         duration = str(data.get("duration", "0s")).removesuffix("s")
+        data = _integral(data)
         return _plain(
             cls(
                 method=data.get("method", ""),
@@ -72,6 +73,17 @@ class Interaction:
                 duration=float(duration or 0),
             )
         )
+
+
+def _integral(value: Any) -> Any:
+    """google.protobuf.Struct holds every number as a double: 3.0 back to 3, as the message had it."""
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    return value
 
 
 def _plain(item: Interaction) -> Interaction:
