@@ -8,9 +8,10 @@ subscriber.
 
 from __future__ import annotations
 
+from virtsvc.record.export import rules_from_journal
 from virtsvc.record.interactions import Interaction
 from virtsvc.record.redact import Redaction
 from virtsvc.record.rules import to_rules
 from virtsvc.record.writer import read_scenario, write_scenario
 
-__all__ = ["Interaction", "Redaction", "read_scenario", "to_rules", "write_scenario"]
+__all__ = ["Interaction", "Redaction", "read_scenario", "rules_from_journal", "to_rules", "write_scenario"]
