@@ -17,6 +17,9 @@ import pytest
 from test_report import SCENARIO, TEST_A, TEST_B, UNUSED_LINE, send_known_traffic
 from test_serve import _command, start_sidecar  # noqa: F401 - the fixture
 
+from virtsvc.observe.formats import render
+from virtsvc.observe.history import History
+from virtsvc.observe.report import build_report
 from virtsvc.testing import VirtualService
 from virtsvc.testing.service import RemoteServer
 
@@ -298,6 +301,10 @@ def test_history_text_lists_flaky_tests_before_the_trends(tmp_path: Path) -> Non
         "  Per test (error rate | p99):",
         "    t::one: 0.0% -> 100.0% | 2ms -> 2ms",
     ]
+    # The same view in the HTML page, read back from the file as the dashboard would read it.
+    page = render(build_report([]), "html", history=History(history).view())
+    assert "<h3>Flaky tests (1)</h3>" in page and "t::one: run 1 &rarr; run 2" in page
+    assert "<td>0.0% -&gt; 100.0%</td>" in page
 
 
 def test_a_file_that_is_no_history_is_refused(tmp_path: Path) -> None:

@@ -48,7 +48,7 @@ _OPTIONS = pytest.StashKey["_Options"]()
 _FAILED = pytest.StashKey["_StartFailure"]()
 _SESSIONS = pytest.StashKey["set[str]"]()  # the session ids of this process's tests
 _COLLECTED = pytest.StashKey["_Collected"]()  # what the report is made of
-_WRITTEN = pytest.StashKey[str]()  # the summary line once the report is written
+_WRITTEN = pytest.StashKey[str]()  # the summary line: where the report went, or why there is none
 _WORKER_KEY = "virtsvc_report"  # in xdist's workeroutput
 _OPT_OUT = (
     "(to allow unmatched calls, pass --virtsvc-no-fail-unmatched or set virtsvc_fail_on_unmatched = false)"
@@ -224,7 +224,16 @@ def virtsvc_server(pytestconfig: pytest.Config) -> Iterator[VirtualServer | Remo
         from virtsvc.testing.service import RemoteServer
 
         if pytestconfig.getoption("virtsvc_report", None):
-            _collect(pytestconfig, server)
+            import grpc
+
+            try:
+                _collect(pytestconfig, server)
+            except grpc.RpcError as exc:  # a sidecar gone or refusing: the run's verdict stands, said once
+                code = exc.code()
+                pytestconfig.stash[_WRITTEN] = (
+                    f"virtsvc: no report: cannot read the journal of {server.address}: "
+                    f"{code.name if code is not None else 'UNKNOWN'}: {exc.details()}"
+                )
         if isinstance(server, RemoteServer):
             server.close()
         else:
@@ -465,6 +474,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     config = session.config
     path = config.getoption("virtsvc_report", None)
     if not path:
+        return
+    if _WRITTEN in config.stash:  # the journal could not be read
         return
     collected = _collected(config)
     workeroutput = getattr(config, "workeroutput", None)
