@@ -36,6 +36,8 @@ def test_inline_failure(virtual_service, rpc):
         rpc(RESERVE)
 """
 NODES = [f"test_inner.py::{name}" for name in ("test_inline_failure", "test_item", "test_reserve")]
+# Inner runs start their own servers (and xdist workers): an inner -n 2 run took 60 s on a loaded machine.
+INNER_TIMEOUT = 180
 
 
 def check_json_report(path: Path, scenarios: Path) -> None:
@@ -63,7 +65,7 @@ def test_report_of_an_in_process_run(pytester: pytest.Pytester) -> None:
     """A serial run writes the JSON report named by the suffix, each test's calls under its node id."""
     project(pytester)
     pytester.makepyfile(test_inner=TESTS)
-    result = pytester.runpytest_subprocess("--virtsvc-report", "out/report.json", timeout=60)
+    result = pytester.runpytest_subprocess("--virtsvc-report", "out/report.json", timeout=INNER_TIMEOUT)
     result.assert_outcomes(passed=3)
     result.stdout.fnmatch_lines(["virtsvc: report of 4 calls in 3 tests written to out/report.json"])
     check_json_report(pytester.path / "out" / "report.json", pytester.path / "scenarios" / "shop.yaml")
@@ -73,7 +75,7 @@ def test_report_under_xdist_joins_every_worker(pytester: pytest.Pytester) -> Non
     """Under -n 2 each worker's in-process server hands its calls to the controller: one JUnit report."""
     project(pytester)
     pytester.makepyfile(test_inner=TESTS)
-    result = pytester.runpytest_subprocess("-n", "2", "--virtsvc-report", "report.xml", timeout=60)
+    result = pytester.runpytest_subprocess("-n", "2", "--virtsvc-report", "report.xml", timeout=INNER_TIMEOUT)
     result.assert_outcomes(passed=3)
     suites = ET.parse(pytester.path / "report.xml").getroot().findall("testsuite")
     methods = {(c.get("classname"), c.get("name")): c.findtext("system-out") for c in suites[0]}
@@ -100,7 +102,13 @@ def test_report_from_a_shared_sidecar(
     project(pytester)
     pytester.makepyfile(test_inner=TESTS)
     result = pytester.runpytest_subprocess(
-        "-n", "2", "--virtsvc-address", sidecar.address, "--virtsvc-report", "report.json", timeout=60
+        "-n",
+        "2",
+        "--virtsvc-address",
+        sidecar.address,
+        "--virtsvc-report",
+        "report.json",
+        timeout=INNER_TIMEOUT,
     )
     result.assert_outcomes(passed=3)
     data = json.loads((pytester.path / "report.json").read_text())
@@ -116,7 +124,7 @@ def test_a_report_path_without_a_known_suffix_is_a_usage_error(pytester: pytest.
     """An unknown suffix stops the run before any test, naming the suffixes that work."""
     project(pytester)
     pytester.makepyfile(test_inner=TESTS)
-    result = pytester.runpytest_subprocess("--virtsvc-report", "report.csv", timeout=60)
+    result = pytester.runpytest_subprocess("--virtsvc-report", "report.csv", timeout=INNER_TIMEOUT)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(
         ["*--virtsvc-report: report.csv: cannot tell the report format from the suffix .csv; use .txt, "
