@@ -305,3 +305,65 @@ def test_refresh_re_records_only_the_rules_whose_contract_changed(
     assert after[0]["contract"] != before[0]["contract"]
     assert after[1] == before[1]  # GetItem's contract did not change: kept as it was
     assert run_virtsvc("check", "--protos", str(new_protos), "rec.yaml", cwd=tmp_path).returncode == 0
+
+
+def test_journal_export_as_scenario(
+    spawn: Any, upstream: Upstream, pb: SimpleNamespace, tmp_path: Path, catalog: Catalog
+) -> None:
+    """`virtsvc journal export --as-scenario` turns a session's journal on a running server (simulated and
+    forwarded calls alike) into a scenario file that `check` passes and `serve` replays to the same answers;
+    other sessions and calls no rule answered are left out."""
+    from virtsvc.scenarios.loader import compile_text
+
+    text = (
+        "scenario: app\nrules:\n"
+        "  - method: shop.v1.Inventory/Watch\n    passthrough: inventory\n"
+        "  - method: shop.v1.Payments/Charge\n    sequence:\n"
+        "      - status: {code: UNAVAILABLE, message: warming up}\n      - reply: {chargeId: c-2}\n"
+        "  - method: shop.v1.Orders/GetOrder\n    when: {request: {orderId: known}}\n"
+        "    reply: {orderId: known, state: SHIPPED}\n"
+    )
+    upstreams = {"inventory": upstream.address}
+    scenarios = compile_text(text, catalog, origin="app.yaml", upstreams=upstreams)
+    answers: list[Any] = []
+    with VirtualServer(catalog, scenarios, port=0, upstreams=upstreams) as server:
+        with grpc.insecure_channel(server.address) as channel:
+            md = (("x-virtsvc-scenario", "app"), ("x-virtsvc-session", "t-exp"))
+            pay = pb.pay_grpc.PaymentsStub(channel)
+            orders = pb.orders_grpc.OrdersStub(channel)
+            inv = pb.inv_grpc.InventoryStub(channel)
+            with pytest.raises(grpc.RpcError):
+                pay.Charge(pb.pay.ChargeRequest(account="a"), metadata=md, timeout=5)
+            answers.append(pay.Charge(pb.pay.ChargeRequest(account="a"), metadata=md, timeout=5).charge_id)
+            answers.append(orders.GetOrder(pb.orders.GetOrderRequest(order_id="known"), metadata=md).state)
+            with pytest.raises(grpc.RpcError):  # no rule: a near miss, not an answer to keep
+                orders.GetOrder(pb.orders.GetOrderRequest(order_id="other"), metadata=md, timeout=5)
+            answers.append([e.sku for e in inv.Watch(pb.inv.WatchRequest(skus=["p", "q"]), metadata=md)])
+            other = (("x-virtsvc-scenario", "app"), ("x-virtsvc-session", "someone-else"))
+            with pytest.raises(grpc.RpcError):  # another session's first call: not in this export
+                pay.Charge(pb.pay.ChargeRequest(account="zzz"), metadata=other, timeout=5)
+        done = run_virtsvc("journal", "export", "--address", server.address, "--scenario", "app", "--session",
+                           "t-exp", "--as-scenario", "--out", "exported.yaml", cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    doc = yaml.safe_load((tmp_path / "exported.yaml").read_text(encoding="utf-8"))
+    assert doc["scenario"] == "exported"
+    assert [r["method"] for r in doc["rules"]] == [
+        "shop.v1.Payments/Charge", "shop.v1.Orders/GetOrder", "shop.v1.Inventory/Watch",
+    ]  # fmt: skip
+    assert "zzz" not in (tmp_path / "exported.yaml").read_text(encoding="utf-8")
+    assert run_virtsvc("check", "--protos", str(PROTOS), "exported.yaml", cwd=tmp_path).returncode == 0
+    serve = spawn("serve", "--protos", str(PROTOS), "--scenarios", "exported.yaml", "--default-scenario",
+                  "exported", "--port", "0")  # fmt: skip
+    serve.wait_serving()
+    with grpc.insecure_channel(serve.address) as channel:
+        pay = pb.pay_grpc.PaymentsStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            pay.Charge(pb.pay.ChargeRequest(account="a"), timeout=5)
+        assert (info.value.code(), info.value.details()) == (grpc.StatusCode.UNAVAILABLE, "warming up")
+        replayed = [
+            pay.Charge(pb.pay.ChargeRequest(account="a"), timeout=5).charge_id,
+            pb.orders_grpc.OrdersStub(channel).GetOrder(pb.orders.GetOrderRequest(order_id="known")).state,
+            [e.sku for e in pb.inv_grpc.InventoryStub(channel).Watch(pb.inv.WatchRequest(skus=["p", "q"]))],
+        ]
+    assert replayed == answers
+    assert serve.stop() == 0

@@ -395,8 +395,26 @@ def _cmd_journal_export(args: argparse.Namespace, settings: Settings) -> int:
             channel, token, scenario=args.scenario or "", session=args.session or ""
         ),
     )
+    if args.as_scenario:
+        return _journal_as_scenario(args, entries)
     count = write_journal(entries, args.out)
     print(f"wrote {count} journal {'entry' if count == 1 else 'entries'} to {args.out}")
+    return 0
+
+
+def _journal_as_scenario(args: argparse.Namespace, entries: list[Any]) -> int:
+    """journal export --as-scenario: the calls something answered, as the scenario `virtsvc record` writes."""
+    from virtsvc.record import Redaction, rules_from_journal
+    from virtsvc.record.export import answered
+    from virtsvc.record.writer import scenario_name, write_scenario
+
+    calls = sum(1 for e in entries if answered(e))
+    rules = rules_from_journal(
+        entries, redaction=Redaction.from_names(args.redact), keep_latency=args.keep_latency
+    )
+    name = args.name or scenario_name(args.out)
+    write_scenario(args.out, name, rules)
+    print(f"wrote scenario {name} ({_count(len(rules), 'rule')} from {_count(calls, 'call')}) to {args.out}")
     return 0
 
 
@@ -695,6 +713,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _report_flags(export)
     export.add_argument("--out", metavar="FILE", type=Path, required=True, help="the file to write")
+    export.add_argument(
+        "--as-scenario",
+        action="store_true",
+        help="write a scenario file instead, as `virtsvc record` does: every call a rule or a real service "
+        "answered becomes a rule (calls no rule answered are left out)",
+    )
+    export.add_argument(
+        "--name", metavar="NAME", help="with --as-scenario: the scenario's name (default: from --out's name)"
+    )
+    export.add_argument(
+        "--redact",
+        metavar="NAME",
+        nargs="+",
+        action="extend",
+        default=[],
+        help="with --as-scenario: a header or field path kept out of the file, as for `virtsvc record`",
+    )
+    export.add_argument(
+        "--keep-latency", action="store_true", help="with --as-scenario: keep each call's latency as delay"
+    )
     export.set_defaults(handler=_cmd_journal_export)
 
     report = commands.add_parser(
