@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.descriptor import Descriptor
 
 from virtsvc.contracts.catalog import Catalog, MethodSpec
-from virtsvc.errors import ConfigError, ConversionError
+from virtsvc.errors import ConfigError, ConversionError, DescriptorError
 from virtsvc.scenarios.fields import fill_message
 from virtsvc.scenarios.model import Rule
 from virtsvc.upstream.client import GrpcUpstream
+from virtsvc.upstream.reflection import fetch_file_set
 
 __all__ = ["Answer", "Replay", "Target", "replay_of", "target_catalog"]
 
@@ -99,7 +99,7 @@ class Target:
         self.address = address
         self.timeout = timeout
         self.client = GrpcUpstream("target", address)
-        self._schema: descriptor_pool.DescriptorPool | None = None
+        self._schema: Catalog | None = None
         self._asked = False
 
     def wait_ready(self) -> None:
@@ -112,29 +112,24 @@ class Target:
             ) from None
 
     @property
-    def schema(self) -> descriptor_pool.DescriptorPool | None:
-        """The target's descriptors through its reflection service (v1alpha), None when it has none."""
+    def schema(self) -> Catalog | None:
+        """The target's own contracts through its reflection service (v1, else v1alpha); None without one."""
         if not self._asked:
             self._asked = True
-            from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
-                ProtoReflectionDescriptorDatabase,
-            )
-
-            database = ProtoReflectionDescriptorDatabase(self.client.channel)
             try:
-                database.get_services()
-                self._schema = descriptor_pool.DescriptorPool(database)
-            except grpc.RpcError:
+                file_set, _path = fetch_file_set(self.client.channel, self.address, self.timeout)
+                self._schema = Catalog.from_file_set(file_set)
+            except (ConfigError, DescriptorError, grpc.RpcError):
                 self._schema = None
         return self._schema
 
     def live_type(self, full_name: str) -> Descriptor | None:
         """The target's own descriptor of a message type, when it offers reflection and knows the type."""
-        pool = self.schema
-        if pool is None:
+        schema = self.schema
+        if schema is None:
             return None
         try:
-            return pool.FindMessageTypeByName(full_name)
+            return schema.pool.FindMessageTypeByName(full_name)
         except KeyError:
             return None
 
@@ -152,28 +147,9 @@ class Target:
 
 def target_catalog(target: Target) -> Catalog:
     """The scenarios' contracts when none are given: the target's, through its reflection service."""
-    pool = target.schema
-    if pool is None:
+    schema = target.schema
+    if schema is None:
         raise ConfigError(
             f"target {target.address}: offers no reflection; give --protos DIR or --descriptors FILE"
         )
-    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-
-    database = ProtoReflectionDescriptorDatabase(target.client.channel)
-    file_set = descriptor_pb2.FileDescriptorSet()
-    seen: set[str] = set()
-
-    def add(name: str) -> None:
-        if name in seen:
-            return
-        seen.add(name)
-        file = pool.FindFileByName(name)
-        for dependency in file.dependencies:
-            add(dependency.name)
-        file.CopyToProto(file_set.file.add())
-
-    for service in database.get_services():
-        if service.startswith("grpc.reflection."):
-            continue
-        add(pool.FindServiceByName(service).file.name)
-    return Catalog.from_file_set(file_set)
+    return schema
