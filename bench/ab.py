@@ -2,7 +2,7 @@
 
     python bench/ab.py --base 8852e93                 # the working tree against that commit
     python bench/ab.py --base main~3 --case matched --repeats 9
-    python bench/ab.py --base HEAD --against HEAD --b-metrics  # what --metrics-port costs
+    python bench/ab.py --base HEAD --against HEAD --b-serve "--metrics-port 0"  # what metrics cost
 
 Both trees serve the same descriptors and ``bench/scenarios/bench.yaml`` with ``virtsvc serve`` (the base
 from a temporary ``git worktree``, each through its own ``PYTHONPATH``), started side by side on the server
@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -69,10 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=40_000, help="calls per run (default 40,000)")
     parser.add_argument("--out", type=Path, help="also write every figure as JSON here")
     parser.add_argument(
-        "--b-metrics",
-        action="store_true",
-        help="B serves with --metrics-port 0 (metrics counted); with --against the same ref as --base, "
-        "what metrics cost",
+        "--b-serve",
+        default="",
+        metavar="FLAGS",
+        help='more `virtsvc serve` flags for B only, e.g. "--metrics-port 0" (with --against the same ref '
+        "as --base: what those flags cost)",
     )
     args = parser.parse_args(argv)
 
@@ -85,9 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         other = trees_stack.enter_context(worktree(args.against)) if args.against else ROOT
         env = Env(Path(tmp))
         case = env.static if args.case == "static" else env.matched
-        b_name = f"B {args.against or 'working tree'}{', metrics' if args.b_metrics else ''}"
+        b_extra = shlex.split(args.b_serve)
+        b_name = f"B {args.against or 'working tree'}{' ' + args.b_serve if b_extra else ''}"
         trees = {f"A {args.base}": base, b_name: other}
-        b_extra = ("--metrics-port", "0") if args.b_metrics else ()
         specs = [
             (name, serve_command(env.descriptors, *(b_extra if name.startswith("B") else ())))
             for name in trees

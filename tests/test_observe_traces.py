@@ -314,3 +314,18 @@ def test_traces_required_without_opentelemetry_is_a_clear_error() -> None:
     assert result.stdout.strip().splitlines()[-1] == (
         "traces need the OpenTelemetry SDK and its OTLP exporter: pip install 'virtsvc[otel]'"
     )
+
+
+def test_servers_of_one_process_share_the_provider_the_variables_build() -> None:
+    """OTEL_TRACES_EXPORTER=console: two servers, one provider (one exporter thread), spans on stdout."""
+    code = """
+        from virtsvc.contracts import load_catalog
+        from virtsvc.server import VirtualServer
+
+        catalog = load_catalog(protos="protos")
+        first, second = VirtualServer(catalog, []), VirtualServer(catalog, [])
+        print(first.tracing.owned, first.tracing.provider is second.tracing.provider)
+    """
+    result = _python(code, OTEL_TRACES_EXPORTER="console")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "True True"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -145,7 +146,7 @@ def tracing_from_environment(required: bool = False) -> Tracing | None:
     if not required and not configured_by_environment():
         return None
     try:
-        provider = _provider_from_environment()
+        provider = _environment_provider()
     except ImportError as exc:
         if required:
             raise ConfigError(
@@ -158,6 +159,20 @@ def tracing_from_environment(required: bool = False) -> Tracing | None:
         )
         return None
     return Tracing(provider, owned=True)
+
+
+_built: Any = None  # the provider built from the variables: one per process, whatever the servers
+_built_lock = threading.Lock()
+
+
+def _environment_provider() -> Any:
+    """The provider built from the variables, once per process: every server of a test suite shares it
+    (and its exporter's thread) rather than each starting its own."""
+    global _built
+    with _built_lock:
+        if _built is None:
+            _built = _provider_from_environment()
+        return _built
 
 
 def _provider_from_environment() -> Any:
