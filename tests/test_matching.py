@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from virtsvc.contracts import Catalog, MethodSpec
+from virtsvc.scenarios.fields import show
 from virtsvc.scenarios.matching import MAX_REGEX, compile_when
 from virtsvc.scenarios.model import Call, MatchResult
 
@@ -656,3 +657,30 @@ def test_quick_match_agrees_with_the_leaf_tests(
     call = make_call(spec, request_fields, metadata=sent)
     expected = full.check(call)
     assert quick.check(make_call(spec, request_fields, metadata=sent)) == expected
+
+
+@pytest.mark.parametrize(
+    ("pattern", "text", "matches"),
+    [
+        ("report_*.pdf", "report_q1.pdf", True),
+        ("report_*.pdf", "report_q1.pdf.bak", False),  # the whole value, not a search
+        ("*.json", "a/b.json", False),  # * stops at /, as Go's path.Match
+        ("data[12].csv", "data2.csv", True),
+        ("data[12].csv", "data3.csv", False),
+        ("test_?", "test_a", True),
+        ("test_?", "test_ab", False),
+        ("[!a]x", "bx", True),
+        ("[^a]x", "ax", False),
+        ("[a-c]", "b", True),
+        ("a\\*b", "a*b", True),
+        ("a\\*b", "axb", False),
+    ],
+)
+def test_glob(shop: Catalog, pattern: str, text: str, matches: bool) -> None:
+    """``$glob`` matches the whole value; ``*`` and ``?`` stop at ``/``; classes and escapes as in Go."""
+    result = check(shop.method(RESERVE), {"request": {"sku": {"$glob": pattern}}}, {"sku": text})
+    assert result.ok is matches
+    if not matches:
+        assert result.failures == (
+            f"request.sku: expected to match the glob {show(pattern)}, got {show(text)}",
+        )

@@ -101,11 +101,21 @@ class Refusal(VirtsvcError):
     """A call or admin request refused with a gRPC status ``code`` (a ``grpc.StatusCode``) and a message for
     a person: raised by the router, the pipeline and the admin service, answered as that status."""
 
-    def __init__(self, code: StatusCode, message: str, *, near_miss: bool = False) -> None:
+    def __init__(
+        self,
+        code: StatusCode,
+        message: str,
+        *,
+        near_miss: bool = False,
+        details: tuple[bytes, ...] = (),
+        report: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.near_miss = near_miss  # no rule answered: the message explains why (routing, no match)
+        self.details = details  # serialised google.protobuf.Any, sent as the status's rich details
+        self.report = report  # the near-miss report, when the message is a scenario's own (``unmatched:``)
 
 
 class RuleFailure(VirtsvcError):

@@ -504,15 +504,17 @@ class Exchange:
     def end(self, code: grpc.StatusCode, message: str, details: tuple[bytes, ...] = ()) -> NoReturn:
         """Ends the call with a status: journaled now, told to grpc when the pipeline unwinds."""
         if details:
-            rich = status_pb2.Status(
-                code=code.value[0], message=message, details=[any_pb2.Any.FromString(d) for d in details]
-            )
-            trailers = self.entry.trailers if self.entry is not None else ()
-            self.context.set_trailing_metadata(
-                (*trailers, ("grpc-status-details-bin", rich.SerializeToString()))
-            )
+            self._rich(code, message, details)
         self.finish(code, message, details)
         raise _Ended(code, message)
+
+    def _rich(self, code: grpc.StatusCode, message: str, details: tuple[bytes, ...]) -> None:
+        """Sets the status's rich details (``grpc-status-details-bin``) beside the trailers already set."""
+        rich = status_pb2.Status(
+            code=code.value[0], message=message, details=[any_pb2.Any.FromString(d) for d in details]
+        )
+        trailers = self.entry.trailers if self.entry is not None else ()
+        self.context.set_trailing_metadata((*trailers, ("grpc-status-details-bin", rich.SerializeToString())))
 
     def _failed(self, what: str, exc: BaseException) -> BaseException:
         if isinstance(exc, (Refusal, _Ended, _Cancelled, _Garbage)):
@@ -534,8 +536,10 @@ class Exchange:
             return code, message
         if isinstance(exc, Refusal):
             if exc.near_miss and self.entry is not None:
-                self.entry.near_miss = exc.message
-            self.finish(exc.code, exc.message)
+                self.entry.near_miss = exc.report or exc.message
+            if exc.details:
+                self._rich(exc.code, exc.message, exc.details)
+            self.finish(exc.code, exc.message, exc.details)
             return exc.code, exc.message
         if isinstance(exc, (_Cancelled, grpc.RpcError, GeneratorExit)):
             self._cancelled()

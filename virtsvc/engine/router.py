@@ -13,12 +13,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2
 
 from virtsvc import _text
 from virtsvc.engine.store import DEFAULT_SESSION, RuleSet, SessionState, Store
 from virtsvc.errors import Refusal, RuleFailure
 from virtsvc.scenarios.answers import Answer, Plan
-from virtsvc.scenarios.model import Call, CompiledScenario, Location, MatchResult, Rule, Step
+from virtsvc.scenarios.model import Call, CompiledScenario, Location, MatchResult, Rule, Status, Step
 
 __all__ = [
     "BAGGAGE_SCENARIO",
@@ -254,8 +256,45 @@ class Router:
         fallback = self._fallback(call.scenario)
         if fallback is not None:
             return self._step(fallback, session)
-        raise Refusal(
-            grpc.StatusCode.UNIMPLEMENTED, self._near_miss(call, candidates, misses, used_up), near_miss=True
+        near_miss = self._near_miss(call, candidates, misses, used_up)
+        unmatched = self._unmatched(call.scenario)
+        if unmatched is None:
+            raise Refusal(grpc.StatusCode.UNIMPLEMENTED, near_miss, near_miss=True)
+        raise self._unmatched_refusal(unmatched, call, near_miss)
+
+    def _unmatched(self, scenario: str) -> Status | None:
+        """The ``unmatched:`` status of the scenario, or of the nearest one it extends."""
+        seen: set[str] = set()
+        name: str | None = scenario
+        while name and name not in seen:
+            seen.add(name)
+            compiled = self.registry.get(name)
+            if compiled is None:
+                break
+            if compiled.unmatched is not None:
+                return compiled.unmatched
+            name = compiled.extends
+        return None
+
+    @staticmethod
+    def _unmatched_refusal(status: Status, call: Call, near_miss: str) -> Refusal:
+        """The scenario's own status for a call no rule answers: its message, else the near-miss text; with
+        a message of its own, the near-miss text travels as a ``google.rpc.DebugInfo`` detail."""
+        details = status.details
+        if status.message is None:
+            return Refusal(status.code, near_miss, near_miss=True, details=details)
+        try:
+            message = status.message.render(call, 0)
+        except Exception as exc:  # a template failing at run time: say which and why
+            message = f"the unmatched message template failed: {_text.describe(exc)}"
+        debug = any_pb2.Any()
+        debug.Pack(error_details_pb2.DebugInfo(detail=near_miss))
+        return Refusal(
+            status.code,
+            message,
+            near_miss=True,
+            details=(*details, debug.SerializeToString()),
+            report=near_miss,
         )
 
     def _fallback(self, scenario: str) -> Rule | None:

@@ -52,7 +52,8 @@ class Scenario:
     """A scenario built in Python; module-level instances of a script are what the loader collects.
 
     ``name`` follows the file format's pattern (``[a-z0-9][a-z0-9._-]*``); ``extends`` names (or is) a
-    scenario whose rules apply after this one's own.
+    scenario whose rules apply after this one's own; ``unmatched`` is the status of calls no rule answers
+    (a code, or ``status(code, message)``).
     """
 
     def __init__(
@@ -62,8 +63,10 @@ class Scenario:
         version: int | str | None = None,
         description: str = "",
         extends: str | Scenario | None = None,
+        unmatched: Any = None,
     ) -> None:
         self.name = name
+        self.unmatched = None if unmatched is None else _status_value(unmatched)
         self.version = version
         self.description = description
         self.extends = extends.name if isinstance(extends, Scenario) else extends
@@ -152,6 +155,8 @@ class Scenario:
             doc["description"] = self.description
         if self.extends is not None:
             doc["extends"] = self.extends
+        if self.unmatched is not None:
+            doc["unmatched"] = self.unmatched
         if locations:
             doc["$location"] = str(self.location)
         doc["rules"] = self.rules_data(handlers=handlers, locations=locations)

@@ -476,6 +476,7 @@ class _Compiler:
         passthrough = (
             self._upstream(doc, "passthrough", site, "passthrough") if "passthrough" in doc else None
         )
+        unmatched = self._unmatched(doc, site) if doc.get("unmatched") is not None else None
         rules: tuple[Rule, ...] = ()
         nodes = doc.get("rules")
         if "rules" not in doc:
@@ -501,8 +502,21 @@ class _Compiler:
                 from_script=from_script,
                 passthrough=passthrough,
                 passthrough_at=Location(site.file, site.line_of(doc, "passthrough")) if passthrough else None,
+                unmatched=unmatched,
             )
         return _Entry(name, location, extends, extends_at, compiled)
+
+    def _unmatched(self, doc: Mapping[Any, Any], site: Site) -> Status | None:
+        """``unmatched: {code: NOT_FOUND, message: ...}``: the status of calls no rule answers."""
+        status = self._status(doc, "unmatched", site, "unmatched")
+        if status is not None and status.ok:
+            site.error(
+                doc,
+                "unmatched",
+                "unmatched: a call no rule answers fails; give an error code (e.g. NOT_FOUND), not OK",
+            )
+            return None
+        return status
 
     def _name(self, doc: Mapping[Any, Any], key: str, site: Site) -> str | None:
         value = doc.get(key)

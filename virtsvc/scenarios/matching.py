@@ -9,7 +9,9 @@ names, int64 as text, normalised timestamps and durations, nested defaults dropp
 
 from __future__ import annotations
 
+import collections
 import datetime as _dt
+import json
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -43,10 +45,24 @@ from virtsvc.scenarios.fields import (
 from virtsvc.scenarios.located import Site
 from virtsvc.scenarios.model import Call, Matcher, MatchResult, to_json
 
-__all__ = ["MAX_REGEX", "MAX_REGEX_INPUT", "OPERATORS", "compile_when"]
+__all__ = [
+    "MAX_REGEX",
+    "MAX_REGEX_INPUT",
+    "OPERATORS",
+    "STREAM_KEYS",
+    "WHEN_KEYS",
+    "compile_when",
+    "glob_regex",
+]
 
-OPERATORS = ("$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$regex", "$contains", "$exists")
-WHEN_KEYS = ("request", "metadata")
+OPERATORS = (
+    "$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$regex", "$glob", "$contains", "$all", "$unordered",
+    "$exists", "$anyOf",
+)  # fmt: skip
+# request: the first message; requests: every message of a client stream, element by element, with the count;
+# any_request / every_request: some / each message of a client stream; $anyOf: an OR of when blocks
+WHEN_KEYS = ("request", "requests", "any_request", "every_request", "metadata", "$anyOf")
+STREAM_KEYS = ("requests", "any_request", "every_request")
 # Python's re backtracks: a pattern like (a+)+$ can take exponential time. Patterns are bounded at load and
 # applied to at most the first 64 KiB of a value, which keeps a bad pattern's cost bounded per check.
 MAX_REGEX = 1000
@@ -67,28 +83,141 @@ Test = Callable[[bool, Any], "str | None"]  # (present, value or default) -> fai
 
 @dataclass(frozen=True, slots=True)
 class _Leaf:
-    """One condition: where its value is, what it is when absent, and the test."""
+    """One condition: where its value is, what it is when absent, and the test.
+
+    A ``whole`` leaf (``$anyOf`` on a field) tests the whole request or metadata: its alternatives are
+    leaves of their own, at their own paths."""
 
     keys: tuple[str, ...]
     default: Any
     test: Test
     expected: Any = None  # for plain equality (``equality``): the canonical value the test compares with
     equality: bool = False
+    whole: bool = False
+
+
+def _request_failures(leaves: tuple[_Leaf, ...], root: Any) -> list[str]:
+    """The failure texts of ``leaves`` on one request's JSON (every leaf is checked: counts rank misses)."""
+    failures: list[str] = []
+    for leaf in leaves:
+        if leaf.whole:
+            failure = leaf.test(True, root)
+        else:
+            present, value = _lookup(root, leaf.keys)
+            failure = leaf.test(present, value if present else leaf.default)
+        if failure is not None:
+            failures.append(failure)
+    return failures
+
+
+def _metadata_failures(leaves: tuple[_Leaf, ...], md: Mapping[str, str]) -> list[str]:
+    failures: list[str] = []
+    for leaf in leaves:
+        if leaf.whole:
+            failure = leaf.test(True, md)
+        else:
+            value = md.get(leaf.keys[0], _MISSING)
+            present = value is not _MISSING
+            failure = leaf.test(present, value if present else None)
+        if failure is not None:
+            failures.append(failure)
+    return failures
+
+
+@dataclass(frozen=True, slots=True)
+class _Streamed:
+    """Conditions on every message of a client stream: ``requests`` (element by element, with the count),
+    ``any_request`` and ``every_request``."""
+
+    elements: tuple[tuple[_Leaf, ...], ...] | None = None
+    any: tuple[_Leaf, ...] | None = None
+    every: tuple[_Leaf, ...] | None = None
+
+    @property
+    def total(self) -> int:
+        n = 0
+        if self.elements is not None:
+            n += 1 + sum(len(e) for e in self.elements)  # the count is a condition of its own
+        n += len(self.any or ()) + len(self.every or ())
+        return n
+
+    def failures(self, messages: list[dict[str, Any]]) -> tuple[list[str], int]:
+        """The failure texts, and how many conditions failed (a missing message fails all of its own)."""
+        failures: list[str] = []
+        failed = 0
+        if self.elements is not None:
+            want = len(self.elements)
+            if len(messages) != want:
+                failures.append(f"requests: expected {_count(want)}, got {len(messages)}")
+                failed += 1
+            for i, leaves in enumerate(self.elements):
+                if i < len(messages):
+                    missed = _request_failures(leaves, messages[i])
+                    failures.extend(missed)
+                    failed += len(missed)
+                elif leaves:
+                    failed += len(leaves)
+        if self.any is not None:
+            missed = self._any(self.any, messages)
+            failures.extend(missed)
+            failed += len(missed) if messages else len(self.any)
+        if self.every is not None:
+            for i, message in enumerate(messages):
+                missed = _request_failures(self.every, message)
+                if missed:  # the first message that fails says why
+                    failures.extend(f"message {i}: {text}" for text in missed)
+                    failed += len(missed)
+                    break
+        return failures, failed
+
+    @staticmethod
+    def _any(leaves: tuple[_Leaf, ...], messages: list[dict[str, Any]]) -> list[str]:
+        if not messages:
+            return ["any_request: no message arrived"]
+        best: tuple[int, list[str]] | None = None
+        for i, message in enumerate(messages):
+            missed = _request_failures(leaves, message)
+            if not missed:
+                return []
+            if best is None or len(missed) < len(best[1]):
+                best = (i, missed)
+        assert best is not None
+        i, missed = best
+        return [f"no message matched (closest, message {i}: {text})" for text in missed]
+
+
+def _count(n: int) -> str:
+    return f"{n} message" if n == 1 else f"{n} messages"
 
 
 class _When:
-    """A compiled ``when``: leaves over ``call.request_json`` and over ``call.metadata``."""
+    """A compiled ``when``: leaves over ``call.request_json`` and over ``call.metadata``, conditions on every
+    message of a client stream, and ``$anyOf`` groups of alternative ``when`` blocks."""
 
-    __slots__ = ("_matched", "_metadata", "_quick", "_request", "_total")
+    __slots__ = ("_alternatives", "_matched", "_metadata", "_quick", "_request", "_streamed", "_total")
 
-    def __init__(self, request: tuple[_Leaf, ...], metadata: tuple[_Leaf, ...]) -> None:
+    def __init__(
+        self,
+        request: tuple[_Leaf, ...],
+        metadata: tuple[_Leaf, ...],
+        streamed: _Streamed | None = None,
+        alternatives: tuple[tuple[_When, ...], ...] = (),
+    ) -> None:
         self._request = request
         self._metadata = metadata
-        self._total = len(request) + len(metadata)
+        self._streamed = streamed
+        self._alternatives = alternatives
+        self._total = (
+            len(request) + len(metadata) + (streamed.total if streamed is not None else 0) + len(alternatives)
+        )
         self._matched = MatchResult(True, self._total, self._total)  # the same answer for every match
         # The commonest ``when``: top-level fields and metadata keys equal to literals. Such a match is
         # decided by dict look-ups alone; the leaf tests run only to explain a miss.
-        quick = all(leaf.equality and len(leaf.keys) == 1 for leaf in (*request, *metadata))
+        quick = (
+            streamed is None
+            and not alternatives
+            and all(leaf.equality and len(leaf.keys) == 1 for leaf in (*request, *metadata))
+        )
         self._quick: tuple[tuple[tuple[str, Any, Any], ...], tuple[tuple[str, Any], ...]] | None = (
             (
                 tuple((leaf.keys[0], leaf.default, leaf.expected) for leaf in request),
@@ -100,31 +229,33 @@ class _When:
 
     @property
     def needs_request(self) -> bool:
-        return bool(self._request)
+        return (
+            bool(self._request)
+            or self._streamed is not None
+            or any(alt.needs_request for group in self._alternatives for alt in group)
+        )
 
     def check(self, call: Call) -> MatchResult:
         if self._quick is not None and self._quick_match(call, *self._quick):
             return self._matched
         # Every leaf is checked, even after a failure: passed/total rank the near misses.
         failures: list[str] = []
+        extra = 0  # conditions that failed beyond one text each (messages that never arrived)
         if self._request:
-            root = call.request_json
-            for leaf in self._request:
-                present, value = _lookup(root, leaf.keys)
-                failure = leaf.test(present, value if present else leaf.default)
-                if failure is not None:
-                    failures.append(failure)
+            failures.extend(_request_failures(self._request, call.request_json))
+        if self._streamed is not None:
+            texts, failed = self._streamed.failures(call.requests_json)
+            failures.extend(texts)
+            extra += failed - len(texts)
         if self._metadata:
-            md = call.metadata
-            for leaf in self._metadata:
-                value = md.get(leaf.keys[0], _MISSING)
-                present = value is not _MISSING
-                failure = leaf.test(present, value if present else None)
-                if failure is not None:
-                    failures.append(failure)
+            failures.extend(_metadata_failures(self._metadata, call.metadata))
+        for group in self._alternatives:
+            failure = _any_of([alt.check(call) for alt in group])
+            if failure is not None:
+                failures.append(failure)
         if not failures:
             return self._matched
-        return MatchResult(False, self._total - len(failures), self._total, tuple(failures))
+        return MatchResult(False, max(self._total - len(failures) - extra, 0), self._total, tuple(failures))
 
     @staticmethod
     def _quick_match(
@@ -144,6 +275,14 @@ class _When:
         return True
 
 
+def _any_of(results: list[MatchResult]) -> str | None:
+    """None when one alternative holds, else one failure naming why each did not."""
+    if any(r.ok for r in results):
+        return None
+    parts = [f"({i + 1}) " + "; ".join(r.failures) for i, r in enumerate(results)]
+    return f"$anyOf: none of the {len(results)} alternatives held: " + " | ".join(parts)
+
+
 def _lookup(root: Any, keys: tuple[str, ...]) -> tuple[bool, Any]:
     cur = root
     for k in keys:
@@ -160,12 +299,23 @@ def compile_when(
 ) -> Matcher | None:
     """Compiles a ``when`` block for ``method``; None (every problem reported on ``site``) if it is wrong."""
     before = len(site.problems.items)
-    compiler = _Compiler(site)
     if not isinstance(node, Mapping):
         site.error(
             node, None, f"{path}: expected a mapping of conditions (request:, metadata:), got {show(node)}"
         )
         return None
+    compiled = _compile_when(node, method, site, path)
+    if len(site.problems.items) > before:
+        return None
+    return compiled
+
+
+def _compile_when(node: Mapping[str, Any], method: MethodSpec, site: Site, path: str) -> _When:
+    compiler = _Compiler(site)
+    elements: list[tuple[_Leaf, ...]] | None = None
+    any_leaves: tuple[_Leaf, ...] | None = None
+    every_leaves: tuple[_Leaf, ...] | None = None
+    alternatives: list[tuple[_When, ...]] = []
     for key, value in node.items():
         kpath = f"{path}.{key}"
         if key == "request":
@@ -173,17 +323,87 @@ def compile_when(
                 compiler.message(method.input, value, (), "request", kpath)
             else:
                 site.error(node, key, f"{kpath}: expected a mapping of request fields, got {show(value)}")
+        elif key in STREAM_KEYS:
+            if method.kind != "client_streaming":
+                site.error(
+                    node,
+                    key,
+                    f"{kpath}: {method.full_name} is {_kind_words(method.kind)}; {key} matches the messages "
+                    "of a client stream (use when.request for the first message)",
+                )
+                continue
+            if key == "requests":
+                if not isinstance(value, list):
+                    site.error(
+                        node,
+                        key,
+                        f"{kpath}: expected a list of request conditions, one per message, got {show(value)}",
+                    )
+                    continue
+                elements = []
+                for i, item in enumerate(value):
+                    ipath, ilabel = f"{kpath}[{i}]", f"requests[{i}]"
+                    if not isinstance(item, Mapping) or _is_ops(item):
+                        site.error(
+                            value, i, f"{ipath}: expected a mapping of request fields, got {show(item)}"
+                        )
+                        continue
+                    elements.append(_leaves(site, method.input, item, ilabel, ipath))
+            elif isinstance(value, Mapping) and not _is_ops(value):
+                leaves = _leaves(site, method.input, value, key, kpath)
+                if key == "any_request":
+                    any_leaves = leaves
+                else:
+                    every_leaves = leaves
+            else:
+                site.error(node, key, f"{kpath}: expected a mapping of request fields, got {show(value)}")
         elif key == "metadata":
             if isinstance(value, Mapping):
                 compiler.metadata(value, kpath)
             else:
                 site.error(node, key, f"{kpath}: expected a mapping of metadata keys, got {show(value)}")
+        elif key == "$anyOf":
+            if not isinstance(value, list) or not value:
+                site.error(
+                    node, key, f"{kpath}: expected a list of alternative when blocks, got {show(value)}"
+                )
+                continue
+            group = []
+            for i, item in enumerate(value):
+                ipath = f"{kpath}[{i}]"
+                if not isinstance(item, Mapping):
+                    site.error(
+                        value,
+                        i,
+                        f"{ipath}: expected a mapping of conditions (request:, metadata:), got {show(item)}",
+                    )
+                    continue
+                group.append(_compile_when(item, method, site.at(item), ipath))
+            alternatives.append(tuple(group))
         else:
-            hint = suggest(str(key), WHEN_KEYS) or "; the keys are request and metadata"
+            hint = suggest(str(key), WHEN_KEYS) or "; the keys are " + ", ".join(WHEN_KEYS)
             site.error(node, key, f'{kpath}: unknown key "{key}"{hint}')
-    if len(site.problems.items) > before:
-        return None
-    return _When(tuple(compiler.request), tuple(compiler.metadata_leaves))
+    streamed = None
+    if elements is not None or any_leaves is not None or every_leaves is not None:
+        streamed = _Streamed(None if elements is None else tuple(elements), any_leaves, every_leaves)
+    return _When(tuple(compiler.request), tuple(compiler.metadata_leaves), streamed, tuple(alternatives))
+
+
+def _leaves(
+    site: Site, desc: Descriptor, node: Mapping[Any, Any], label: str, path: str
+) -> tuple[_Leaf, ...]:
+    """The conditions on one message of a stream, each checked against that message."""
+    compiler = _Compiler(site)
+    compiler.message(desc, node, (), label, path)
+    return tuple(compiler.request)
+
+
+def _kind_words(kind: str) -> str:
+    return {
+        "unary": "a unary method",
+        "server_streaming": "a server-streaming method",
+        "client_streaming": "a client-streaming method",
+    }.get(kind, "a bidi method")
 
 
 def _is_ops(value: Any) -> bool:
@@ -209,6 +429,7 @@ class _Kind:
     element: Callable[[Any], Any] | None = None  # lists: canonical form of one element ($contains)
     int64: bool = False  # JSON text that is shown and compared as a number
     textual: bool = True  # $regex applies
+    item: _Kind | None = None  # lists: the kind of one element ($regex and $glob element by element)
 
 
 def _show_as(kind: _Kind, value: Any) -> str:
@@ -275,6 +496,7 @@ def _field_kind(field: FieldDescriptor, *, element: bool = False) -> _Kind:
             element=_canonical(field, element=True),
             int64=inner.int64,
             textual=False,
+            item=inner,
         )
     literal = _canonical(field, element=True) if element else _canonical(field)
     special = special_type(field)
@@ -365,7 +587,11 @@ class _Compiler:
         if self._mixed(value, node, key, path):
             return
         if _is_ops(value):
-            self.operators(kind, value, keys, default, label, path, self.request)
+
+            def alternative(alt: Any, apath: str, compiler: _Compiler) -> None:
+                compiler.field(field, alt, node, key, keys, label, apath)
+
+            self.operators(kind, value, keys, default, label, path, self.request, alternative)
         elif kind.shape == "map" and isinstance(value, Mapping):
             self.map_entries(field, value, keys, label, path)
         elif kind.shape == "message" and isinstance(value, Mapping):
@@ -398,7 +624,18 @@ class _Compiler:
             if self._mixed(mv, node, mk, epath):
                 continue
             if _is_ops(mv):
-                self.operators(kind, mv, ekeys, element_default(vf), elabel, epath, self.request)
+
+                def alternative(
+                    alt: Any, apath: str, compiler: _Compiler, k: Any = mk, ek: Any = ekeys, el: str = elabel
+                ) -> None:
+                    if _is_ops(alt):
+                        compiler.operators(kind, alt, ek, element_default(vf), el, apath, compiler.request)
+                    elif kind.shape == "message" and isinstance(alt, Mapping):
+                        compiler.message(vf.message_type, alt, ek, el, apath)
+                    else:
+                        compiler.literal(kind, alt, node, k, ek, element_default(vf), el, apath)
+
+                self.operators(kind, mv, ekeys, element_default(vf), elabel, epath, self.request, alternative)
             elif kind.shape == "message" and isinstance(mv, Mapping):
                 self.message(vf.message_type, mv, ekeys, elabel, epath)
             else:
@@ -430,7 +667,21 @@ class _Compiler:
             if self._mixed(value, node, key, kpath):
                 continue
             if _is_ops(value):
-                self.operators(_METADATA_KIND, value, (name,), None, label, kpath, self.metadata_leaves)
+
+                def alternative(
+                    alt: Any, apath: str, compiler: _Compiler, k: Any = key, n: str = name, lb: str = label
+                ) -> None:
+                    if _is_ops(alt):
+                        out = compiler.metadata_leaves
+                        compiler.operators(_METADATA_KIND, alt, (n,), None, lb, apath, out)
+                    else:
+                        compiler.literal(
+                            _METADATA_KIND, alt, node, k, (n,), None, lb, apath, compiler.metadata_leaves
+                        )
+
+                self.operators(
+                    _METADATA_KIND, value, (name,), None, label, kpath, self.metadata_leaves, alternative
+                )
             else:
                 self.literal(
                     _METADATA_KIND, value, node, key, (name,), None, label, kpath, self.metadata_leaves
@@ -479,6 +730,7 @@ class _Compiler:
         label: str,
         path: str,
         out: list[_Leaf],
+        alternative: Callable[[Any, str, _Compiler], None] | None = None,
     ) -> None:
         for op, operand in ops.items():
             opath = f"{path}.{op}"
@@ -486,12 +738,56 @@ class _Compiler:
                 hint = suggest(op, OPERATORS) or "; the operators are " + ", ".join(OPERATORS)
                 self.site.error(ops, op, f'{opath}: unknown operator "{op}"{hint}')
                 continue
+            if op == "$anyOf":
+                self.any_of(ops, operand, label, opath, out, alternative)
+                continue
             try:
                 test = _operator(kind, op, operand, label)
             except ConversionError as exc:
                 self.site.error(ops, op, f"{opath}{exc.path}: {exc.message}")
                 continue
             out.append(_Leaf(keys, default, test))
+
+    def any_of(
+        self,
+        ops: Mapping[str, Any],
+        operand: Any,
+        label: str,
+        path: str,
+        out: list[_Leaf],
+        alternative: Callable[[Any, str, _Compiler], None] | None,
+    ) -> None:
+        """``$anyOf: [alt, ...]`` on one value: each alternative a literal, operators or (messages) a subset;
+        one condition that holds when any alternative holds."""
+        if alternative is None:
+            self.site.error(ops, "$anyOf", f"{path}: $anyOf is not available here")
+            return
+        if not isinstance(operand, list) or not operand:
+            self.site.error(
+                ops,
+                "$anyOf",
+                f"{path}: expected a list of alternatives (values or operators), got {show(operand)}",
+            )
+            return
+        metadata = out is self.metadata_leaves
+        groups: list[tuple[_Leaf, ...]] = []
+        for i, alt in enumerate(operand):
+            compiler = _Compiler(self.site)
+            alternative(alt, f"{path}[{i}]", compiler)
+            groups.append(tuple(compiler.metadata_leaves if metadata else compiler.request))
+        run = _metadata_failures if metadata else _request_failures
+        total = tuple(groups)
+
+        def test(present: bool, root: Any) -> str | None:
+            results = []
+            for leaves in total:
+                missed = run(leaves, root)
+                if not missed:
+                    return None
+                results.append(MatchResult(False, 0, len(leaves), tuple(missed)))
+            return f"{label}: " + (_any_of(results) or "")
+
+        out.append(_Leaf((), None, test, whole=True))
 
 
 def _map_key_text(field: FieldDescriptor, key: Any, path: str) -> str:
@@ -546,11 +842,88 @@ def _operator(kind: _Kind, op: str, operand: Any, label: str) -> Test:
             return lambda present, value: None if present else failure
         absent = f"{label}: expected to be absent, got "
         return lambda present, value: absent + _show_as(kind, value) if present else None
-    if op == "$regex":
-        return _regex(kind, operand, label)
+    if op in ("$regex", "$glob"):
+        if kind.shape == "list" and kind.item is not None and kind.item.textual:
+            return _each(kind, op, operand, label)
+        return _regex(kind, operand, label) if op == "$regex" else _glob(kind, operand, label)
     if op == "$contains":
         return _contains(kind, operand, label)
+    if op in ("$all", "$unordered"):
+        return _multiset(kind, op, operand, label)
     return _order(kind, op, operand, label)
+
+
+def _each(kind: _Kind, op: str, operand: Any, label: str) -> Test:
+    """``$regex`` / ``$glob`` on a repeated field: one pattern that every element matches, or a list of
+    patterns that the elements match one by one (as many elements as patterns)."""
+    item = kind.item
+    assert item is not None
+    one = _regex if op == "$regex" else _glob
+    if isinstance(operand, list):
+        if not operand:
+            raise ConversionError("", "expected a pattern or a non-empty list of patterns, got []")
+        tests = []
+        for i, pattern in enumerate(operand):
+            try:
+                tests.append(one(item, pattern, f"{label}[{i}]"))
+            except ConversionError as exc:
+                raise ConversionError(f"[{i}]{exc.path}", exc.message) from None
+        count = f"{label}: expected {len(tests)} elements, got "
+
+        def pairwise(present: bool, value: Any) -> str | None:
+            if not isinstance(value, list) or len(value) != len(tests):
+                return count + (_show_as(kind, value) if present else "nothing")
+            for test, element in zip(tests, value, strict=True):
+                failure = test(True, element)
+                if failure is not None:
+                    return failure
+            return None
+
+        return pairwise
+    single = one(item, operand, f"{label}[]")
+
+    def every(present: bool, value: Any) -> str | None:
+        for i, element in enumerate(value if isinstance(value, list) else ()):
+            failure = single(True, element)
+            if failure is not None:
+                return failure.replace(f"{label}[]", f"{label}[{i}]", 1)
+        return None
+
+    return every
+
+
+def _multiset_key(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def _multiset(kind: _Kind, op: str, operand: Any, label: str) -> Test:
+    """``$all``: every listed element is present (each matched by an element of its own), in any order;
+    ``$unordered``: the same elements as listed, as many times each, in any order."""
+    if kind.shape != "list" or kind.element is None:
+        raise ConversionError("", f"{op} applies to repeated fields, not {kind.name}")
+    if not isinstance(operand, list):
+        raise ConversionError("", f"expected a list of elements, got {show(operand)}")
+    elements = []
+    for i, item in enumerate(operand):
+        try:
+            elements.append(kind.element(item))
+        except ConversionError as exc:
+            raise ConversionError(f"[{i}]{exc.path}", exc.message) from None
+    wanted = collections.Counter(_multiset_key(e) for e in elements)
+    exact = op == "$unordered"
+    shown = _show_as(kind, elements)
+    want = (
+        f"{label}: expected {shown} in any order, got "
+        if exact
+        else f"{label}: expected to contain all of {shown}, got "
+    )
+
+    def test(present: bool, value: Any) -> str | None:
+        have = collections.Counter(_multiset_key(e) for e in (value if isinstance(value, list) else ()))
+        ok = have == wanted if exact else not (wanted - have)
+        return None if ok else want + (_show_as(kind, value) if present else "nothing")
+
+    return test
 
 
 def _regex(kind: _Kind, operand: Any, label: str) -> Test:
@@ -584,6 +957,71 @@ def _regex(kind: _Kind, operand: Any, label: str) -> Test:
         return want + (_show_as(kind, value) if present else "nothing")
 
     return test
+
+
+def _glob(kind: _Kind, operand: Any, label: str) -> Test:
+    """``$glob``: the whole value matches a shell-style pattern (``*`` and ``?`` stop at ``/``, ``[a-z]``,
+    ``[!x]`` or ``[^x]``, ``\\`` escapes), as Go's ``path.Match`` does."""
+    if not kind.textual and kind.shape != "json":
+        raise ConversionError("", f"$glob matches text, not {kind.name}")
+    if not isinstance(operand, str):
+        raise ConversionError("", f"expected a glob pattern (text), got {show(operand)}")
+    if len(operand) > MAX_REGEX:
+        raise ConversionError("", f"glob pattern longer than {MAX_REGEX} characters")
+    rx = re.compile(glob_regex(operand), re.DOTALL)
+    want = f"{label}: expected to match the glob {show(operand)}, got "
+
+    def test(present: bool, value: Any) -> str | None:
+        text = _text(value)
+        if text is not None and rx.fullmatch(text):
+            return None
+        return want + (_show_as(kind, value) if present else "nothing")
+
+    return test
+
+
+def glob_regex(pattern: str) -> str:
+    """A glob pattern as an equivalent regular expression; ConversionError for a malformed class."""
+    out: list[str] = []
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        i += 1
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "\\":
+            if i >= n:
+                raise ConversionError("", "the glob pattern ends with a lone backslash")
+            out.append(re.escape(pattern[i]))
+            i += 1
+        elif c == "[":
+            j = i
+            negate = j < n and pattern[j] in "!^"
+            if negate:
+                j += 1
+            body: list[str] = []
+            start = j
+            while j < n and (pattern[j] != "]" or j == start):
+                ch = pattern[j]
+                if ch == "\\" and j + 1 < n:
+                    body.append(re.escape(pattern[j + 1]))
+                    j += 2
+                    continue
+                body.append(
+                    "\\-"
+                    if ch == "-" and (j == start or pattern[j + 1 : j + 2] == "]")
+                    else ("-" if ch == "-" else re.escape(ch))
+                )
+                j += 1
+            if j >= n:
+                raise ConversionError("", f"unclosed [ in the glob pattern {show(pattern)}")
+            out.append(("[^" if negate else "[") + "".join(body) + "]")
+            i = j + 1
+        else:
+            out.append(re.escape(c))
+    return "".join(out)
 
 
 def _text(value: Any) -> str | None:

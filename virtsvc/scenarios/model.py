@@ -230,6 +230,8 @@ class CompiledScenario:
     from_script: bool = False  # loaded from a Python script (may hold handlers)
     passthrough: str | None = None  # the upstream answering calls that no rule matches
     passthrough_at: Location | None = None  # where ``passthrough:`` was written
+    # The status of calls no rule answers (``unmatched:``); None: UNIMPLEMENTED with the near-miss text.
+    unmatched: Status | None = None
 
     @cached_property
     def fallback(self) -> Rule | None:

@@ -20,7 +20,7 @@ __all__ = [
     "VERIFY_VALUES",
 ]
 
-SCENARIO_KEYS = ("scenario", "version", "description", "extends", "passthrough", "rules")
+SCENARIO_KEYS = ("scenario", "version", "description", "extends", "passthrough", "unmatched", "rules")
 RULE_KEYS = (
     "method", "when", "times", "priority", "reply", "status", "fault", "sequence", "after", "stream",
     "each_request", "handler", "delay", "headers", "trailers", "contract", "passthrough", "examples",
