@@ -105,7 +105,7 @@ def test_readme_builder_signatures_are_the_code_s() -> None:
     from virtsvc.testing.service import InlineRule
 
     documented = _table_calls("The builders `.on(...)` returns")
-    builders = ("reply", "fail", "stream", "sequence", "each_request", "fault", "handler")
+    builders = ("reply", "fail", "stream", "sequence", "each_request", "replies", "fault", "handler")
     assert sorted(documented) == sorted(builders)
     for name in builders:
         assert documented[name] == _shown(getattr(InlineRule, name)), name

@@ -51,7 +51,7 @@ from virtsvc.engine.router import (
 )
 from virtsvc.engine.store import DEFAULT_SESSION, SessionState
 from virtsvc.errors import Refusal, RuleFailure, VirtsvcError
-from virtsvc.scenarios.answers import Answer, Plan, metadata_value
+from virtsvc.scenarios.answers import Answer, Plan, answer_message, metadata_value
 from virtsvc.scenarios.model import Call, CompiledScenario, Delay, Fault, Rule, Step
 
 __all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "Dispatcher", "Exchange", "current_session"]
@@ -249,6 +249,15 @@ class Exchange:
         self.entry.rule = choice.rule.where
         if choice.refusal is not None:
             raise choice.refusal
+        return choice
+
+    def choose_for(self, one: Call) -> Choice:
+        """The rule answering one message of a bidi call (``one.position``); the journal names the rule
+        that answered the latest message."""
+        choice = self.dispatcher.router.choose(one)
+        self.rule = choice.rule
+        assert self.entry is not None
+        self.entry.rule = choice.rule.where
         return choice
 
     def plan(self) -> tuple[Rule, Plan] | None:
@@ -926,9 +935,22 @@ def _answer_server_stream(ex: Exchange) -> Iterator[bytes]:
         yield from ex.strategy(choice).stream(ex, choice.index)
 
 
+def _answer_per_message(ex: Exchange) -> Iterator[bytes]:
+    """A bidi call answered message by message: each incoming message is matched on its own against the
+    method's per-message rules (``when``, ``times``, priority) and answered by the one it matches."""
+    ex.call.set_messages([])
+    for one, position in ex.incoming():
+        one.position = position
+        choice = ex.choose_for(one)
+        yield from answer_message(choice.rule.steps[0], ex, one, position)
+
+
 def _answer_bidi(ex: Exchange) -> Iterator[bytes]:
     if _forwarding(ex):
         yield from ex.strategy(ex.choose()).stream(ex, 0)
+        return
+    if any(r.per_message for r in ex.candidates()):
+        yield from _answer_per_message(ex)
         return
     spec, request_iterator = ex.spec, ex.client_stream()
     messages: list[Message] = []

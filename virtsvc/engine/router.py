@@ -229,8 +229,12 @@ class Router:
     def choose(self, call: Call) -> Choice:
         """The first candidate whose ``when`` holds and that is not used up, with the step it answers with
         (a sequence moves on); Refusal with the near-miss report when none does, or when a sequence with
-        ``after: fail`` is exhausted."""
+        ``after: fail`` is exhausted.
+
+        A call for one message of a bidi stream (``call.position`` set) is answered by the per-message rules
+        alone, and only by one that has a reply for that position; the whole call by the others."""
         session = call.session
+        per_message = call.position is not None
         if self.forward_all:
             assert self._mode_rule is not None
             return self._step(self._mode_rule, session)
@@ -239,6 +243,11 @@ class Router:
         used_up: list[Rule] = []
         candidates = self.candidates(session, call.scenario, method)
         for rule in candidates:
+            if rule.per_message is not per_message:
+                continue
+            if per_message and not _answers_position(rule, call.position):
+                misses.append((rule, _past_replies(rule, call.position)))
+                continue
             if rule.when is not None:
                 try:
                     result = rule.when.check(call)
@@ -253,7 +262,7 @@ class Router:
                 used_up.append(rule)
                 continue
             return self._step(rule, session)
-        fallback = self._fallback(call.scenario)
+        fallback = None if per_message else self._fallback(call.scenario)
         if fallback is not None:
             return self._step(fallback, session)
         near_miss = self._near_miss(call, candidates, misses, used_up)
@@ -351,6 +360,8 @@ class Router:
         used_up: list[Rule],
     ) -> str:
         method = call.method.full_name
+        if call.position is not None:
+            method += f" (message {call.position})"
         where = (
             f'scenario "{call.scenario}", session "{call.session.id}"'
             if call.scenario
@@ -377,6 +388,17 @@ class Router:
         for rule in used_up:
             lines.append(f"  used up: rule at {rule.location} matched but is used up (times={rule.times})")
         return "\n".join(lines)
+
+
+def _answers_position(rule: Rule, position: int | None) -> bool:
+    """Whether a per-message rule has a reply for the message at ``position`` (``replies`` are by index)."""
+    replies = rule.steps[0].replies if rule.steps else None
+    return replies is None or (position is not None and position < len(replies))
+
+
+def _past_replies(rule: Rule, position: int | None) -> MatchResult:
+    replies = rule.steps[0].replies or ()
+    return MatchResult(False, 0, 1, (f"replies: message {position} is past its {len(replies)} replies",))
 
 
 def unknown_scenario_message(name: str, names: Sequence[str]) -> str:

@@ -31,6 +31,7 @@ __all__ = [
     "Reply",
     "Stream",
     "answer_for",
+    "answer_message",
     "metadata_value",
 ]
 
@@ -264,6 +265,27 @@ class Passthrough(_StepAnswer):
             ex.wait(self.step.delay)
         assert self.step.passthrough is not None
         yield from ex.forward(self.step.passthrough)
+
+
+def answer_message(step: Step, ex: Exchange, call: Call, index: int) -> Iterator[bytes]:
+    """A per-message rule's answer to message ``index`` of a bidi call: its reply, its stream's messages,
+    ``replies[index]``, or none; then its error status, which ends the call."""
+    if step.delay is not None:
+        ex.wait(step.delay)
+    if step.replies is not None:
+        yield ex.body(step.replies[index], call, index)
+    elif step.stream is not None:
+        for item in step.stream:
+            if item.delay is not None:
+                ex.wait(item.delay)
+            if item.fault is not None:
+                ex.fault(item.fault)
+            if item.body is not None:
+                yield ex.body(item, call, index)
+    elif step.body is not None:
+        yield ex.body(step, call, index)
+    if step.status is not None and not step.status.ok:
+        ex.fail(step, call, index)
 
 
 def answer_for(step: Step) -> Answer:

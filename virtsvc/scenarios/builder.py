@@ -80,8 +80,11 @@ class Scenario:
         when: Mapping[str, Any] | None = None,
         times: int | None = None,
         priority: int = 0,
+        per_message: bool = False,
     ) -> RuleBuilder:
-        """Starts a rule for ``method`` (``pkg.Svc/Method``); finish it with ``.reply``, ``.fail``...."""
+        """Starts a rule for ``method`` (``pkg.Svc/Method``); finish it with ``.reply``, ``.fail``....
+
+        ``per_message``: a bidi rule matched against, and answering, each incoming message on its own."""
         data: dict[str, Any] = {"method": method}
         if when is not None:
             data["when"] = _plain(when)
@@ -89,6 +92,8 @@ class Scenario:
             data["times"] = times
         if priority != 0:
             data["priority"] = priority
+        if per_message:
+            data["per_message"] = True
         rule = RuleBuilder(data, _caller())
         self._rules.append(rule)
         return rule
@@ -211,6 +216,13 @@ class RuleBuilder:
         self._set("reply", _body(body))
         self._extras(headers, trailers, delay)
         __tracebackhide__ = True  # a failing change points at the user's line, not this one
+        return self._changed()
+
+    def replies(self, bodies: Sequence[Mapping[str, Any] | Message], *, delay: Any = None) -> RuleBuilder:
+        """A per-message rule's answers by position: message i of the bidi call gets ``bodies[i]``."""
+        self._set("replies", [_body(b) for b in bodies])
+        self._extras(None, None, delay)
+        __tracebackhide__ = True
         return self._changed()
 
     def fail(

@@ -57,6 +57,7 @@ from virtsvc.scenarios.vocabulary import (
     AFTER_VALUES,
     EACH_REQUEST_KEYS,
     ITEM_ANSWERS,
+    PER_MESSAGE_KEYS,
     RULE_KEYS,
     SCENARIO_KEYS,
     STATUS_KEYS,
@@ -575,7 +576,23 @@ class _Compiler:
             if rule is not None:
                 compiled.append(rule)
         self._unreachable(reach)
+        self._per_message_only(compiled)
         return tuple(compiled)
+
+    def _per_message_only(self, rules: Sequence[Rule]) -> None:
+        """A bidi method with per-message rules is answered message by message: its other rules never are."""
+        first: dict[str, Rule] = {}
+        for rule in rules:
+            if rule.per_message:
+                first.setdefault(rule.method, rule)
+        for rule in rules:
+            if not rule.per_message and rule.method in first:
+                self.problems.add(
+                    rule.location.file,
+                    rule.location.line,
+                    f"rule is never used: {rule.method} is answered message by message (the per-message "
+                    f"rule at {first[rule.method].location}); make this rule per_message: true too",
+                )
 
     def _unreachable(self, reach: list[tuple[int, int, str, bool, Location]]) -> None:
         """Reports rules that an earlier catch-all rule (no when, no times) of the same method shadows."""
@@ -628,6 +645,7 @@ class _Compiler:
                 site.error(
                     node, "after", _unknown_value("after", after, AFTER_VALUES, "repeat_last (the default)")
                 )
+        per_message = self._per_message(node, site, spec)
         when = None
         condition = node.get("when")
         if condition is not None:
@@ -638,7 +656,7 @@ class _Compiler:
                     f"when: expected a mapping of conditions (request:, metadata:), got {_kind(condition)}",
                 )
             elif spec is not None:
-                when = compile_when(condition, spec, site, "when")
+                when = compile_when(condition, spec, site, "when", per_message=per_message)
 
         contract = self._contract(node, site)
         examples = self._examples(node, site, spec)
@@ -659,7 +677,9 @@ class _Compiler:
 
         if spec is not None and priority_ok:
             catch_all = not condition and times is None
-            reach.append((priority, index, spec.full_name, catch_all, location))
+            # a whole-call rule and a per-message rule never compete: each shadows only its own kind
+            group = f"{spec.full_name} (per message)" if per_message else spec.full_name
+            reach.append((priority, index, group, catch_all, location))
         if len(self.problems.items) != before or spec is None:
             return None
         return Rule(
@@ -677,7 +697,39 @@ class _Compiler:
             examples=examples,
             verify=verify,
             source=node,
+            per_message=per_message,
         )
+
+    def _per_message(self, node: Mapping[Any, Any], site: Site, spec: MethodSpec | None) -> bool:
+        """``per_message: true``: the rule is matched against, and answers, each message of a bidi call."""
+        value = node.get("per_message", False)
+        if not isinstance(value, bool):
+            site.error(node, "per_message", f"per_message: expected true or false, got {_show(value)}")
+            value = False
+        elif value and spec is not None and spec.kind != "bidi_streaming":
+            site.error(
+                node,
+                "per_message",
+                f"per_message: {spec.full_name} is {_kind_words(spec)}; per_message answers the messages "
+                "of a bidi call one by one",
+            )
+            value = False
+        elif value:
+            for k in node:
+                if k in RULE_KEYS and k not in PER_MESSAGE_KEYS:
+                    site.error(
+                        node,
+                        k,
+                        f"{k}: a per-message rule answers each message with reply, replies, stream or status "
+                        f"(and delay); remove {k}",
+                    )
+        if "replies" in node and not value:
+            site.error(
+                node,
+                "replies",
+                "replies: only a per-message rule (per_message: true) answers message i with replies[i]",
+            )
+        return bool(value)
 
     def _contract(self, node: Mapping[Any, Any], site: Site) -> str | None:
         """``contract:``: the fingerprint of the method's contract a recorded rule was made against."""
@@ -771,6 +823,10 @@ class _Compiler:
             trailers=self._metadata(node, "trailers", site, "trailers"),
         )
         answers = [k for k in STEP_ANSWERS if k in node]
+        if "replies" in node:
+            for k in answers:
+                site.error(node, k, f"{k}: replies answer message i with replies[i]; remove {k}")
+            return self._replies(node, site, spec, location, defaults)
         if "handler" in node:
             # The handler is the whole answer: it can sleep and set metadata through its context.
             for k in (*answers, "sequence", "delay", "headers", "trailers"):
@@ -795,6 +851,29 @@ class _Compiler:
             return ()
         step = self._step(node, site, spec, "", location, defaults, level="rule")
         return (step,) if step is not None else ()
+
+    def _replies(
+        self,
+        node: Mapping[Any, Any],
+        site: Site,
+        spec: MethodSpec | None,
+        location: Location,
+        defaults: _Defaults,
+    ) -> tuple[Step, ...]:
+        """``replies: [...]``: message i of a bidi call answered by replies[i] (a per-message rule)."""
+        items = node["replies"]
+        if not isinstance(items, list) or not items:
+            site.error(node, "replies", f"replies: expected a non-empty list of messages, got {_show(items)}")
+            return ()
+        before = len(self.problems.items)
+        out = []
+        for i, item in enumerate(items):
+            item_site = Site(site.file, site.problems, site.line_of(items, i))
+            body = _reply({"reply": item}, spec, item_site, f"replies[{i}]")
+            out.append(Step(Location(item_site.file, item_site.line), body=body))
+        if len(self.problems.items) != before:
+            return ()
+        return (Step(location, delay=defaults.delay, replies=tuple(out)),)
 
     def _sequence(
         self, node: Mapping[Any, Any], site: Site, spec: MethodSpec | None, defaults: _Defaults

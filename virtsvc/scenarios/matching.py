@@ -141,6 +141,16 @@ class _Streamed:
         n += len(self.any or ()) + len(self.every or ())
         return n
 
+    def one(self, message: dict[str, Any], position: int) -> tuple[list[str], int]:
+        """A per-message rule: message ``position`` of a bidi call meets condition ``position``."""
+        assert self.elements is not None
+        total = 1 + sum(len(e) for e in self.elements)
+        if position >= len(self.elements):
+            return [f"requests: message {position} is past the {_count(len(self.elements))} listed"], total
+        missed = _request_failures(self.elements[position], message)
+        # the conditions on the other positions do not apply to this message: they count as held
+        return missed, len(missed)
+
     def failures(self, messages: list[dict[str, Any]]) -> tuple[list[str], int]:
         """The failure texts, and how many conditions failed (a missing message fails all of its own)."""
         failures: list[str] = []
@@ -244,7 +254,12 @@ class _When:
         if self._request:
             failures.extend(_request_failures(self._request, call.request_json))
         if self._streamed is not None:
-            texts, failed = self._streamed.failures(call.requests_json)
+            position = call.position
+            texts, failed = (
+                self._streamed.failures(call.requests_json)
+                if position is None
+                else self._streamed.one(call.request_json, position)
+            )
             failures.extend(texts)
             extra += failed - len(texts)
         if self._metadata:
@@ -295,22 +310,27 @@ def _lookup(root: Any, keys: tuple[str, ...]) -> tuple[bool, Any]:
 
 
 def compile_when(
-    node: Mapping[str, Any], method: MethodSpec, site: Site, path: str = "when"
+    node: Mapping[str, Any], method: MethodSpec, site: Site, path: str = "when", *, per_message: bool = False
 ) -> Matcher | None:
-    """Compiles a ``when`` block for ``method``; None (every problem reported on ``site``) if it is wrong."""
+    """Compiles a ``when`` block for ``method``; None (every problem reported on ``site``) if it is wrong.
+
+    ``per_message``: the rule matches each message of a bidi call on its own (``request`` is that message,
+    ``requests[i]`` the condition on message i)."""
     before = len(site.problems.items)
     if not isinstance(node, Mapping):
         site.error(
             node, None, f"{path}: expected a mapping of conditions (request:, metadata:), got {show(node)}"
         )
         return None
-    compiled = _compile_when(node, method, site, path)
+    compiled = _compile_when(node, method, site, path, per_message)
     if len(site.problems.items) > before:
         return None
     return compiled
 
 
-def _compile_when(node: Mapping[str, Any], method: MethodSpec, site: Site, path: str) -> _When:
+def _compile_when(
+    node: Mapping[str, Any], method: MethodSpec, site: Site, path: str, per_message: bool = False
+) -> _When:
     compiler = _Compiler(site)
     elements: list[tuple[_Leaf, ...]] | None = None
     any_leaves: tuple[_Leaf, ...] | None = None
@@ -324,7 +344,15 @@ def _compile_when(node: Mapping[str, Any], method: MethodSpec, site: Site, path:
             else:
                 site.error(node, key, f"{kpath}: expected a mapping of request fields, got {show(value)}")
         elif key in STREAM_KEYS:
-            if method.kind != "client_streaming":
+            if per_message and key != "requests":
+                site.error(
+                    node,
+                    key,
+                    f"{kpath}: a per-message rule sees one message at a time; use when.request for it, or "
+                    "when.requests for message i",
+                )
+                continue
+            if method.kind != "client_streaming" and not per_message:
                 site.error(
                     node,
                     key,
@@ -378,7 +406,7 @@ def _compile_when(node: Mapping[str, Any], method: MethodSpec, site: Site, path:
                         f"{ipath}: expected a mapping of conditions (request:, metadata:), got {show(item)}",
                     )
                     continue
-                group.append(_compile_when(item, method, site.at(item), ipath))
+                group.append(_compile_when(item, method, site.at(item), ipath, per_message))
             alternatives.append(tuple(group))
         else:
             hint = suggest(str(key), WHEN_KEYS) or "; the keys are " + ", ".join(WHEN_KEYS)

@@ -151,6 +151,7 @@ class Step:
     stream: tuple[Step, ...] | None = None
     each_request: Step | None = None
     passthrough: str | None = None  # forward the call to this upstream and relay its answer
+    replies: tuple[Step, ...] | None = None  # per-message rules: message i is answered by replies[i]
 
 
 Handler = Callable[..., Any]
@@ -177,6 +178,8 @@ class Rule:
     examples: tuple[tuple[bytes, ...], ...] = ()
     verify: Literal["shape", "exact"] = "shape"  # compare the real answer's shape only, or its values too
     source: Mapping[str, Any] | None = field(default=None, repr=False)  # the rule as written (with lines)
+    # A bidi rule matched and answering each incoming message on its own (``per_message: true``).
+    per_message: bool = False
 
     @cached_property
     def where(self) -> str:
@@ -202,7 +205,13 @@ class Rule:
     def plan(self) -> Plan | None:
         """This rule's answer as fixed data, when every call gets the same one at once: no condition,
         count, sequence or handler, and an answer that is fixed itself (``Answer.plan``)."""
-        if self.when is not None or self.times is not None or self.handler is not None or self.is_sequence:
+        if (
+            self.when is not None
+            or self.times is not None
+            or self.handler is not None
+            or self.is_sequence
+            or self.per_message
+        ):
             return None
         return self.answers[0].plan() if self.answers else None
 
@@ -261,6 +270,7 @@ class Call:
     session: Any  # the engine's session state (virtsvc.engine.store.SessionState)
     metadata: Mapping[str, str]
     raw_requests: list[bytes] = field(default_factory=list)
+    position: int | None = None  # one message of a bidi stream answered on its own: its index
 
     @cached_property
     def request_messages(self) -> list[Message]:

@@ -10,6 +10,7 @@ __all__ = [
     "AFTER_VALUES",
     "EACH_REQUEST_KEYS",
     "ITEM_ANSWERS",
+    "PER_MESSAGE_KEYS",
     "RULE_ANSWER_KEYS",
     "RULE_KEYS",
     "SCENARIO_KEYS",
@@ -24,7 +25,12 @@ SCENARIO_KEYS = ("scenario", "version", "description", "extends", "passthrough",
 RULE_KEYS = (
     "method", "when", "times", "priority", "reply", "status", "fault", "sequence", "after", "stream",
     "each_request", "handler", "delay", "headers", "trailers", "contract", "passthrough", "examples",
-    "verify",
+    "verify", "per_message", "replies",
+)  # fmt: skip
+# what a per-message rule (a bidi method's messages matched one by one) may hold besides method and when
+PER_MESSAGE_KEYS = (
+    "method", "when", "times", "priority", "per_message", "reply", "replies", "stream", "status", "delay",
+    "contract", "examples", "verify",
 )  # fmt: skip
 STEP_KEYS = ("reply", "status", "fault", "stream", "delay", "headers", "trailers", "passthrough")
 STREAM_ITEM_KEYS = ("reply", "delay", "fault")
@@ -35,4 +41,4 @@ VERIFY_VALUES = ("shape", "exact")  # how `virtsvc verify` compares a real answe
 # what a rule's own step does
 STEP_ANSWERS = ("reply", "status", "fault", "stream", "each_request", "passthrough")
 ITEM_ANSWERS = ("reply", "status", "fault", "stream", "passthrough")  # what a sequence item does
-RULE_ANSWER_KEYS = (*STEP_ANSWERS, "sequence", "handler")  # any of these makes a rule answer
+RULE_ANSWER_KEYS = (*STEP_ANSWERS, "sequence", "handler", "replies")  # any of these makes a rule answer

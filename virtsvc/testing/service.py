@@ -568,13 +568,16 @@ class VirtualService:
         when: Mapping[str, Any] | None = None,
         times: int | None = None,
         priority: int = 0,
+        per_message: bool = False,
     ) -> InlineRule:
         """Starts an inline rule for ``method``; finish it with ``.reply``, ``.fail``, ``.stream``...
 
         Inline rules answer this session only, before the scenario's rules (``when``, ``times``,
-        ``priority`` as in scenario files).
+        ``priority``, ``per_message`` as in scenario files).
         """
-        data = self._builder.on(method, when=when, times=times, priority=priority).data
+        data = self._builder.on(
+            method, when=when, times=times, priority=priority, per_message=per_message
+        ).data
         rule = InlineRule(data, self._caller(), self)
         self._rules.append(rule)
         return rule
