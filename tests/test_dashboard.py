@@ -536,3 +536,63 @@ def test_forwarded_calls_name_their_upstream(catalog: Catalog, pb: SimpleNamespa
                 s.close()
     finally:
         upstream.stop()
+
+
+# -- the run history's trends -------------------------------------------------------------------------------
+
+
+def make_history(path: Path, runs: int = 6) -> Path:
+    """A run history of ``runs`` CI runs on one scenario version: a steady test, and one whose answer
+    changes from run to run (flaky), with latencies that move."""
+    from virtsvc.observe.history import History
+    from virtsvc.observe.report import Call, build_report
+
+    history = History(path)
+    for run in range(runs):
+        calls = [
+            Call(seq=1, scenario="checkout-happy", session="a", method="shop.v1.Inventory/Reserve", code="OK",
+                 duration=0.002 + 0.001 * run, version=1, label="tests/test_checkout.py::test_reserve",
+                 rule="scenarios/checkout-happy.yaml:7"),
+            Call(seq=2, scenario="checkout-happy", session="b", method="shop.v1.Payments/Charge",
+                 code="OK" if run % 2 else "UNAVAILABLE", duration=0.004 + 0.002 * (run % 3), version=1,
+                 label="tests/test_checkout.py::test_pay", rule="scenarios/checkout-happy.yaml:25"),
+        ]  # fmt: skip
+        history.record(build_report(calls, source="ci"), at=f"2026-12-0{run + 1}T06:00:00Z")
+    return path
+
+
+def test_history_trends_are_served(catalog: Catalog, tmp_path: Path) -> None:
+    """With a history, /api/history holds its runs, the flaky test and the trends per method and test."""
+    path = make_history(tmp_path / "history.sqlite")
+    with VirtualServer(catalog, port=0, dashboard_port=0, history=path) as vs:
+        status, _, trends = _get(vs, "/api/history")
+        _, _, state = _get(vs, "/api/state")
+    assert status == 200 and trends["available"] is True
+    assert state["server"]["history"] == str(path)
+    assert [r["at"] for r in trends["runs"]] == [f"2026-12-0{n}T06:00:00Z" for n in range(1, 7)]
+    [flaky] = trends["flaky"]
+    assert flaky["test"] == "tests/test_checkout.py::test_pay" and flaky["times"] == 5
+    assert [(t["test"], t["flaky"]) for t in trends["tests"]] == [
+        ("tests/test_checkout.py::test_pay", True),
+        ("tests/test_checkout.py::test_reserve", False),
+    ]
+    charge = next(m for m in trends["methods"] if m["method"] == "shop.v1.Payments/Charge")
+    assert charge["error_rate"] == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
+
+
+def test_a_history_that_is_not_one_is_said_on_the_page(catalog: Catalog, tmp_path: Path) -> None:
+    """A missing file, or one that is no history: the page says why, the dashboard serves, the file stays."""
+    missing = tmp_path / "none.sqlite"
+    other = tmp_path / "notes.txt"
+    other.write_text("not a database, just some notes\n" * 100)
+    for path, reason in (
+        (missing, f"{missing}: no such file yet (virtsvc report --history writes it)"),
+        (other, f"{other}: not a virtsvc history (SQLite: "),
+    ):
+        with VirtualServer(catalog, port=0, dashboard_port=0, history=path) as vs:
+            status, _, trends = _get(vs, "/api/history")
+            assert _get(vs, "/api/state")[0] == 200
+        assert status == 200 and trends["available"] is False
+        assert trends["reason"].startswith(reason)
+    assert not missing.exists()
+    assert other.read_text().startswith("not a database")

@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 import pytest
+from test_dashboard import make_history
 
 from virtsvc.contracts import Catalog
 from virtsvc.scenarios.loader import load_scenarios
@@ -70,10 +71,13 @@ def page(browser: Any) -> Iterator[Any]:
 
 
 @pytest.fixture
-def server(catalog: Catalog, monkeypatch: pytest.MonkeyPatch) -> Iterator[VirtualServer]:
-    """The example scenarios as `virtsvc serve` in the repository loads them: at scenarios/FILE:LINE."""
+def server(catalog: Catalog, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[VirtualServer]:
+    """The example scenarios as `virtsvc serve` in the repository loads them (at scenarios/FILE:LINE), with
+    a run history of six CI runs."""
+    history = make_history(tmp_path / "history.sqlite")
     monkeypatch.chdir(ROOT)
-    with VirtualServer(catalog, load_scenarios([Path("scenarios")], catalog), port=0, dashboard_port=0) as vs:
+    scenarios = load_scenarios([Path("scenarios")], catalog)
+    with VirtualServer(catalog, scenarios, port=0, dashboard_port=0, history=history) as vs:
         yield vs
 
 
@@ -182,6 +186,16 @@ def test_live_calls_details_and_charts(
         )
     page.wait_for_selector("#tail tbody tr:first-child >> text=late-arrival")
     _until(page, f"document.querySelector('#counts').textContent.startsWith('{calls + 1} calls')")
+
+    # The history's trends: the flaky test first, then a sparkline per test and per method.
+    page.wait_for_selector("#trends-flaky")
+    flaky = page.inner_text("#trends-flaky")
+    assert "tests/test_checkout.py::test_pay · changed 5 times · runs 5 → 6" in flaky
+    assert "- shop.v1.Payments/Charge UNAVAILABLE scenarios/checkout-happy.yaml:25" in flaky
+    rows = page.locator("#trends table.trends").first.locator("tbody tr")
+    assert rows.all_inner_texts()[0].startswith("tests/test_checkout.py::test_pay flaky")
+    assert rows.nth(0).locator("polyline.err").count() == 1 and rows.count() == 2
+    assert "6 runs, 2026-12-01T06:00:00Z to 2026-12-06T06:00:00Z" in page.inner_text("#trends")
 
     page.locator("#tail tbody tr", has_text="cart-1").first.click()
     page.wait_for_selector("#details-request")
