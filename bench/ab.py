@@ -33,6 +33,7 @@ from common import (
     SCENARIOS,
     BenchError,
     check_h2load,
+    exit_on_sigterm,
     median,
     run_h2load,
     server_processes,
@@ -77,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "as --base: what those flags cost)",
     )
     args = parser.parse_args(argv)
+    exit_on_sigterm()
 
     sys.path.insert(0, str(ROOT / "bench"))
     from run import Env

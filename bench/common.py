@@ -52,6 +52,12 @@ class BenchError(RuntimeError):
 # -- stubs and messages ------------------------------------------------------------------------------
 
 
+def exit_on_sigterm() -> None:
+    """A SIGTERM (a CI time limit, ``timeout``) ends the run through its cleanups, as Ctrl-C does, so no
+    server or worktree is left behind."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+
 def compile_stubs(out: Path) -> tuple[ModuleType, ModuleType]:
     """Compiles bench.proto with grpc_tools.protoc into ``out``; returns (bench_pb2, bench_pb2_grpc)."""
     from grpc_tools import protoc

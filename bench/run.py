@@ -60,6 +60,7 @@ from common import (
     compile_stubs,
     cores,
     cpu_seconds,
+    exit_on_sigterm,
     grpc_frame,
     h2load_path,
     median,
@@ -1392,6 +1393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="runs per measurement (default 3)")
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.json", help="the JSON results file")
     args = parser.parse_args(argv)
+    exit_on_sigterm()
 
     cfg = Config.for_mode(args.quick)
     if args.repeats is not None:
