@@ -11,6 +11,7 @@ import threading
 import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
@@ -271,8 +272,8 @@ class Router:
             raise Refusal(grpc.StatusCode.UNIMPLEMENTED, near_miss, near_miss=True)
         raise self._unmatched_refusal(unmatched, call, near_miss)
 
-    def _unmatched(self, scenario: str) -> Status | None:
-        """The ``unmatched:`` status of the scenario, or of the nearest one it extends."""
+    def _inherited(self, scenario: str, attribute: str) -> Any:
+        """``attribute`` of the scenario or of the nearest one it extends that sets it; None if none does."""
         seen: set[str] = set()
         name: str | None = scenario
         while name and name not in seen:
@@ -280,10 +281,16 @@ class Router:
             compiled = self.registry.get(name)
             if compiled is None:
                 break
-            if compiled.unmatched is not None:
-                return compiled.unmatched
+            value = getattr(compiled, attribute)
+            if value is not None:
+                return value
             name = compiled.extends
         return None
+
+    def _unmatched(self, scenario: str) -> Status | None:
+        """The ``unmatched:`` status of the scenario, or of the nearest one it extends."""
+        status: Status | None = self._inherited(scenario, "unmatched")
+        return status
 
     @staticmethod
     def _unmatched_refusal(status: Status, call: Call, near_miss: str) -> Refusal:
@@ -309,17 +316,8 @@ class Router:
     def _fallback(self, scenario: str) -> Rule | None:
         """What answers a call no rule matched: the scenario's ``passthrough`` (or the nearest one it
         extends), else the real service in spy mode."""
-        seen: set[str] = set()
-        name: str | None = scenario
-        while name and name not in seen:
-            seen.add(name)
-            compiled = self.registry.get(name)
-            if compiled is None:
-                break
-            if compiled.fallback is not None:
-                return compiled.fallback
-            name = compiled.extends
-        return self._mode_rule
+        rule: Rule | None = self._inherited(scenario, "fallback")
+        return rule if rule is not None else self._mode_rule
 
     @staticmethod
     def _step(rule: Rule, session: SessionState) -> Choice:
