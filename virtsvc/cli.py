@@ -247,11 +247,19 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     # walked again by the collections while the scenarios load, nor by the full one the sidecar makes before
     # serving (12 ms -> 0.3 ms): about 30 ms of CPU off start-up. The few hundred objects the imports left as
     # garbage are frozen with them.
+    if args.workers > 1:
+        import os
+
+        from virtsvc.server.workers import ENVIRONMENT
+
+        if ENVIRONMENT not in os.environ:
+            return _supervise_workers(args, settings)
     enabled = gc.isenabled()
     gc.disable()
     try:
         from virtsvc.scenarios import loader as _loader  # noqa: F401 - what serving needs next: imported to be frozen too
         from virtsvc.server.sidecar import run_sidecar
+        from virtsvc.server.workers import WorkerLink
     finally:
         if enabled:
             gc.enable()
@@ -262,10 +270,32 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             catalog=_catalog_from(args, settings),
             scenario_paths=_scenario_paths(args, settings),
             options=_serve_options(args, settings),
+            worker=WorkerLink.from_environment() if args.workers > 1 else None,
         )
     except BaseException:
         gc.unfreeze()  # a process that goes on (a test calling main()) keeps a collectable heap
         raise
+
+
+def _supervise_workers(args: argparse.Namespace, settings: Settings) -> int:
+    """serve --workers N: the supervisor of N serving processes (virtsvc.server.workers)."""
+    store = getattr(args, "store", None) or "memory"
+    if not store.startswith(("redis://", "rediss://")):
+        print(
+            f"{PROG}: error: --workers {args.workers} needs a shared store: with --store memory "
+            "(the default) each worker would keep its own sessions, sequences and journals; give --store redis://HOST:PORT/DB",
+            file=sys.stderr,
+        )
+        return 2
+    from virtsvc.server.workers import run_workers
+
+    return run_workers(
+        args.argv,
+        count=args.workers,
+        host=args.host or settings.host,
+        port=settings.port if args.port is None else args.port,
+        grace=args.grace,
+    )
 
 
 def _cmd_record(args: argparse.Namespace, settings: Settings) -> int:
@@ -642,6 +672,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="idle sessions expire after this long (default 3600)",
     )
     serve.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="processes serving the port, one core each (default 1); more than one needs --store redis://...",
+    )
+    serve.add_argument(
         "--max-workers", type=_positive, default=64, metavar="N", help="threads serving calls (default 64)"
     )
     serve.add_argument(
@@ -997,6 +1034,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits for --help (0) and usage errors (2)
         return exc.code if isinstance(exc.code, int) else 2
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # serve --workers gives it to each worker
     stream = "stdout" if args.command in ("serve", "record") else "stderr"
     # gen and check say what they did in one line of their own: their info events (gen.completed) only when
     # a log format was asked for; warnings always.

@@ -30,6 +30,9 @@ class ServeOptions:
 
     host: str = "127.0.0.1"
     port: int = 0  # 0 picks a free port
+    # Share the port with other processes that set it too (SO_REUSEPORT), as `serve --workers` does; off,
+    # a port in use is an error rather than a silently shared socket.
+    reuse_port: bool = False
     default_scenario: str | None = None  # answers calls that name no scenario
     max_workers: int = 64  # threads serving calls
     journal_size: int = 500  # journal entries kept per session
@@ -98,7 +101,7 @@ class ServeOptions:
     def grpc_options(self) -> list[tuple[str, int]]:
         """The grpc server channel arguments these settings make (keepalive policy, message sizes)."""
         return [
-            ("grpc.so_reuseport", 0),  # an occupied port is an error, not a silently shared socket
+            ("grpc.so_reuseport", int(self.reuse_port)),
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", self.max_message_bytes),
             # Keepalive: accept a client's pings every min_ping_interval, calls in flight or not (grpc's

@@ -20,19 +20,34 @@ from virtsvc.errors import ConfigError, ScenarioError
 from virtsvc.scenarios.loader import SUFFIXES, load_scenarios
 from virtsvc.server.options import ServeOptions
 from virtsvc.server.virtual_server import VirtualServer
+from virtsvc.server.workers import WorkerLink
 
 __all__ = ["ScenarioWatcher", "run_sidecar"]
 
 log = _logs.get_logger("virtsvc")
 
 
-def run_sidecar(*, catalog: Catalog, scenario_paths: Sequence[Path], options: ServeOptions) -> int:
-    """Serves until SIGTERM/SIGINT, then drains for ``options.grace`` seconds; returns the exit status."""
+def run_sidecar(
+    *,
+    catalog: Catalog,
+    scenario_paths: Sequence[Path],
+    options: ServeOptions,
+    worker: WorkerLink | None = None,
+) -> int:
+    """Serves until SIGTERM/SIGINT, then drains for ``options.grace`` seconds; returns the exit status.
+
+    As one ``worker`` of ``serve --workers`` it shares the supervisor's port, tells the supervisor (not the
+    log) that it serves, and stops when told to or when the supervisor is gone; the supervisor logs the
+    lifecycle events for all its workers.
+    """
+    if worker is not None:
+        options = _as_worker(options, worker)
     server = VirtualServer(catalog, load_scenarios(scenario_paths, catalog, options.upstreams), options)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
-        log.info("draining", signal=signal.Signals(signum).name, grace=options.grace)
+        if worker is None:
+            log.info("draining", signal=signal.Signals(signum).name, grace=options.grace)
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -43,8 +58,9 @@ def run_sidecar(*, catalog: Catalog, scenario_paths: Sequence[Path], options: Se
     if options.watch:
         watcher = ScenarioWatcher(server, scenario_paths)
         watcher.start()
-    log.info(
-        "serving",
+    if worker is not None:
+        worker.watch_supervisor(stop.set)
+    serving = dict(
         host=options.host,
         port=server.port,
         address=server.address,
@@ -63,13 +79,32 @@ def run_sidecar(*, catalog: Catalog, scenario_paths: Sequence[Path], options: Se
         traces=server.tracing is not None,
         log_calls=options.log_calls,
     )
+    if worker is None:
+        log.info("serving", **serving)
+    else:
+        worker.ready(serving)
     while not stop.wait(0.5):
         pass
     if watcher is not None:
         watcher.stop()
     server.stop(options.grace)
-    log.info("stopped")
+    if worker is None:
+        log.info("stopped")
     return 0
+
+
+def _as_worker(options: ServeOptions, worker: WorkerLink) -> ServeOptions:
+    """A worker's settings: the shared port; a metrics port of its own (the ones after ``--metrics-port``, or
+    each a free one for 0), and the dashboard on the first worker alone."""
+    metrics_port = options.metrics_port
+    if metrics_port:
+        metrics_port += worker.index
+    return options.replace(
+        port=worker.port,
+        reuse_port=True,
+        metrics_port=metrics_port,
+        dashboard_port=options.dashboard_port if worker.index == 0 else None,
+    )
 
 
 class ScenarioWatcher(threading.Thread):

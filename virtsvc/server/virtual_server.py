@@ -280,7 +280,7 @@ class VirtualServer:
         add_reflection(server, services, self.catalog.pool)
         server.add_generic_rpc_handlers([self.dispatcher.unknown_method_handler()])
         target = f"{self.host}:{self.requested_port}"
-        if self.requested_port:
+        if self.requested_port and not self.options.reuse_port:
             _probe(self.host, self.requested_port, target)  # say so ourselves, before grpc logs to stderr
         try:
             if self._credentials is not None:
