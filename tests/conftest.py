@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import pytest
 from _upstream import spawn  # noqa: F401 - a fixture: virtsvc serve/record as real processes
+from _workers import launch  # noqa: F401 - a fixture: commands (serve --workers) whose processes are stopped
 
 from virtsvc.contracts import Catalog
 from virtsvc.contracts import protoc as _protoc

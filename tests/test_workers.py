@@ -7,19 +7,14 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-import pytest
+from _workers import ROOT, Served, alive, gone
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from virtsvc.contracts import Catalog
-
-ROOT = Path(__file__).resolve().parent.parent
 
 SEQUENCE = """\
 scenario: counted
@@ -43,91 +38,6 @@ sys.exit(run_workers(sys.argv[1:], count=2, host="127.0.0.1", port=0, grace=5.0)
 """
 
 
-@dataclass
-class Served:
-    process: subprocess.Popen[str]
-    lines: list[str] = field(default_factory=list)
-
-    def events(self, name: str) -> list[dict[str, object]]:
-        found = [json.loads(line) for line in list(self.lines) if line.startswith("{")]
-        return [e for e in found if e.get("event") == name]
-
-    def wait_for(self, name: str, timeout: float = 60.0) -> dict[str, object]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            events = self.events(name)
-            if events:
-                return events[0]
-            if self.process.poll() is not None and not self.events(name):
-                time.sleep(0.2)
-                if not self.events(name):
-                    raise AssertionError(f"exited {self.process.returncode} before {name!r}: {self.lines}")
-            time.sleep(0.05)
-        raise AssertionError(f"no {name!r} event: {self.lines}")
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.wait_for('serving')['port']}"
-
-    @property
-    def worker_pids(self) -> list[int]:
-        return [int(w["pid"]) for w in self.wait_for("serving")["workers"]]  # type: ignore[attr-defined,index]
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie, exited but not yet reaped by its parent, does not)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
-
-
-def _gone(pids: list[int], timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not any(_alive(p) for p in pids):
-            return True
-        time.sleep(0.05)
-    return False
-
-
-@pytest.fixture
-def start(tmp_path: Path) -> Iterator[object]:
-    """``start(*command)`` runs a command with its stdout and stderr collected; stopped (killed) after."""
-    started: list[Served] = []
-
-    def run(*command: str) -> Served:
-        process = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")},
-        )
-        served = Served(process)
-
-        def read() -> None:
-            assert process.stdout is not None
-            for line in process.stdout:
-                served.lines.append(line.rstrip("\n"))
-
-        threading.Thread(target=read, daemon=True).start()
-        started.append(served)
-        return served
-
-    yield run
-    for served in started:
-        pids = served.worker_pids if served.events("serving") else []
-        if served.process.poll() is None:
-            served.process.kill()
-        served.process.wait(timeout=30)
-        for pid in pids:
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
-
-
 def _reserve(address: str, catalog: Catalog, session: str) -> str:
     spec = catalog.method("shop.v1.Inventory/Reserve")
     with grpc.insecure_channel(address) as channel:  # a channel of its own: a connection of its own
@@ -144,10 +54,10 @@ def _reserve(address: str, catalog: Catalog, session: str) -> str:
     return str(reply.reservation_id)
 
 
-def _supervised(start: object, tmp_path: Path) -> Served:
+def _supervised(launch: object, tmp_path: Path) -> Served:
     scenario = tmp_path / "counted.yaml"
     scenario.write_text(SEQUENCE)
-    return start(  # type: ignore[operator,no-any-return]
+    return launch(  # type: ignore[operator,no-any-return]
         sys.executable, "-c", SUPERVISOR, "serve", "--protos", "protos", "--scenarios", str(scenario),
         "--workers", "2", "--log-format", "json",
     )  # fmt: skip
@@ -170,9 +80,9 @@ def test_the_memory_store_refuses_more_than_one_worker() -> None:
     assert "serving" not in done.stdout
 
 
-def test_workers_share_one_port_and_stop_as_one(start: object, tmp_path: Path, catalog: Catalog) -> None:
+def test_workers_share_one_port_and_stop_as_one(launch: object, tmp_path: Path, catalog: Catalog) -> None:
     """One `serving` event for both workers; connections reach both; SIGTERM stops them all, exit 0."""
-    served = _supervised(start, tmp_path)
+    served = _supervised(launch, tmp_path)
     serving = served.wait_for("serving")
     pids = served.worker_pids
     assert len(set(pids)) == 2 and served.process.pid not in pids
@@ -189,16 +99,16 @@ def test_workers_share_one_port_and_stop_as_one(start: object, tmp_path: Path, c
 
     served.process.send_signal(signal.SIGTERM)
     assert served.process.wait(timeout=60) == 0
-    assert _gone(pids), f"workers left running: {[p for p in pids if _alive(p)]}"
+    assert gone(pids), f"workers left running: {[p for p in pids if alive(p)]}"
     assert [e["event"] for e in map(json.loads, filter(lambda x: x.startswith("{"), served.lines))][-2:] == [
         "draining",
         "stopped",
     ]
 
 
-def test_a_worker_that_dies_is_reported_and_the_server_exits_1(start: object, tmp_path: Path) -> None:
+def test_a_worker_that_dies_is_reported_and_the_server_exits_1(launch: object, tmp_path: Path) -> None:
     """SIGKILL to one worker: `worker_exited` names it and the signal; the other drains; exit 1."""
-    served = _supervised(start, tmp_path)
+    served = _supervised(launch, tmp_path)
     first, second = served.worker_pids
     os.kill(first, signal.SIGKILL)
     assert served.process.wait(timeout=60) == 1
@@ -209,23 +119,23 @@ def test_a_worker_that_dies_is_reported_and_the_server_exits_1(start: object, tm
         "SIGKILL",
         "error",
     )
-    assert _gone([second])
+    assert gone([second])
 
 
-def test_workers_stop_when_their_supervisor_is_killed(start: object, tmp_path: Path) -> None:
+def test_workers_stop_when_their_supervisor_is_killed(launch: object, tmp_path: Path) -> None:
     """SIGKILL to the supervisor: its workers see their link close and exit by themselves, no orphans."""
-    served = _supervised(start, tmp_path)
+    served = _supervised(launch, tmp_path)
     pids = served.worker_pids
     served.process.kill()
     served.process.wait(timeout=30)
-    assert _gone(pids), f"orphaned workers: {[p for p in pids if _alive(p)]}"
+    assert gone(pids), f"orphaned workers: {[p for p in pids if alive(p)]}"
 
 
-def test_a_worker_that_cannot_start_is_reported_once(start: object, tmp_path: Path) -> None:
+def test_a_worker_that_cannot_start_is_reported_once(launch: object, tmp_path: Path) -> None:
     """A bad scenario: the first worker says why, once, and the supervisor exits with its status."""
     bad = tmp_path / "bad.yaml"
     bad.write_text("scenario: bad\nrules:\n  - method: shop.v1.Inventory/Reserve\n    replly: {}\n")
-    served = start(
+    served = launch(
         sys.executable, "-c", SUPERVISOR, "serve", "--protos", "protos", "--scenarios", str(bad),
         "--workers", "2", "--log-format", "json",
     )  # fmt: skip
@@ -234,3 +144,21 @@ def test_a_worker_that_cannot_start_is_reported_once(start: object, tmp_path: Pa
     problems = [line for line in served.lines if 'unknown rule key "replly"' in line]
     assert problems == [f'{bad}:4: unknown rule key "replly"; did you mean "reply"?']
     assert not served.events("serving")
+
+
+def test_each_worker_serves_metrics_of_its_own(launch: object, tmp_path: Path) -> None:
+    """--metrics-port 0: each worker its own /metrics, listed in the `serving` event's workers."""
+    import urllib.request
+
+    scenario = tmp_path / "counted.yaml"
+    scenario.write_text(SEQUENCE)
+    served = launch(
+        sys.executable, "-c", SUPERVISOR, "serve", "--protos", "protos", "--scenarios", str(scenario),
+        "--workers", "2", "--log-format", "json", "--metrics-port", "0",
+    )  # fmt: skip
+    serving = served.wait_for("serving")
+    urls = [w["metrics"] for w in serving["workers"]]  # type: ignore[attr-defined]
+    assert len(set(urls)) == 2 and serving["metrics"] == urls[0]
+    for url in urls:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            assert b"# TYPE" in response.read()
