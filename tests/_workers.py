@@ -69,17 +69,18 @@ def gone(pids: list[int], timeout: float = 30.0) -> bool:
 
 @pytest.fixture
 def launch(tmp_path: Path) -> Iterator[object]:
-    """``launch(*command)`` runs a command with its stdout and stderr collected; stopped (killed) after."""
+    """``launch(*command, cwd=ROOT, env={})`` runs a command (``env`` over this process's environment) with
+    its stdout and stderr collected; killed after the test if it still runs, and its workers with it."""
     started: list[Served] = []
 
-    def run(*command: str) -> Served:
+    def run(*command: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> Served:
         process = subprocess.Popen(
             command,
-            cwd=ROOT,
+            cwd=cwd,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")},
+            env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), **(env or {})},
         )
         served = Served(process)
 
