@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
+from _redis import redis_cluster, redis_cluster_url, redis_server, redis_url  # noqa: F401 - real Redis
 from _upstream import spawn  # noqa: F401 - a fixture: virtsvc serve/record as real processes
 from _workers import launch  # noqa: F401 - a fixture: commands (serve --workers) whose processes are stopped
 

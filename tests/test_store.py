@@ -17,17 +17,37 @@ from virtsvc.scenarios.model import Location, Rule
 
 StoreFactory = Callable[..., Store]
 
+# Each implementation: the fixture giving its URL (None: nothing to start) and how to make one from it.
+STORES: dict[str, tuple[str | None, Callable[[str | None, float], Store]]] = {
+    "memory": (None, lambda url, ttl: MemoryStore(ttl=ttl)),
+    "redis": ("redis_url", lambda url, ttl: _redis_store(url, ttl)),
+    "redis-cluster": ("redis_cluster_url", lambda url, ttl: _redis_store(url, ttl)),
+}
 
-def _memory(ttl: float = 3600.0) -> Store:
-    return MemoryStore(ttl=ttl)
 
+def _redis_store(url: str | None, ttl: float) -> Store:
+    from virtsvc.engine.redis_store import RedisStore
 
-STORES: dict[str, StoreFactory] = {"memory": _memory}
+    assert url is not None
+    return RedisStore(url, ttl=ttl)
 
 
 @pytest.fixture(params=sorted(STORES))
 def make(request: pytest.FixtureRequest) -> Iterator[StoreFactory]:
-    yield STORES[request.param]
+    fixture, factory = STORES[request.param]
+    url = request.getfixturevalue(fixture) if fixture else None
+    made: list[Store] = []
+
+    def make_store(ttl: float = 3600.0) -> Store:
+        store = factory(url, ttl)
+        made.append(store)
+        return store
+
+    yield make_store
+    for store in made:
+        close = getattr(store, "close", None)
+        if close is not None:
+            close()
 
 
 @pytest.fixture

@@ -361,6 +361,7 @@ def _serve_options(args: argparse.Namespace, settings: Settings) -> Any:
         journal_size=args.journal_size,
         journal_total=args.journal_total,
         session_ttl=args.session_ttl,
+        store=args.store,
         max_message_bytes=args.max_message_bytes,
         max_concurrency=args.max_concurrency,
         max_concurrency_per_session=args.max_concurrency_per_session,
@@ -677,6 +678,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         metavar="N",
         help="processes serving the port, one core each (default 1); more than one needs --store redis://...",
+    )
+    serve.add_argument(
+        "--store",
+        default="memory",
+        metavar="memory|redis://HOST:PORT/DB",
+        help="where sessions live: this process (memory, the default) or a Redis shared by every replica "
+        "(also rediss://, and redis://:PASSWORD@HOST:PORT/DB)",
     )
     serve.add_argument(
         "--max-workers", type=_positive, default=64, metavar="N", help="threads serving calls (default 64)"

@@ -38,6 +38,9 @@ class ServeOptions:
     journal_size: int = 500  # journal entries kept per session
     journal_total: int = 100_000  # journal entries kept in all (least recently active sessions go first)
     session_ttl: float = 3600.0  # seconds an idle session lives
+    # Where sessions live: "memory" (this process) or redis://HOST:PORT/DB (rediss://, a password in the URL)
+    # shared by every process and replica; kept out of repr, as it may hold a password.
+    store: str = field(default="memory", repr=False)
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # both directions
     max_concurrency: int | None = None  # calls in flight in the whole server
     max_concurrency_per_session: int | None = None
@@ -91,6 +94,13 @@ class ServeOptions:
             raise ConfigError(f"dashboard_port must be between 0 and 65535, not {self.dashboard_port}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port must be a port number from 0 to 65535, not {self.metrics_port}")
+        if self.store != "memory" and not self.store.startswith(("redis://", "rediss://")):
+            from virtsvc.engine.redis_store import redact_url
+
+            raise ConfigError(
+                f"store must be memory, redis://HOST:PORT/DB or rediss://HOST:PORT/DB, not "
+                f"{redact_url(str(self.store))!r}"
+            )
         if not self.min_ping_interval > 0:
             raise ConfigError(f"min_ping_interval must be more than 0 seconds, not {self.min_ping_interval}")
 

@@ -78,6 +78,7 @@ def run_sidecar(
         metrics=server.metrics_endpoint.url if server.metrics_endpoint is not None else None,
         traces=server.tracing is not None,
         log_calls=options.log_calls,
+        store=server.store_name,  # without the password
     )
     if worker is None:
         log.info("serving", **serving)

@@ -28,7 +28,7 @@ from virtsvc.engine.journal import Entry, Journal
 from virtsvc.engine.observers import CallObserver
 from virtsvc.engine.pipeline import Dispatcher
 from virtsvc.engine.router import Registry, Router
-from virtsvc.engine.store import MemoryStore, Store
+from virtsvc.engine.store import MemoryStore, RuleSet, Store
 from virtsvc.errors import ConfigError
 from virtsvc.scenarios.model import CompiledScenario
 from virtsvc.server.options import DEFAULT_MAX_MESSAGE_BYTES, ServeOptions
@@ -54,6 +54,7 @@ log = _logs.get_logger("virtsvc.server.virtual_server")
 # Workers kept free beyond --max-concurrency, so that calls over the limit are refused at once rather than
 # queued behind the busy ones (a refusal needs a worker thread too, for a few microseconds).
 SPARE_WORKERS = 8
+STORE_PING_INTERVAL = 1.0  # seconds between the pings that let health follow a shared store
 
 
 def _read_pem(path: str | Path, flag: str) -> bytes:
@@ -140,7 +141,10 @@ class VirtualServer:
         self.requested_port = options.port
         self.port = 0
         self.journal = Journal(options.journal_size, options.journal_total)
-        self.store: Store = store or MemoryStore(ttl=options.session_ttl)
+        self._owns_store = store is None
+        self.store: Store = store if store is not None else self._make_store(options)
+        #: the store as logs name it (a Redis URL without its password)
+        self.store_name: str = getattr(self.store, "name", "memory")
         self.store.subscribe(self.journal.drop_session)  # a dropped session's journal goes with it
         self.registry = Registry(scenarios)
         default_scenario = options.default_scenario
@@ -154,6 +158,8 @@ class VirtualServer:
             name: GrpcUpstream(name, address, max_message_bytes=options.max_message_bytes)
             for name, address in options.upstreams.items()
         }
+        if getattr(self.store, "compile_rules", False) is None:
+            self.store.compile_rules = self.compile_session_rules  # type: ignore[attr-defined]
         self.router = Router(
             self.registry,
             self.store,
@@ -187,6 +193,7 @@ class VirtualServer:
         self._credentials = credentials
         self.tls = "mutual" if options.tls_client_ca is not None else bool(credentials)
         self._server: grpc.Server | None = None
+        self._services: list[str] = []
         self.dashboard: Dashboard | None = None
         if options.dashboard_port is not None:
             from virtsvc.observe.dashboard import Dashboard
@@ -313,9 +320,60 @@ class VirtualServer:
                 raise
         server.start()
         self._server = server
-        for name in ["", *services]:
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._services = ["", *services]
+        self._set_serving(getattr(self.store, "healthy", True))
+        if hasattr(self.store, "on_health"):
+            self.store.on_health(self._store_health)
+            self._store_watch = threading.Thread(target=self._watch_store, name="virtsvc-store", daemon=True)
+            self._store_watch.start()
         return self
+
+    def _set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in self._services:
+            self.health.set(name, status)
+
+    def _store_health(self, healthy: bool) -> None:
+        """A shared store that cannot be reached makes the server NOT_SERVING until it can be again."""
+        if self._server is not None and not self.draining.is_set():
+            self._set_serving(healthy)
+
+    def _watch_store(self) -> None:
+        # Pings the shared store, so health follows it even when no call arrives (a readiness probe alone).
+        ping = getattr(self.store, "ping", None)
+        while ping is not None and not self.draining.wait(STORE_PING_INTERVAL):
+            ping()
+
+    @staticmethod
+    def _make_store(options: ServeOptions) -> Store:
+        if options.store == "memory":
+            return MemoryStore(ttl=options.session_ttl)
+        from virtsvc.engine.redis_store import RedisStore
+
+        return RedisStore(options.store, ttl=options.session_ttl)
+
+    def compile_session_rules(self, scenario: str, source: Any) -> RuleSet:
+        """A session's rules from the source a shared store kept: admin text (``PutSessionRules``) or the
+        pytest plugin's inline rules (a list), compiled as their writers compile them."""
+        from virtsvc.admin.api import ORIGIN
+        from virtsvc.scenarios.loader import compile_rules
+
+        if isinstance(source, str):
+            rules = compile_rules(
+                source,
+                self.catalog,
+                scenario=scenario,
+                origin=ORIGIN,
+                key_prefix="session:",
+                upstreams=self.upstreams,
+            )
+        else:
+            rules = compile_rules(
+                source, self.catalog, scenario=scenario, origin="<inline>", key_prefix="inline:"
+            )
+        return RuleSet(rules, source=source)
 
     def stop(self, grace: float | None = 5.0) -> None:
         """Drains: health NOT_SERVING, no new calls, in-flight calls get ``grace`` seconds to finish."""
@@ -334,6 +392,9 @@ class VirtualServer:
         self.stopping.set()
         for upstream in self.upstreams.values():
             upstream.close()
+        close_store = getattr(self.store, "close", None)
+        if close_store is not None and self._owns_store:
+            close_store()
         if self.dashboard is not None:
             self.dashboard.stop()
         self._close_metrics()

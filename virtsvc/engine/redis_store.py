@@ -1,0 +1,508 @@
+"""The shared session store on Redis (``virtsvc serve --store redis://HOST:PORT/DB``): several processes and
+replicas serve one set of sessions as if one server answered.
+
+Each state change a call makes is one Lua script run by Redis, so two replicas answering two calls of one
+session at the same instant move its sequence by exactly two. A session is one hash whose key carries the hash
+tag ``{scenario|session}`` (names percent-encoded), so every key of a session lives in one slot and the same
+scripts run on a Redis Cluster. What cannot be shared stays in this process, looked up by key: compiled
+session rules (Redis holds their source and a version; a process compiles a version once), the random
+generators (seeded from the names, as in memory) and a handler's ``session()`` dict.
+
+When Redis cannot be reached, every operation raises a :class:`Refusal` with ``UNAVAILABLE`` naming the
+store (its URL without the password), never an answer from stale state; ``healthy`` says how the last
+operation went, and the next one that reaches Redis again restores it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+import urllib.parse
+import uuid
+from collections.abc import Callable, Iterator, MutableMapping
+from contextlib import contextmanager
+from typing import Any
+
+import grpc
+
+from virtsvc import _logs
+from virtsvc.engine.store import EMPTY_RULES, DropListener, RuleSet, seeded_rng
+from virtsvc.errors import ConfigError, Refusal
+
+__all__ = ["RedisSession", "RedisStore", "redact_url"]
+
+log = _logs.get_logger("virtsvc.store")
+
+RuleCompiler = Callable[[str, Any], RuleSet]  # (scenario, source) -> the compiled rules
+
+# KEYS[1] the session's hash. ARGV: now (wall seconds), expiry (ms), the rules version this process holds.
+# Makes the session if needed; returns its calls, its rules version and, when that differs, its rules' source.
+_SESSION = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], 'calls', 0, 'last', ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+local got = redis.call('HMGET', KEYS[1], 'calls', 'rv')
+local rv = got[2] or ''
+if rv ~= '' and rv ~= ARGV[3] then
+  return {got[1], rv, redis.call('HGET', KEYS[1], 'rules')}
+end
+return {got[1], rv}
+"""
+
+# Like _SESSION without making it: an empty reply when the session does not exist.
+_FIND = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
+local got = redis.call('HMGET', KEYS[1], 'calls', 'rv')
+local rv = got[2] or ''
+if rv ~= '' and rv ~= ARGV[1] then
+  return {got[1], rv, redis.call('HGET', KEYS[1], 'rules')}
+end
+return {got[1], rv}
+"""
+
+# ARGV: now, expiry (ms). Counts a call and keeps the session alive for another TTL.
+_TOUCH = """
+local n = redis.call('HINCRBY', KEYS[1], 'calls', 1)
+redis.call('HSET', KEYS[1], 'last', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return n
+"""
+
+# ARGV: counter field, limit. Claims one use unless ``limit`` are used.
+_TAKE = """
+local used = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if used >= tonumber(ARGV[2]) then return 0 end
+redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+return 1
+"""
+
+# ARGV: limit. Claims a place among the calls in flight.
+_ENTER = """
+local n = tonumber(redis.call('HGET', KEYS[1], 'inflight') or '0')
+if n >= tonumber(ARGV[1]) then return 0 end
+redis.call('HINCRBY', KEYS[1], 'inflight', 1)
+return 1
+"""
+
+# ARGV: now, expiry (ms), rules version, source (JSON), counter fields (JSON list), rule count.
+_PUT_RULES = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], 'calls', 0, 'last', ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+redis.call('HSET', KEYS[1], 'rv', ARGV[3], 'rules', ARGV[4], 'rk', ARGV[5], 'rn', ARGV[6])
+return 1
+"""
+
+# Removes the session's rules and their counters; returns how many rules it had.
+_CLEAR_RULES = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local got = redis.call('HMGET', KEYS[1], 'rk', 'rn')
+if not got[1] then return 0 end
+for _, field in ipairs(cjson.decode(got[1])) do redis.call('HDEL', KEYS[1], field) end
+redis.call('HDEL', KEYS[1], 'rv', 'rules', 'rk', 'rn')
+return tonumber(got[2] or '0')
+"""
+
+# ARGV: the idle limit (wall seconds). Drops the session if it has been idle since before it.
+_DROP_IF_IDLE = """
+local last = tonumber(redis.call('HGET', KEYS[1], 'last') or '0')
+if last >= tonumber(ARGV[1]) then return 0 end
+redis.call('DEL', unpack(KEYS))
+return 1
+"""
+
+_COUNTER = "c:"  # hash fields of counters are prefixed: they never clash with the session's own fields
+
+
+def redact_url(url: str) -> str:
+    """The store URL as logs and errors show it: the password (and a user name) replaced by ``***``."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None and parts.username is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _name(text: str) -> str:
+    return urllib.parse.quote(text, safe="")
+
+
+class _Local:
+    """What stays in this process for one session: its compiled rules, generator and handler dict."""
+
+    __slots__ = ("data", "rng", "rules", "rules_version")
+
+    def __init__(self) -> None:
+        self.rules: RuleSet = EMPTY_RULES
+        self.rules_version = ""
+        self.rng: random.Random | None = None
+        self.data: dict[str, Any] = {}
+
+
+class RedisSession:
+    """A session in Redis, as one call sees it; every change is one script run by Redis."""
+
+    __slots__ = ("_key", "_local", "_store", "calls", "id", "rules", "scenario")
+
+    def __init__(
+        self, store: RedisStore, scenario: str, session_id: str, key: str, local: _Local, calls: int
+    ):
+        self._store = store
+        self._key = key
+        self._local = local
+        self.scenario = scenario
+        self.id = session_id
+        self.calls = calls
+        self.rules: RuleSet = local.rules
+
+    @property
+    def data(self) -> MutableMapping[str, Any]:
+        return self._local.data
+
+    @property
+    def rng(self) -> random.Random:
+        local = self._local
+        if local.rng is None:
+            local.rng = seeded_rng(self.scenario, self.id)
+        return local.rng
+
+    def touch(self) -> int:
+        store = self._store
+        with store._reach():
+            n = int(store._touch(keys=[self._key], args=[time.time(), store._expiry_ms]))
+        self.calls = n
+        return n
+
+    def take(self, counter: str, limit: int) -> bool:
+        store = self._store
+        with store._reach():
+            return bool(store._take(keys=[self._key], args=[_COUNTER + counter, limit]))
+
+    def advance(self, counter: str) -> int:
+        store = self._store
+        with store._reach():
+            return int(store.client.hincrby(self._key, _COUNTER + counter, 1)) - 1
+
+    def used(self, counter: str) -> int:
+        store = self._store
+        with store._reach():
+            value = store.client.hget(self._key, _COUNTER + counter)
+        return int(value or 0)
+
+    def enter(self, limit: int) -> bool:
+        store = self._store
+        with store._reach():
+            return bool(store._enter(keys=[self._key], args=[limit]))
+
+    def leave(self) -> None:
+        store = self._store
+        with store._reach():
+            store.client.hincrby(self._key, "inflight", -1)
+
+
+class RedisStore:
+    """Sessions in Redis (a single server or a Cluster, found out on connecting), idle ones expiring after
+    ``ttl`` seconds as in the memory store; Redis itself expires a session a sweep interval later, so keys of
+    replicas that stopped never outlive it for long.
+
+    ``compile_rules`` turns a session's stored rules source into rules in this process (the server sets it);
+    ``namespace`` prefixes every key, so several virtual services may share one Redis.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        ttl: float = 3600.0,
+        *,
+        namespace: str = "virtsvc",
+        compile_rules: RuleCompiler | None = None,
+        client: Any = None,
+    ) -> None:
+        self.url = url
+        self.name = redact_url(url)
+        self.ttl = ttl
+        self.namespace = namespace
+        self.compile_rules = compile_rules
+        self.healthy = True
+        self._health_listeners: list[Callable[[bool], None]] = []
+        self._listeners: list[DropListener] = []
+        self._local: dict[tuple[str, str], _Local] = {}
+        self._lock = threading.Lock()
+        self._sweep_every = min(ttl, 60.0)
+        # Redis drops what no replica swept (all stopped) a sweep interval after the TTL.
+        self._expiry_ms = int((ttl + self._sweep_every) * 1000)
+        self._next_sweep = time.monotonic() + self._sweep_every
+        self.client = client if client is not None else connect(url)
+        self._session = self.client.register_script(_SESSION)
+        self._find = self.client.register_script(_FIND)
+        self._touch = self.client.register_script(_TOUCH)
+        self._take = self.client.register_script(_TAKE)
+        self._enter = self.client.register_script(_ENTER)
+        self._put_rules = self.client.register_script(_PUT_RULES)
+        self._clear_rules = self.client.register_script(_CLEAR_RULES)
+        self._drop_if_idle = self.client.register_script(_DROP_IF_IDLE)
+
+    # -- keys ------------------------------------------------------------------------------------
+
+    def key(self, scenario: str, session_id: str) -> str:
+        """The session's hash; every key of one session shares its ``{scenario|session}`` hash tag."""
+        return f"{self.namespace}:{{{_name(scenario)}|{_name(session_id)}}}"
+
+    def session_keys(self, scenario: str, session_id: str) -> list[str]:
+        """Every key one session owns (its hash first)."""
+        return [self.key(scenario, session_id)]
+
+    def _parse(self, key: str) -> tuple[str, str] | None:
+        head = f"{self.namespace}:{{"
+        if not (key.startswith(head) and key.endswith("}")):
+            return None
+        scenario, sep, session_id = key[len(head) : -1].partition("|")
+        if not sep:
+            return None
+        return urllib.parse.unquote(scenario), urllib.parse.unquote(session_id)
+
+    def _scan(self, scenario: str | None = None) -> Iterator[tuple[str, tuple[str, str]]]:
+        pattern = f"{self.namespace}:{{{_name(scenario) + '|' if scenario is not None else ''}*}}"
+        with self._reach():
+            found = list(self.client.scan_iter(match=pattern, count=1000, _type="HASH"))
+        for raw in found:
+            key = raw.decode() if isinstance(raw, bytes) else raw
+            names = self._parse(key)
+            if names is not None:
+                yield key, names
+
+    # -- errors and health -------------------------------------------------------------------------
+
+    @contextmanager
+    def _reach(self) -> Iterator[None]:
+        import redis
+
+        try:
+            yield
+        except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterError, OSError) as exc:
+            self._set_health(False)
+            raise Refusal(grpc.StatusCode.UNAVAILABLE, self.unreachable_message(exc)) from None
+        except redis.exceptions.ResponseError as exc:
+            text = str(exc)
+            # A replica's Redis going down in a Cluster shows as these until it is back.
+            if text.startswith(("CLUSTERDOWN", "TRYAGAIN", "LOADING", "MASTERDOWN")):
+                self._set_health(False)
+                raise Refusal(grpc.StatusCode.UNAVAILABLE, self.unreachable_message(exc)) from None
+            raise
+        else:
+            if not self.healthy:
+                self._set_health(True)
+
+    def unreachable_message(self, exc: BaseException) -> str:
+        detail = str(exc).replace(self.url, self.name) or type(exc).__name__
+        return f"session store {self.name} unreachable: {detail}"
+
+    def _set_health(self, healthy: bool) -> None:
+        if healthy == self.healthy:
+            return
+        self.healthy = healthy
+        if healthy:
+            log.info("store.reachable", store=self.name)
+        else:
+            log.warning("store.unreachable", store=self.name)
+        for listener in self._health_listeners:
+            try:
+                listener(healthy)
+            except Exception as exc:  # a listener's bug must not hide the store's state from the others
+                log.warning("store.listener_failed", error=f"{type(exc).__name__}: {exc}")
+
+    def on_health(self, listener: Callable[[bool], None]) -> None:
+        """Calls ``listener(healthy)`` whenever Redis becomes unreachable or reachable again."""
+        self._health_listeners = [*self._health_listeners, listener]
+
+    def ping(self) -> bool:
+        """Whether Redis answers now (updates ``healthy``)."""
+        try:
+            with self._reach():
+                self.client.ping()
+        except Refusal:
+            return False
+        return True
+
+    # -- the Store protocol ------------------------------------------------------------------------
+
+    def _local_of(self, scenario: str, session_id: str) -> _Local:
+        names = (scenario, session_id)
+        local = self._local.get(names)
+        if local is None:
+            with self._lock:
+                local = self._local.setdefault(names, _Local())
+        return local
+
+    def _opened(
+        self, scenario: str, session_id: str, key: str, local: _Local, reply: list[Any]
+    ) -> RedisSession:
+        calls = int(reply[0] or 0)
+        version = reply[1].decode() if isinstance(reply[1], bytes) else (reply[1] or "")
+        if version != local.rules_version:
+            if not version:
+                local.rules = EMPTY_RULES
+            else:
+                local.rules = self._compile(scenario, json.loads(reply[2]))
+            local.rules_version = version
+        return RedisSession(self, scenario, session_id, key, local, calls)
+
+    def _compile(self, scenario: str, source: Any) -> RuleSet:
+        if self.compile_rules is None:
+            log.warning("store.rules_not_compiled", scenario=scenario, reason="no rule compiler")
+            return RuleSet((), source=source)
+        return self.compile_rules(scenario, source)
+
+    def session(self, scenario: str, session_id: str) -> RedisSession:
+        key = self.key(scenario, session_id)
+        local = self._local_of(scenario, session_id)
+        with self._reach():
+            reply = self._session(keys=[key], args=[time.time(), self._expiry_ms, local.rules_version])
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self.expire(now)
+        return self._opened(scenario, session_id, key, local, reply)
+
+    def find(self, scenario: str, session_id: str) -> RedisSession | None:
+        key = self.key(scenario, session_id)
+        local = self._local.get((scenario, session_id)) or _Local()
+        with self._reach():
+            reply = self._find(keys=[key], args=[local.rules_version])
+        if not reply:
+            return None
+        if (scenario, session_id) not in self._local:
+            local = self._local_of(scenario, session_id)
+        return self._opened(scenario, session_id, key, local, reply)
+
+    def put_rules(self, scenario: str, session_id: str, rules: RuleSet) -> None:
+        version = uuid.uuid4().hex
+        counters = sorted(_COUNTER + k for k in rules.counter_keys())
+        args = [
+            time.time(),
+            self._expiry_ms,
+            version,
+            json.dumps(rules.source),
+            json.dumps(counters),
+            len(rules.rules()),
+        ]
+        with self._reach():
+            self._put_rules(keys=[self.key(scenario, session_id)], args=args)
+        local = self._local_of(scenario, session_id)
+        local.rules, local.rules_version = rules, version
+
+    def clear_rules(self, scenario: str, session_id: str) -> int:
+        with self._reach():
+            removed = int(self._clear_rules(keys=[self.key(scenario, session_id)]))
+        local = self._local.get((scenario, session_id))
+        if local is not None:
+            local.rules, local.rules_version = EMPTY_RULES, ""
+        return removed
+
+    def reset(self, scenario: str, session_id: str) -> bool:
+        with self._reach():
+            existed = bool(self.client.delete(*self.session_keys(scenario, session_id)))
+        self._forget(scenario, session_id)
+        if existed:
+            self._dropped(scenario, session_id)
+        return existed
+
+    def drop_scenario(self, scenario: str) -> int:
+        dropped = 0
+        for _key, names in list(self._scan(scenario)):
+            with self._reach():
+                gone = bool(self.client.delete(*self.session_keys(*names)))
+            self._forget(*names)
+            if gone:
+                dropped += 1
+                self._dropped(*names)
+        return dropped
+
+    def expire(self, now: float | None = None) -> int:
+        """Drops sessions idle for longer than the TTL (``now`` on the monotonic clock, as in memory); runs at
+        most once a minute from ``session``. Each drop is checked and done by Redis in one script, so two
+        replicas sweeping at once drop (and announce) a session once."""
+        mono = time.monotonic()
+        now = mono if now is None else now
+        self._next_sweep = now + self._sweep_every
+        limit = time.time() + (now - mono) - self.ttl  # last use is kept on the wall clock, shared
+        dropped = 0
+        for _key, names in list(self._scan()):
+            with self._reach():
+                gone = bool(self._drop_if_idle(keys=self.session_keys(*names), args=[limit]))
+            if gone:
+                dropped += 1
+                self._forget(*names)
+                self._dropped(*names)
+        return dropped
+
+    def subscribe(self, listener: DropListener) -> Callable[[], None]:
+        self._listeners = [*self._listeners, listener]
+
+        def unsubscribe() -> None:
+            self._listeners = [x for x in self._listeners if x is not listener]
+
+        return unsubscribe
+
+    def _forget(self, scenario: str, session_id: str) -> None:
+        with self._lock:
+            self._local.pop((scenario, session_id), None)
+
+    def _dropped(self, scenario: str, session_id: str) -> None:
+        for listener in self._listeners:
+            try:
+                listener(scenario, session_id)
+            except Exception as exc:  # a listener's bug must not stop the others, nor the caller
+                log.warning("store.listener_failed", error=f"{type(exc).__name__}: {exc}")
+
+    def keys(self) -> list[tuple[str, str]]:
+        return [names for _key, names in self._scan()]
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def connect(url: str) -> Any:
+    """A client for ``url`` (``redis://``, ``rediss://``, a password in it): a cluster client when the server
+    is a Redis Cluster node, else a plain one. ConfigError when the ``redis`` library is missing or the URL is
+    not one."""
+    try:
+        import redis
+        from redis.backoff import ExponentialBackoff
+        from redis.retry import Retry
+    except ImportError:
+        raise ConfigError(
+            f"--store {redact_url(url)} needs the redis client library: pip install 'virtsvc[redis]'"
+        ) from None
+    if urllib.parse.urlsplit(url).scheme not in ("redis", "rediss"):
+        raise ConfigError(
+            f"--store {redact_url(url)}: expected memory, redis://HOST:PORT/DB or rediss://HOST:PORT/DB"
+        )
+    # Short timeouts and few retries: a call waits on Redis at most a few seconds before UNAVAILABLE.
+    settings: dict[str, Any] = {
+        "socket_timeout": 5.0,
+        "socket_connect_timeout": 2.0,
+        "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+    }
+    try:
+        probe = redis.Redis.from_url(url, **settings)
+        try:
+            cluster = bool(probe.info("cluster").get("cluster_enabled"))
+        finally:
+            probe.close()
+    except redis.exceptions.AuthenticationError as exc:  # a ConnectionError: tell it apart first
+        raise ConfigError(f"session store {redact_url(url)} refused the credentials: {exc}") from None
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        raise ConfigError(f"session store {redact_url(url)} unreachable: {exc}") from None
+    if cluster:
+        return redis.RedisCluster.from_url(url, **settings)
+    return redis.Redis.from_url(url, **settings)
