@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import random
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -177,6 +178,26 @@ def _cmd_check(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     rules = sum(len(s.rules) for s in scenarios)
     print(f"checked {_count(len(scenarios), 'scenario')}, {_count(rules, 'rule')}: ok")
+    return 0
+
+
+def _cmd_fake(args: argparse.Namespace, settings: Settings) -> int:
+    import json
+
+    from virtsvc.scenarios.synthetic import generate, message_json, unknown_type_message
+
+    catalog = _catalog_from(args, settings)
+    try:
+        desc = catalog.pool.FindMessageTypeByName(args.type)
+    except KeyError:
+        print(f"{PROG} fake: {unknown_type_message(args.type, catalog)}", file=sys.stderr)
+        return 2
+    seed = args.seed if args.seed is not None else random.SystemRandom().getrandbits(32)
+    out = sys.stdout
+    for i in range(args.count):
+        out.write(json.dumps(message_json(generate(desc, seed, i)), ensure_ascii=False) + "\n")
+    if args.seed is None:
+        print(f"{PROG} fake: seed {seed} (--seed {seed} prints the same messages)", file=sys.stderr)
     return 0
 
 
@@ -583,6 +604,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _upstream_flag(check)
     check.set_defaults(handler=_cmd_check)
+
+    fake = commands.add_parser(
+        "fake",
+        help="print generated messages of a type as JSON lines",
+        description=(
+            "Print COUNT messages of TYPE filled with realistic values from its schema, one JSON object "
+            "a line (the values reply: {$generate: ...} gives): the same --seed prints the same messages."
+        ),
+    )
+    fake.add_argument("type", metavar="TYPE", help="a message type's full name, e.g. shop.v1.Item")
+    fake.add_argument("--count", type=_positive, default=1, help="how many messages (default: 1)")
+    fake.add_argument("--seed", type=int, help="the seed (default: a random one, said on stderr)")
+    _descriptor_flags(fake)
+    fake.set_defaults(handler=_cmd_fake)
 
     serve = commands.add_parser(
         "serve",

@@ -36,7 +36,7 @@ from google.protobuf.descriptor_pool import DescriptorPool
 from virtsvc import _text
 from virtsvc.contracts.catalog import Catalog, MethodSpec, normalize_method_name
 from virtsvc.errors import ConfigError, ConversionError, Problem, ScenarioError
-from virtsvc.scenarios import fields, templates
+from virtsvc.scenarios import fields, synthetic, templates
 from virtsvc.scenarios import yamltree as _yaml
 from virtsvc.scenarios.builder import Scenario
 from virtsvc.scenarios.located import LocatedDict, LocatedList, Problems, Site
@@ -1005,6 +1005,12 @@ class _Compiler:
             trailers = _merge(defaults.trailers, self._metadata(node, "trailers", site, prefix + "trailers"))
         if len(self.problems.items) != before:
             return None
+        headers = _seed_header(
+            headers,
+            body,
+            *(item.body for item in stream or ()),
+            each.body if each is not None else None,
+        )
         if status is not None and status.ok and status.message is None:
             status = None  # an explicit plain OK is the default
         return Step(
@@ -1488,7 +1494,20 @@ def _reply(node: Mapping[Any, Any], spec: MethodSpec | None, site: Site, path: s
     if "reply" not in node or spec is None:
         return None
     value = node["reply"]
+    if synthetic.is_generate(value):
+        return synthetic.compile_generate(value, spec.output, site, path)
     return templates.compile_message(value if value is not None else {}, spec.output, site, path)
+
+
+def _seed_header(
+    headers: tuple[tuple[str, TextTemplate], ...], *bodies: Any
+) -> tuple[tuple[str, TextTemplate], ...]:
+    """The step's headers, with ``x-virtsvc-seed`` when a reply is generated without a seed of its own."""
+    for body in bodies:
+        header = getattr(body, "seed_header", None)
+        if header is not None and all(k != synthetic.SEED_HEADER for k, _ in headers):
+            return (*headers, (synthetic.SEED_HEADER, header))
+    return headers
 
 
 def load_scenarios(
