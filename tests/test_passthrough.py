@@ -141,7 +141,9 @@ def test_the_callers_metadata_is_forwarded_without_virtsvcs_routing(
     assert seen["metadata"]["x-tenant"] == "acme"
     assert not [k for k in seen["metadata"] if k.startswith("x-virtsvc-")]
     assert seen["metadata"]["baggage"] == "tenant=acme"
-    assert 2.0 < seen["timeout"] <= 4.0
+    # gRPC writes the grpc-timeout header rounded up to a coarser unit, so the upstream may see a little more
+    # than the caller's 4 s, never the unbounded call a dropped deadline would give.
+    assert 2.0 < seen["timeout"] <= 4.5
     entry = proxy.server.journal.entries(scenario="mixed", session="s1")[-1]  # filed under the names sent
     assert entry.forwarded == "inventory"
 
