@@ -129,7 +129,7 @@ def test_message_classes_come_from_the_private_pool() -> None:
         descriptor_pool.Default().FindMessageTypeByName("virtsvc.admin.v1.PutScenarioRequest")
     assert set(admin.METHODS) == {
         "ListScenarios", "PutScenario", "DeleteScenario", "ResetSession", "GetJournal", "PutSessionRules",
-        "ClearSessionRules", "WatchJournal",
+        "ClearSessionRules", "WatchJournal", "ListStreams", "PushMessage", "EndStream",
     }  # fmt: skip
 
 

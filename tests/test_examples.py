@@ -90,6 +90,7 @@ def test_each_feature_has_its_example(server: VirtualServer) -> None:
         "bulk-update",
         "checkout-happy",
         "faults",
+        "held-streams",
         "interop",
         "inventory-watch",
         "latency",
@@ -204,6 +205,18 @@ def test_inventory_watch(pb: SimpleNamespace, inv: Any, sid: str) -> None:
         ("ABC-1", 0, "discontinued"),
     ]
     assert [events[0].delta, events[1].delta, events[2].discontinued] == [-1, -1, True]
+
+
+def test_held_streams(server: VirtualServer, pb: SimpleNamespace, inv: Any, sid: str) -> None:
+    """held-streams: Watch sends its item, then is held open, sending what the test pushes until it ends."""
+    events = inv.Watch(pb.inv.WatchRequest(skus=["ABC-1"]), metadata=md("held-streams", sid), timeout=TIMEOUT)
+    assert next(events).on_hand == 10
+    [stream] = server.dispatcher.streams.wait("held-streams", sid, "shop.v1.Inventory/Watch", 1, TIMEOUT)
+    assert stream.rule == rule_lines("held-streams.yaml", "shop.v1.Inventory/Watch")[0]
+    stream.send({"sku": "ABC-1", "onHand": "9"})
+    assert next(events).on_hand == 9
+    stream.close()
+    assert list(events) == []
 
 
 def test_bulk_update(pb: SimpleNamespace, inv: Any, sid: str) -> None:

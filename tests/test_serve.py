@@ -305,7 +305,7 @@ def _free_port_taken() -> tuple[socket.socket, int]:
             ],
             1,
             'virtsvc: error: default scenario "checkout-hapy" is not loaded; loaded scenarios: bulk-update, '
-            "checkout-happy, faults, interop, inventory-watch, latency, limits, matching, "
+            "checkout-happy, faults, held-streams, interop, inventory-watch, latency, limits, matching, "
             "orders-track, payments-retry, stock-base, stock-discontinued",
         ),
     ],

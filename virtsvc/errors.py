@@ -10,6 +10,7 @@ is a location, never a traceback. The CLI prints ``str(exc)`` and exits non-zero
     ├── ScenarioError      scenario files that do not validate (one located line per problem)
     ├── TemplateError      a reply, status or metadata template that failed while rendering
     ├── ConversionError    a value that does not fit its field (also a ValueError)
+    ├── StreamEnded        a push to a stream held open that has ended meanwhile
     └── Refusal            a call or admin request answered with a gRPC status and a reason
 """
 
@@ -32,6 +33,7 @@ __all__ = [
     "Refusal",
     "RuleFailure",
     "ScenarioError",
+    "StreamEnded",
     "TemplateError",
     "VirtsvcError",
 ]
@@ -47,6 +49,10 @@ class ConfigError(VirtsvcError):
 
 class DescriptorError(VirtsvcError):
     """A descriptor set that cannot be read or resolved."""
+
+
+class StreamEnded(VirtsvcError):
+    """A push (send, fail, close) to a stream held open that has ended: ``str()`` says how it ended."""
 
 
 class Problem(NamedTuple):

@@ -50,11 +50,18 @@ from virtsvc.engine.router import (
     parse_baggage,
 )
 from virtsvc.engine.store import DEFAULT_SESSION, SessionState
+from virtsvc.engine.streams import HeldStream, HeldStreams
 from virtsvc.errors import Refusal, RuleFailure, VirtsvcError
 from virtsvc.scenarios.answers import Answer, Plan, answer_message, metadata_value
 from virtsvc.scenarios.model import Call, CompiledScenario, Delay, Fault, Rule, Step
 
-__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "Dispatcher", "Exchange", "current_session"]
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "Dispatcher",
+    "Exchange",
+    "current_session",
+    "server_stopping_message",
+]
 
 log = _logs.get_logger("virtsvc.calls")
 
@@ -65,6 +72,7 @@ MAX_JOURNALED_MESSAGES = 100  # per call, so a long stream cannot blow up the jo
 _NO_DEADLINE = 1e7  # seconds (about four months): more than this left is a call without a deadline
 _DEADLINE_SLACK = 0.1  # seconds: a cancellation this close to the deadline is the deadline
 _OK = grpc.StatusCode.OK
+_HOLD_POLL = 1.0  # seconds between looks at the session and the server while a stream is held open
 _INTERNAL = grpc.StatusCode.INTERNAL
 
 _current: contextvars.ContextVar[SessionState | None] = contextvars.ContextVar(
@@ -489,6 +497,72 @@ class Exchange:
             if len(call.raw_requests) < MAX_JOURNALED_MESSAGES:
                 call.add_request(raw, msg)
 
+    def hold(self) -> Iterator[bytes]:
+        """Holds the stream open for the test (``stream: [..., {open: true}]``): sends what it pushes
+        (journaled as sent), until it closes or fails the call. The session's end (reset, expiry) ends it
+        with ABORTED, the server's stop with UNAVAILABLE, the client going away as any cancellation; a bidi
+        client's messages are read (parsed, journaled) meanwhile, on a thread of their own."""
+        session = self.session
+        assert session is not None and self.rule is not None
+        d = self.dispatcher
+        stream = d.streams.open(session.scenario, session.id, self.spec, self.rule.where)
+        how = "ended"
+        try:
+            if not self.context.add_callback(stream.gone):
+                raise _Cancelled
+            if self._incoming is not None:
+                threading.Thread(
+                    target=self._read_alongside, args=(stream,), name="virtsvc-held-reader", daemon=True
+                ).start()
+            store = d.router.store
+            while True:
+                item = stream.next(_HOLD_POLL)
+                if item is None:
+                    # Checked here too, not only on the store's events: with a shared store the session may
+                    # have been reset or expired by another replica.
+                    if d.stopping.is_set():
+                        stream.abort(
+                            grpc.StatusCode.UNAVAILABLE,
+                            server_stopping_message(self.spec),
+                            "the server stopped",
+                        )
+                    elif store.find(session.scenario, session.id) is None:
+                        d.streams.end_session(session.scenario, session.id)
+                    continue
+                kind, value = item
+                if kind == "send":
+                    stream.sent += 1
+                    yield self.sent(value)
+                elif kind == "close":
+                    how = "closed by the test"
+                    return
+                elif kind == "fail":
+                    code, message = value
+                    how = f"ended with {code.name}"
+                    self.end(code, message)
+                else:  # the client went away
+                    raise _Cancelled
+        finally:
+            stream.finished(how)
+
+    def _read_alongside(self, stream: HeldStream) -> None:
+        """A held bidi stream's incoming messages, read while the test pushes: parsed (a message that is
+        not the input type ends the call with INVALID_ARGUMENT) and journaled."""
+        call = self.call
+        spec = self.spec
+        try:
+            for raw in self._incoming or ():
+                try:
+                    msg = parse(spec, raw)
+                except Refusal as exc:
+                    stream.abort(exc.code, exc.message, "the client sent a message that does not parse")
+                    return
+                if len(call.raw_requests) < MAX_JOURNALED_MESSAGES:
+                    call.add_request(raw, msg)
+                stream.received += 1
+        except Exception:
+            return  # the call ended (cancelled, finished): the held loop says how
+
     # -- 4. finish -----------------------------------------------------------------------------
 
     def finish(self, code: grpc.StatusCode, message: str = "", details: tuple[bytes, ...] = ()) -> None:
@@ -725,6 +799,8 @@ class Dispatcher(grpc.GenericRpcHandler):
         self.journal = journal
         #: the real services calls may be forwarded to, by name
         self.upstreams: Mapping[str, Upstream] = dict(upstreams or {})
+        #: the streams held open for the test to drive (``stream: [..., {open: true}]``)
+        self.streams = HeldStreams()
         self.stopping = stopping or threading.Event()
         self.max_message_bytes = max_message_bytes
         #: calls in flight in the whole server (None: not counted)
@@ -805,6 +881,14 @@ class Dispatcher(grpc.GenericRpcHandler):
         self, spec: MethodSpec, request_iterator: Iterator[bytes], context: grpc.ServicerContext
     ) -> Iterator[bytes]:
         return Exchange(self, spec, context, [], request_iterator).run_stream(_answer_bidi)
+
+
+def server_stopping_message(spec: MethodSpec) -> str:
+    """What the client of a stream held open is told when the server stops."""
+    return (
+        f"the virtual server is stopping: {spec.full_name} was held open for the test to drive and is "
+        "ended; retry against a server that is serving"
+    )
 
 
 def _timeout(context: grpc.ServicerContext) -> float | None:

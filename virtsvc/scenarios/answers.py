@@ -92,6 +92,11 @@ class Exchange(Protocol):
     def drain(self) -> None:
         """Reads what the client still sends before the final status, as a real server would."""
 
+    def hold(self) -> Iterator[bytes]:
+        """Holds the stream open and sends what the test pushes, until the test (or the session's end,
+        the server's stop, the client) ends it; a bidi client's messages are read meanwhile."""
+        ...
+
     def forward(self, upstream: str) -> Iterator[bytes]:
         """Forwards the call to the upstream and relays its headers, replies, trailers and status."""
         ...
@@ -209,7 +214,8 @@ class FaultAnswer(_StepAnswer):
 
 @dataclass(frozen=True, slots=True)
 class Stream(_StepAnswer):
-    """Messages in order, each with its own delay or fault, then the final status."""
+    """Messages in order, each with its own delay or fault, then the final status; or, for a stream held
+    open (``step.open``), then what the test pushes until it ends the call."""
 
     def single(self, ex: Exchange, index: int) -> bytes:  # pragma: no cover - the loader refuses it
         raise TypeError("a stream answers streaming methods only")
@@ -225,7 +231,10 @@ class Stream(_StepAnswer):
                 ex.fault(item.fault)
             if item.body is not None:
                 yield ex.body(item, call, i)
-        ex.drain()
+        if self.step.open:
+            yield from ex.hold()
+        else:
+            ex.drain()
         self._ending(ex, index)
 
 

@@ -243,15 +243,17 @@ class RuleBuilder:
 
     def stream(
         self,
-        items: Iterable[Any],
+        items: Iterable[Any] = (),
         status: Any = None,
         *,
+        open: bool = False,  # the file format's word: stream: [..., {open: true}]
         headers: Mapping[str, str] | None = None,
         trailers: Mapping[str, str] | None = None,
         delay: Any = None,
     ) -> RuleBuilder:
-        """Streams ``items`` (bodies or ``{"reply":..., "delay":...}`` steps), then ``status`` (OK)."""
-        self._set("stream", [_item(i) for i in items])
+        """Streams ``items`` (bodies or ``{"reply":..., "delay":...}`` steps), then ``status`` (OK); with
+        ``open``, then holds the stream open for the test to drive (``virtual_service.streams(method)``)."""
+        self._set("stream", [_item(i) for i in items] + ([{"open": True}] if open else []))
         if status is not None:
             self._set("status", _status_value(status))
         self._extras(headers, trailers, delay)

@@ -674,6 +674,13 @@ class _Compiler:
             )
         with templates.request_type(spec.input if spec is not None else None):
             steps = self._rule_steps(node, site, spec, location)
+        if per_message and any(step.open for step in steps):
+            site.error(
+                node,
+                "stream",
+                "stream: a per-message rule answers one message at a time and cannot hold the call open; "
+                "hold it open from a rule without per_message",
+            )
 
         if spec is not None and priority_ok:
             catch_all = not condition and times is None
@@ -975,16 +982,25 @@ class _Compiler:
 
         body = _reply(node, spec, site, prefix + "reply")
         stream = None
+        held = False
         if "stream" in node:
             if spec is not None and not spec.server_streaming:
+                what = "a stream held open" if _holds_open(node["stream"]) else "stream"
                 site.error(
                     node,
                     "stream",
                     f"{prefix}stream: {spec.full_name} is {_kind_words(spec)}; "
-                    "stream needs a server-streaming or bidi method",
+                    f"{what} needs a server-streaming or bidi method",
                 )
             else:
-                stream = self._stream(node, site, spec, prefix)
+                stream, held = self._stream(node, site, spec, prefix)
+            if held and "status" in node:
+                site.error(
+                    node,
+                    "status",
+                    f"{prefix}status: a stream held open ends when the test ends it (.close() or "
+                    ".fail(code, message); EndStream through the admin API); remove status",
+                )
         each = None
         if "each_request" in node and level == "rule":  # in a sequence item it is an unknown step key
             if spec is not None and spec.kind != "bidi_streaming":
@@ -1024,20 +1040,27 @@ class _Compiler:
             stream=stream,
             each_request=each,
             passthrough=passthrough,
+            open=held,
         )
 
     def _stream(
         self, node: Mapping[Any, Any], site: Site, spec: MethodSpec | None, prefix: str
-    ) -> tuple[Step, ...] | None:
+    ) -> tuple[tuple[Step, ...] | None, bool]:
+        """The stream's items, and whether it is then held open (``{open: true}`` last, or alone as
+        ``stream: {open: true}``)."""
         items = node["stream"]
+        if isinstance(items, Mapping) and "open" in items:
+            held_site = Site(site.file, site.problems, site.line_of(node, "stream")).at(items)
+            return (), self._open_item(items, held_site, f"{prefix}stream", last=True)
         if not isinstance(items, list):
             site.error(
                 node,
                 "stream",
                 f"{prefix}stream: expected a list of messages ({{reply: ...}}), got {_kind(items)}",
             )
-            return None
+            return None, False
         out = []
+        held = False
         for i, item in enumerate(items):
             path = f"{prefix}stream[{i}]"
             item_site = Site(site.file, site.problems, site.line_of(items, i))
@@ -1049,6 +1072,9 @@ class _Compiler:
                 )
                 continue
             item_site = item_site.at(item)
+            if "open" in item:
+                held = self._open_item(item, item_site, path, last=i == len(items) - 1)
+                continue
             before = len(self.problems.items)
             for k in item:
                 if k == "status":
@@ -1072,7 +1098,37 @@ class _Compiler:
                 out.append(
                     Step(Location(item_site.file, item_site.line), body=body, delay=delay, fault=fault)
                 )
-        return tuple(out)
+        return tuple(out), held
+
+    @staticmethod
+    def _open_item(item: Mapping[Any, Any], site: Site, path: str, *, last: bool) -> bool:
+        """``{open: true}``: the stream is held open after the items before it, for the test to drive."""
+        for k in item:
+            if k != "open":
+                site.error(
+                    item,
+                    k,
+                    f"{path}.{k}: {{open: true}} stands alone: the messages the test pushes come later; "
+                    f"move {k} to an item of its own before it",
+                )
+        value = item["open"]
+        if value is not True:
+            site.error(
+                item,
+                "open",
+                f"{path}.open: expected true (hold the stream open for the test), got {_show(value)}; "
+                "without it, remove the key",
+            )
+            return False
+        if not last:
+            site.error(
+                item,
+                "open",
+                f"{path}: {{open: true}} holds the stream open after the items before it, so it comes "
+                "last; move the items after it before it",
+            )
+            return False
+        return True
 
     def _each_request(
         self, node: Mapping[Any, Any], site: Site, spec: MethodSpec | None, prefix: str
@@ -1425,6 +1481,12 @@ def _add_file(pool: DescriptorPool, file_desc: Any) -> None:
     proto = descriptor_pb2.FileDescriptorProto()
     file_desc.CopyToProto(proto)
     pool.Add(proto)
+
+
+def _holds_open(stream: Any) -> bool:
+    """Whether a ``stream:`` as written asks to be held open (for messages that name it)."""
+    items = stream if isinstance(stream, list) else [stream]
+    return any(isinstance(item, Mapping) and "open" in item for item in items)
 
 
 def _kind_words(spec: MethodSpec) -> str:

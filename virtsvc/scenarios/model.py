@@ -137,8 +137,9 @@ class Status:
 class Step:
     """One answer: a reply and/or a status, its latency, metadata and fault.
 
-    For streaming methods ``stream`` lists the messages sent before the final status, and ``each_request``
-    answers every incoming message of a bidi call.
+    For streaming methods ``stream`` lists the messages sent before the final status (``open``: then the
+    stream is held open for the test to drive), and ``each_request`` answers every incoming message of a
+    bidi call.
     """
 
     location: Location
@@ -152,6 +153,7 @@ class Step:
     each_request: Step | None = None
     passthrough: str | None = None  # forward the call to this upstream and relay its answer
     replies: tuple[Step, ...] | None = None  # per-message rules: message i is answered by replies[i]
+    open: bool = False  # after its items, the stream is held open until the test ends it
 
 
 Handler = Callable[..., Any]

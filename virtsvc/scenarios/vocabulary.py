@@ -33,7 +33,7 @@ PER_MESSAGE_KEYS = (
     "contract", "examples", "verify",
 )  # fmt: skip
 STEP_KEYS = ("reply", "status", "fault", "stream", "delay", "headers", "trailers", "passthrough")
-STREAM_ITEM_KEYS = ("reply", "delay", "fault")
+STREAM_ITEM_KEYS = ("reply", "delay", "fault", "open")  # {open: true}: held open for the test, last
 EACH_REQUEST_KEYS = ("reply", "status", "delay")
 STATUS_KEYS = ("code", "message", "details")
 AFTER_VALUES = ("repeat_last", "cycle", "fail")

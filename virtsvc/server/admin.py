@@ -1,4 +1,5 @@
-"""The admin service: scenarios, sessions, session rules and the journal of a running VirtualServer.
+"""The admin service: scenarios, sessions, session rules, the journal and the streams held open for the
+test (ListStreams, PushMessage, EndStream) of a running VirtualServer.
 
 Handlers are generic grpc handlers on the virtual server's own grpc server. Every refusal is a status with
 a message for a person: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION or UNAUTHENTICATED, never UNKNOWN.
@@ -14,15 +15,17 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from virtsvc import _logs
+from virtsvc import _logs, _text
 from virtsvc.admin.api import ADMIN_SERVICE, AUTH_MESSAGE, METHODS, ORIGIN, STREAMING, add_to_pool, messages
 from virtsvc.contracts.catalog import normalize_method_name
 from virtsvc.engine.journal import Entry, JournalFilter, metadata_json
 from virtsvc.engine.router import unknown_scenario_message
 from virtsvc.engine.store import DEFAULT_SESSION, RuleSet
-from virtsvc.errors import ConfigError, Refusal, VirtsvcError
+from virtsvc.engine.streams import HeldStream
+from virtsvc.errors import ConfigError, ConversionError, Refusal, StreamEnded, VirtsvcError
 from virtsvc.server.options import is_loopback
 
 if TYPE_CHECKING:
@@ -197,6 +200,74 @@ class AdminService:
         log.info("admin.session.rules.cleared", scenario=scenario, session=session_id, rules=removed)
         return messages.ClearSessionRulesResponse(rule_count=removed)
 
+    # -- streams held open ---------------------------------------------------------------------
+
+    def ListStreams(self, request: Any) -> Message:
+        method = self._method(request.method) if request.method else None
+        streams = self.vserver.dispatcher.streams
+        scenario, session = request.scenario or None, request.session or None
+        if request.min_count:
+            timeout = request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else 5.0
+            found = streams.wait(scenario, session, method, request.min_count, min(max(timeout, 0.0), 60.0))
+        else:
+            found = streams.listed(scenario, session, method)
+        reply = messages.ListStreamsResponse()
+        for stream in found:
+            info = reply.streams.add(
+                id=stream.id,
+                scenario=stream.scenario,
+                session=stream.session,
+                method=stream.method,
+                kind=stream.spec.kind,
+                rule=stream.rule,
+                sent=stream.sent,
+                received=stream.received,
+            )
+            info.started_at.FromNanoseconds(int(stream.started_at * 1e9))
+        return reply
+
+    def PushMessage(self, request: Any) -> Message:
+        stream = self._stream(request.id)
+        body = json_format.MessageToDict(request.message) if request.HasField("message") else {}
+        try:
+            stream.send(body)
+        except ConversionError as exc:
+            raise Refusal(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"PushMessage {stream.id} ({stream.method}): {exc}",
+            ) from None
+        except StreamEnded as exc:
+            raise Refusal(grpc.StatusCode.NOT_FOUND, str(exc)) from None
+        return messages.PushMessageResponse()
+
+    def EndStream(self, request: Any) -> Message:
+        stream = self._stream(request.id)
+        code = _status_code(request.code)
+        try:
+            stream.fail(code, request.message)
+        except StreamEnded as exc:
+            raise Refusal(grpc.StatusCode.NOT_FOUND, str(exc)) from None
+        log.info("admin.stream.ended", id=stream.id, method=stream.method, code=code.name)
+        return messages.EndStreamResponse()
+
+    def _stream(self, stream_id: str) -> HeldStream:
+        streams = self.vserver.dispatcher.streams
+        if not stream_id:
+            raise Refusal(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "give the id of the stream (ListStreams lists the streams held open here)",
+            )
+        stream = streams.get(stream_id)
+        if stream is None:
+            raise Refusal(grpc.StatusCode.NOT_FOUND, streams.not_found_message(stream_id))
+        return stream
+
+    def _method(self, name: str) -> str:
+        method = normalize_method_name(name)
+        if method not in self.vserver.catalog.methods:
+            raise Refusal(grpc.StatusCode.NOT_FOUND, self.vserver.catalog.unknown_method_message(name))
+        return method
+
     # -- journal -------------------------------------------------------------------------------
 
     def GetJournal(self, request: Any) -> Message:
@@ -261,13 +332,7 @@ class AdminService:
     # -- messages ------------------------------------------------------------------------------
 
     def _filter(self, request: Any) -> JournalFilter:
-        method: str | None = None
-        if request.method:
-            method = normalize_method_name(request.method)
-            if method not in self.vserver.catalog.methods:
-                raise Refusal(
-                    grpc.StatusCode.NOT_FOUND, self.vserver.catalog.unknown_method_message(request.method)
-                )
+        method = self._method(request.method) if request.method else None
         # Scenario names are not checked: calls naming an unknown scenario are journaled under that name.
         return JournalFilter(request.scenario or None, request.session or None, method)
 
@@ -309,6 +374,24 @@ def _looks_like_python(text: str) -> bool:
     except yaml.YAMLError:
         return True
     return False
+
+
+def _status_code(text: str) -> grpc.StatusCode:
+    """EndStream's code: a name or a number; empty is OK."""
+    name = text.strip().upper()
+    if not name:
+        return grpc.StatusCode.OK
+    if name in grpc.StatusCode.__members__:
+        return grpc.StatusCode[name]
+    for member in grpc.StatusCode:
+        if name.isdigit() and member.value[0] == int(name):
+            return member
+    hint = _text.did_you_mean(name, grpc.StatusCode.__members__, quote='"')
+    raise Refusal(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f'EndStream: unknown status code "{text}"{hint or ";"} give a code\'s name (UNAVAILABLE) or '
+        "number, or none for OK",
+    )
 
 
 def _wake(watch: queue.Queue[Any]) -> None:

@@ -26,7 +26,7 @@ from virtsvc.contracts.catalog import Catalog
 from virtsvc.contracts.reflection import add_reflection
 from virtsvc.engine.journal import Entry, Journal
 from virtsvc.engine.observers import CallObserver
-from virtsvc.engine.pipeline import Dispatcher
+from virtsvc.engine.pipeline import Dispatcher, server_stopping_message
 from virtsvc.engine.router import Registry, Router
 from virtsvc.engine.store import MemoryStore, RuleSet, Store
 from virtsvc.errors import ConfigError
@@ -179,6 +179,8 @@ class VirtualServer:
             max_concurrency_per_session=options.max_concurrency_per_session,
             upstreams=self.upstreams,
         )
+        # A session's end ends the streams its calls held open for the test.
+        self.store.subscribe(self.dispatcher.streams.end_session)
         self.health = health.HealthServicer()
         max_workers = options.max_workers
         if options.max_concurrency is not None:
@@ -382,6 +384,11 @@ class VirtualServer:
             return
         self.health.enter_graceful_shutdown()
         self.draining.set()
+        # Streams held open for a test would never end by themselves: end them now, saying why.
+        for stream in self.dispatcher.streams:
+            stream.abort(
+                grpc.StatusCode.UNAVAILABLE, server_stopping_message(stream.spec), "the server stopped"
+            )
         event = server.stop(grace)
         # Delays and dropped calls still waiting when the grace runs out end now.
         timer = threading.Timer(grace or 0.0, self.stopping.set)

@@ -21,7 +21,15 @@ from virtsvc._lazy import facade
 
 if TYPE_CHECKING:
     from virtsvc.testing.service import CallRecord, InlineRule, RemoteServer, VirtualService, new_session_id
+    from virtsvc.testing.streams import OpenStream
 
-__all__ = ["CallRecord", "InlineRule", "RemoteServer", "VirtualService", "new_session_id"]
+__all__ = ["CallRecord", "InlineRule", "OpenStream", "RemoteServer", "VirtualService", "new_session_id"]
 
-__getattr__, __dir__ = facade(__name__, {name: "virtsvc.testing.service" for name in __all__}, globals())
+__getattr__, __dir__ = facade(
+    __name__,
+    {
+        name: "virtsvc.testing.streams" if name == "OpenStream" else "virtsvc.testing.service"
+        for name in __all__
+    },
+    globals(),
+)

@@ -43,6 +43,7 @@ from virtsvc.errors import ConfigError, Problem, ScenarioError, VirtsvcError
 from virtsvc.scenarios.builder import RuleBuilder, Scenario
 from virtsvc.scenarios.model import Location
 from virtsvc.scenarios.vocabulary import RULE_ANSWER_KEYS
+from virtsvc.testing.streams import LocalStreams, OpenStream, RemoteStreams, StreamDriver
 
 if TYPE_CHECKING:
     from google.protobuf.message import Message
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
     from virtsvc.engine.journal import Entry
     from virtsvc.server.virtual_server import VirtualServer
 
-__all__ = ["CallRecord", "InlineRule", "RemoteServer", "VirtualService", "new_session_id"]
+__all__ = ["CallRecord", "InlineRule", "OpenStream", "RemoteServer", "VirtualService", "new_session_id"]
 
 Metadata = tuple[tuple[str, str], ...]
 
@@ -229,6 +230,15 @@ class _Backend(Protocol):
         """Drops the session's state and rules but keeps its journal, labelled, until the session's TTL."""
         ...
 
+    @property
+    def streams(self) -> StreamDriver:
+        """The streams held open for the test (``stream: [..., {open: true}]``)."""
+        ...
+
+    def known_method(self, method: str) -> str:
+        """The full name of a method the server serves; ValueError naming the closest ones."""
+        ...
+
 
 class _InProcess:
     """Inline rules compiled here and assigned to the session in the server's store."""
@@ -238,6 +248,10 @@ class _InProcess:
     def __init__(self, server: VirtualServer) -> None:
         self.server = server
         self.address = server.address
+        self.streams: StreamDriver = LocalStreams(server)
+
+    def known_method(self, method: str) -> str:
+        return _known_method(self.server.catalog, method)
 
     @property
     def default_scenario(self) -> str | None:
@@ -285,6 +299,15 @@ class _Remote:
         self.address = server.address
         # "file:line in the JSON text" -> "file:line in the test", per session; see put_rules.
         self._text_lines: dict[str, dict[str, str]] = {}
+        self.streams: StreamDriver = RemoteStreams(lambda: server.admin, server.address, self._relocated)
+
+    def _relocated(self, session: str, text: str) -> str:
+        mapping = self._text_lines.get(session)
+        return _relocate(text, mapping) if mapping else text
+
+    def known_method(self, method: str) -> str:
+        # The server says which methods it serves (ListStreams answers NOT_FOUND naming the closest).
+        return normalize_method_name(method)
 
     @property
     def default_scenario(self) -> str | None:
@@ -652,6 +675,26 @@ class VirtualService:
     def calls(self, method: str | None = None) -> list[CallRecord]:
         """The calls of this session (of ``method`` only, if given), oldest first."""
         return self._backend.records(self.session, method)
+
+    def streams(self, method: str, *, at_least: int = 1, timeout: float = 5.0) -> list[OpenStream]:
+        """This session's calls of ``method`` held open for the test (``stream: [..., {open: true}]``),
+        oldest first, each an ``OpenStream`` with ``.send(message)``, ``.fail(code, message)`` and
+        ``.close()``. Waits up to ``timeout`` seconds for ``at_least`` of them (a client's call may still be
+        on its way); AssertionError, saying what the method's calls did, when fewer are open by then."""
+        __tracebackhide__ = True
+        wanted = self._backend.known_method(method)
+        found = self._backend.streams.listed(self.session, wanted, at_least, timeout)
+        if len(found) >= at_least:
+            return found
+        made = self.calls(wanted)
+        ended = ", ".join(f"{c.code.name}" + (f" ({c.message})" if c.message else "") for c in made)
+        history = f"its calls that have ended: {ended}" if made else "none of its calls has ended"
+        raise AssertionError(
+            f"expected {_count(at_least, 'open stream')} of {wanted} within {timeout:g} s, found "
+            f"{len(found)}; {history}. A stream is held open by a rule whose stream ends with "
+            f"{{open: true}} (.stream(items, open=True)), from the moment its call arrives "
+            f"(session {self.session})"
+        )
 
     def assert_called(self, method: str, times: int | None = None) -> None:
         """AssertionError unless ``method`` was called (exactly ``times`` times, if given)."""
