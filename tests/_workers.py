@@ -46,7 +46,9 @@ class Served:
 
     @property
     def worker_pids(self) -> list[int]:
-        return [int(w["pid"]) for w in self.wait_for("serving")["workers"]]  # type: ignore[attr-defined,index]
+        """The workers' pids; none for a server without --workers."""
+        workers = self.wait_for("serving").get("workers", ())
+        return [int(w["pid"]) for w in workers]  # type: ignore[attr-defined,union-attr]
 
 
 def alive(pid: int) -> bool:

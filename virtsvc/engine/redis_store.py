@@ -37,30 +37,38 @@ log = _logs.get_logger("virtsvc.store")
 
 RuleCompiler = Callable[[str, Any], RuleSet]  # (scenario, source) -> the compiled rules
 
-# KEYS[1] the session's hash. ARGV: now (wall seconds), expiry (ms), the rules version this process holds.
-# Makes the session if needed; returns its calls, its rules version and, when that differs, its rules' source.
+# KEYS[1] the session's hash, KEYS[2] (on a single server) the log of admin changes. ARGV: now (wall
+# seconds), expiry (ms), the rules version this process holds. Makes the session if needed; returns whether it
+# was made, its calls, the admin log's length (-1 without KEYS[2]), its rules version and, when that differs,
+# its rules' source.
 _SESSION = """
+local made = 0
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('HSET', KEYS[1], 'calls', 0, 'last', ARGV[1])
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  made = 1
 end
+local changes = -1
+if KEYS[2] then changes = redis.call('LLEN', KEYS[2]) end
 local got = redis.call('HMGET', KEYS[1], 'calls', 'rv')
 local rv = got[2] or ''
 if rv ~= '' and rv ~= ARGV[3] then
-  return {got[1], rv, redis.call('HGET', KEYS[1], 'rules')}
+  return {made, got[1], changes, rv, redis.call('HGET', KEYS[1], 'rules')}
 end
-return {got[1], rv}
+return {made, got[1], changes, rv}
 """
 
-# Like _SESSION without making it: an empty reply when the session does not exist.
+# Like _SESSION without making it: an empty reply when the session does not exist. ARGV: the rules version.
 _FIND = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
+local changes = -1
+if KEYS[2] then changes = redis.call('LLEN', KEYS[2]) end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {changes} end
 local got = redis.call('HMGET', KEYS[1], 'calls', 'rv')
 local rv = got[2] or ''
 if rv ~= '' and rv ~= ARGV[1] then
-  return {got[1], rv, redis.call('HGET', KEYS[1], 'rules')}
+  return {0, got[1], changes, rv, redis.call('HGET', KEYS[1], 'rules')}
 end
-return {got[1], rv}
+return {0, got[1], changes, rv}
 """
 
 # ARGV: now, expiry (ms). Counts a call and keeps the session alive for another TTL.
@@ -240,6 +248,14 @@ class RedisStore:
         self._expiry_ms = int((ttl + self._sweep_every) * 1000)
         self._next_sweep = time.monotonic() + self._sweep_every
         self.client = client if client is not None else connect(url)
+        import redis
+
+        self.cluster = isinstance(self.client, redis.RedisCluster)
+        #: the list of admin changes (scenarios put and deleted) every process applies in order
+        self.changes_key = f"{namespace}:admin-changes"
+        #: how many of them this process has applied (its listener moves it on)
+        self.changes_seen = 0
+        self._changes_listener: Callable[[int], None] | None = None
         self._session = self.client.register_script(_SESSION)
         self._find = self.client.register_script(_FIND)
         self._touch = self.client.register_script(_TOUCH)
@@ -344,13 +360,17 @@ class RedisStore:
     def _opened(
         self, scenario: str, session_id: str, key: str, local: _Local, reply: list[Any]
     ) -> RedisSession:
-        calls = int(reply[0] or 0)
-        version = reply[1].decode() if isinstance(reply[1], bytes) else (reply[1] or "")
+        made, calls, changes = int(reply[0]), int(reply[1] or 0), int(reply[2])
+        if made and (local.rng is not None or local.data):
+            # Reset (or expired) through another process: what this one kept of the old session goes too.
+            local.rng, local.data = None, {}
+        self._heard(changes)
+        version = reply[3].decode() if isinstance(reply[3], bytes) else (reply[3] or "")
         if version != local.rules_version:
             if not version:
                 local.rules = EMPTY_RULES
             else:
-                local.rules = self._compile(scenario, json.loads(reply[2]))
+                local.rules = self._compile(scenario, json.loads(reply[4]))
             local.rules_version = version
         return RedisSession(self, scenario, session_id, key, local, calls)
 
@@ -360,11 +380,19 @@ class RedisStore:
             return RuleSet((), source=source)
         return self.compile_rules(scenario, source)
 
+    def _keys(self, key: str) -> list[str]:
+        # On a Cluster the admin log lives in another slot than the session: it is read on its own.
+        return [key] if self.cluster else [key, self.changes_key]
+
     def session(self, scenario: str, session_id: str) -> RedisSession:
         key = self.key(scenario, session_id)
         local = self._local_of(scenario, session_id)
         with self._reach():
-            reply = self._session(keys=[key], args=[time.time(), self._expiry_ms, local.rules_version])
+            reply = self._session(
+                keys=self._keys(key), args=[time.time(), self._expiry_ms, local.rules_version]
+            )
+            if self.cluster:
+                reply[2] = self.client.llen(self.changes_key)
         now = time.monotonic()
         if now >= self._next_sweep:
             self.expire(now)
@@ -374,12 +402,44 @@ class RedisStore:
         key = self.key(scenario, session_id)
         local = self._local.get((scenario, session_id)) or _Local()
         with self._reach():
-            reply = self._find(keys=[key], args=[local.rules_version])
-        if not reply:
+            reply = self._find(keys=self._keys(key), args=[local.rules_version])
+            if self.cluster:
+                reply[0 if len(reply) == 1 else 2] = self.client.llen(self.changes_key)
+        if len(reply) == 1:
+            self._heard(int(reply[0]))
             return None
         if (scenario, session_id) not in self._local:
             local = self._local_of(scenario, session_id)
         return self._opened(scenario, session_id, key, local, reply)
+
+    # -- admin changes shared by every process ----------------------------------------------------------
+
+    def on_changes(self, listener: Callable[[int], None]) -> None:
+        """Calls ``listener(length)`` from the call that first sees the admin log longer (or shorter: Redis
+        lost it) than this process last heard; the call waits for it, so it is answered with the change."""
+        self._changes_listener = listener
+
+    def _heard(self, changes: int) -> None:
+        if changes != self.changes_seen and self._changes_listener is not None:
+            self._changes_listener(changes)
+
+    def changes(self, start: int = 0) -> list[Any]:
+        """The admin changes from ``start`` on (0-based), oldest first, as :meth:`add_change` took them."""
+        with self._reach():
+            raw = self.client.lrange(self.changes_key, start, -1)
+        return [json.loads(item) for item in raw]
+
+    def add_change(self, change: Any) -> int:
+        """Appends an admin change (JSON-ready) to the log every process applies in order; returns its
+        length."""
+        with self._reach():
+            return int(self.client.rpush(self.changes_key, json.dumps(change)))
+
+    def check_changes(self) -> None:
+        """Hears the admin log now (a call about to be refused as naming no known scenario asks first)."""
+        with self._reach():
+            changes = int(self.client.llen(self.changes_key))
+        self._heard(changes)
 
     def put_rules(self, scenario: str, session_id: str, rules: RuleSet) -> None:
         version = uuid.uuid4().hex

@@ -175,6 +175,8 @@ class Router:
         self.mode = mode
         self.forward_all = mode == "passthrough"
         self._mode_rule = mode_rule(mode, upstream) if mode != "simulate" and upstream is not None else None
+        # A shared store's check for admin changes made by other processes (None: this process alone).
+        self._check_changes = getattr(store, "check_changes", None)
 
     def route(self, metadata: Mapping[str, str]) -> tuple[CompiledScenario | None, SessionState]:
         """The scenario and session named by the call's metadata (explicit headers win over baggage); no
@@ -202,14 +204,24 @@ class Router:
                 raise Refusal(
                     grpc.StatusCode.FAILED_PRECONDITION, self._no_scenario_message(), near_miss=True
                 )
-        compiled = self.registry.get(scenario)
+        registry = self.registry
+        if scenario not in registry and self._check_changes is not None:
+            self._check_changes()  # put through another replica's admin API a moment ago?
+        if scenario not in registry:
+            raise self._unknown(scenario)
+        session = self.store.session(scenario, session_id)
+        # Looked up after the store answered: a shared store applies other replicas' admin changes then.
+        compiled = registry.get(scenario)
         if compiled is None:
-            raise Refusal(
-                grpc.StatusCode.NOT_FOUND,
-                unknown_scenario_message(scenario, self.registry.names()),
-                near_miss=True,
-            )
-        return compiled, self.store.session(scenario, session_id)
+            raise self._unknown(scenario)
+        return compiled, session
+
+    def _unknown(self, scenario: str) -> Refusal:
+        return Refusal(
+            grpc.StatusCode.NOT_FOUND,
+            unknown_scenario_message(scenario, self.registry.names()),
+            near_miss=True,
+        )
 
     def candidates(self, session: SessionState, scenario: str, method: str) -> tuple[Rule, ...]:
         """Every rule that may answer, in the order they are tried: the session's own, then the scenario's."""

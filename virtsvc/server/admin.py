@@ -22,16 +22,17 @@ from virtsvc import _logs, _text
 from virtsvc.admin.api import ADMIN_SERVICE, AUTH_MESSAGE, METHODS, ORIGIN, STREAMING, add_to_pool, messages
 from virtsvc.contracts.catalog import normalize_method_name
 from virtsvc.engine.journal import Entry, JournalFilter, metadata_json
-from virtsvc.engine.router import unknown_scenario_message
+from virtsvc.engine.router import Registry, unknown_scenario_message
 from virtsvc.engine.store import DEFAULT_SESSION, RuleSet
 from virtsvc.engine.streams import HeldStream
 from virtsvc.errors import ConfigError, ConversionError, Refusal, StreamEnded, VirtsvcError
 from virtsvc.server.options import is_loopback
 
 if TYPE_CHECKING:
+    from virtsvc.scenarios.model import CompiledScenario
     from virtsvc.server.virtual_server import VirtualServer
 
-__all__ = ["AdminService", "add_admin", "entry_json"]
+__all__ = ["AdminService", "add_admin", "compile_put", "entry_json", "install"]
 
 log = _logs.get_logger("virtsvc.admin")
 
@@ -78,21 +79,11 @@ class AdminService:
         return reply
 
     def PutScenario(self, request: Any) -> Message:
-        from virtsvc.scenarios.loader import compile_text
-
         registry = self.vserver.registry
         with self._lock:
-            loaded = {s.name: s for s in registry.scenarios()}
-            # Names with their extends, so that a cycle through loaded scenarios is refused too.
-            known = {name: s.extends for name, s in loaded.items()}
+            loaded = {s.name for s in registry.scenarios()}
             try:
-                compiled = compile_text(
-                    request.text,
-                    self.vserver.catalog,
-                    origin=ORIGIN,
-                    known=known,
-                    upstreams=self.vserver.upstreams,
-                )
+                compiled = compile_put(self.vserver, request.text)
             except VirtsvcError:
                 if _looks_like_python(request.text):
                     raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, PYTHON_REFUSED) from None
@@ -100,11 +91,11 @@ class AdminService:
             if not compiled:  # pragma: no cover - the loader reports an empty text itself
                 raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"{ORIGIN}: the text holds no scenario")
             replaced = [s.name for s in compiled if s.name in loaded]
-            if len(compiled) == 1:
-                registry.put(compiled[0])
-            else:
-                loaded.update((s.name, s) for s in compiled)
-                registry.replace_all(loaded.values())  # one swap: a call sees all of them or none
+            shared = self.vserver.changes
+            if shared is None:
+                install(registry, compiled)
+            else:  # every replica applies it, this one too, in the order the shared log holds
+                shared.publish({"op": "put", "text": request.text})
         names = [s.name for s in compiled]
         log.info("admin.scenario.put", names=names, replaced=replaced)
         return messages.PutScenarioResponse(names=names, replaced=replaced)
@@ -128,7 +119,11 @@ class AdminService:
                     + ", ".join(f'"{d}"' for d in dependents)
                     + ": delete them or change their extends first",
                 )
-            registry.delete(name)
+            shared = self.vserver.changes
+            if shared is None:
+                registry.delete(name)
+            else:
+                shared.publish({"op": "delete", "name": name})
             dropped = self.vserver.store.drop_scenario(name)
             self.vserver.journal.drop_scenario(name)
         log.info("admin.scenario.deleted", name=name, sessions=dropped)
@@ -345,6 +340,26 @@ class AdminService:
 
     def _unknown_scenario(self, name: str) -> str:
         return unknown_scenario_message(name, self.vserver.registry.names())
+
+
+def compile_put(vserver: VirtualServer, text: str) -> list[CompiledScenario]:
+    """The scenarios of a PutScenario text, compiled against those ``vserver`` has loaded (a cycle through
+    them is refused too); ScenarioError with ``<admin>:LINE`` locations."""
+    from virtsvc.scenarios.loader import compile_text
+
+    # Names with their extends, so that a cycle through loaded scenarios is refused too.
+    known = {s.name: s.extends for s in vserver.registry.scenarios()}
+    return compile_text(text, vserver.catalog, origin=ORIGIN, known=known, upstreams=vserver.upstreams)
+
+
+def install(registry: Registry, compiled: list[CompiledScenario]) -> None:
+    """Puts the scenarios of one PutScenario in the registry at once: a call sees all of them or none."""
+    if len(compiled) == 1:
+        registry.put(compiled[0])
+        return
+    loaded = {s.name: s for s in registry.scenarios()}
+    loaded.update((s.name, s) for s in compiled)
+    registry.replace_all(loaded.values())
 
 
 PYTHON_REFUSED = (

@@ -29,13 +29,14 @@ from virtsvc.engine.observers import CallObserver
 from virtsvc.engine.pipeline import Dispatcher, server_stopping_message
 from virtsvc.engine.router import Registry, Router
 from virtsvc.engine.store import MemoryStore, RuleSet, Store
-from virtsvc.errors import ConfigError
+from virtsvc.errors import ConfigError, Refusal
 from virtsvc.scenarios.model import CompiledScenario
 from virtsvc.server.options import DEFAULT_MAX_MESSAGE_BYTES, ServeOptions
 from virtsvc.upstream import GrpcUpstream
 
 if TYPE_CHECKING:
     from virtsvc.observe.dashboard import Dashboard
+    from virtsvc.server.replicas import SharedChanges
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -160,6 +161,12 @@ class VirtualServer:
         }
         if getattr(self.store, "compile_rules", False) is None:
             self.store.compile_rules = self.compile_session_rules  # type: ignore[attr-defined]
+        #: the admin changes shared with other replicas through the store (None: this process alone)
+        self.changes: SharedChanges | None = None
+        if hasattr(self.store, "on_changes"):
+            from virtsvc.server.replicas import SharedChanges
+
+            self.changes = SharedChanges(self)
         self.router = Router(
             self.registry,
             self.store,
@@ -259,6 +266,11 @@ class VirtualServer:
         return self.router.default_scenario
 
     def start(self) -> VirtualServer:
+        if self.changes is not None:
+            try:
+                self.changes.catch_up()  # scenarios other replicas put before this one started
+            except Refusal as exc:
+                raise ConfigError(exc.message) from None
         options = self.options.grpc_options()
         self.draining.clear()
         self.executor = futures.ThreadPoolExecutor(
