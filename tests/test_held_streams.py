@@ -320,6 +320,20 @@ def test_a_client_that_goes_away_frees_its_stream(
     assert entry.code == "CANCELLED"
 
 
+def test_a_client_deadline_ends_a_held_stream(
+    server: VirtualServer, admin: AdminClient, pb: SimpleNamespace
+) -> None:
+    """Client deadlines stay real: a held stream the test never ends gets DEADLINE_EXCEEDED at the client's
+    deadline, journaled so."""
+    with grpc.insecure_channel(server.address) as channel:
+        events = pb.inv_grpc.InventoryStub(channel).Watch(pb.inv.WatchRequest(), metadata=_md("d"), timeout=1)
+        next(events)
+        assert fails(next, events).code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    _until(lambda: bool(admin.call("GetJournal", session="d").entries), "the call was journaled")
+    [entry] = admin.call("GetJournal", session="d").entries
+    assert entry.code == "DEADLINE_EXCEEDED" and admin.call("ListStreams", session="d").streams == []
+
+
 # -- grpcurl: the client and the admin calls ---------------------------------------------------------
 
 needs_grpcurl = pytest.mark.skipif(shutil.which("grpcurl") is None, reason="grpcurl is not installed")

@@ -9,6 +9,7 @@ queued (a bad field raises ``ConversionError`` naming it and the closest one) an
 from __future__ import annotations
 
 import datetime
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
     from virtsvc.server.virtual_server import VirtualServer
 
 __all__ = ["LocalStreams", "OpenStream", "RemoteStreams", "StreamDriver", "status_code"]
+
+_SLICE = 4.0  # seconds a ListStreams may wait, well inside the admin client's deadline (10 s by default)
 
 
 class StreamDriver(Protocol):
@@ -119,8 +122,16 @@ class RemoteStreams:
         self._relocate = relocate
 
     def listed(self, session: str, method: str, at_least: int, timeout: float) -> list[OpenStream]:
-        wait = datetime.timedelta(seconds=timeout)
-        reply = self._call("ListStreams", session=session, method=method, min_count=at_least, timeout=wait)
+        # Asked in slices, so that no ListStreams outlasts the admin client's own deadline per call.
+        deadline = time.monotonic() + timeout
+        while True:
+            left = max(deadline - time.monotonic(), 0.0)
+            wait = datetime.timedelta(seconds=min(left, _SLICE))
+            reply = self._call(
+                "ListStreams", session=session, method=method, min_count=at_least, timeout=wait
+            )
+            if len(reply.streams) >= at_least or left <= _SLICE:
+                break
         return [
             OpenStream(
                 s.id,
