@@ -25,7 +25,7 @@ from helpers import fails
 
 from virtsvc.admin import ADMIN_SERVICE, AdminClient
 from virtsvc.contracts import Catalog
-from virtsvc.errors import ConversionError, ScenarioError, StreamEnded
+from virtsvc.errors import ConversionError, Refusal, ScenarioError, StreamEnded
 from virtsvc.scenarios import compile_text, load_scenarios
 from virtsvc.server import VirtualServer
 from virtsvc.testing import RemoteServer, VirtualService
@@ -332,6 +332,32 @@ def test_a_client_deadline_ends_a_held_stream(
     _until(lambda: bool(admin.call("GetJournal", session="d").entries), "the call was journaled")
     [entry] = admin.call("GetJournal", session="d").entries
     assert entry.code == "DEADLINE_EXCEEDED" and admin.call("ListStreams", session="d").streams == []
+
+
+def test_a_push_over_the_size_limit_is_refused_to_the_pusher(catalog: Catalog, pb: SimpleNamespace) -> None:
+    """The server's message size limit is checked when the test pushes, not left to end the client's call
+    (through the admin API, grpc's own receive limit refuses such a request first)."""
+    scenarios = compile_text(HELD, catalog, origin="held.yaml")
+    srv = VirtualServer(catalog, scenarios, port=0, max_message_bytes=1024).start()
+    try:
+        service = VirtualService(srv)
+        service.use("held")
+        events = pb.inv_grpc.InventoryStub(service.channel()).Watch(pb.inv.WatchRequest(), timeout=20)
+        next(events)
+        [stream] = service.streams(WATCH)
+        with pytest.raises(Refusal) as info:
+            stream.send({"sku": "x" * 2000})
+        assert (info.value.code, info.value.message) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "the message pushed to shop.v1.Inventory/Watch is 2,003 bytes, over the maximum message size "
+            "of 1,024 bytes; raise it with --max-message-bytes",
+        )
+        stream.send({"sku": "B"})
+        assert next(events).sku == "B"  # the stream goes on
+        stream.close()
+        service.close()
+    finally:
+        srv.stop(0)
 
 
 # -- grpcurl: the client and the admin calls ---------------------------------------------------------

@@ -800,7 +800,7 @@ class Dispatcher(grpc.GenericRpcHandler):
         #: the real services calls may be forwarded to, by name
         self.upstreams: Mapping[str, Upstream] = dict(upstreams or {})
         #: the streams held open for the test to drive (``stream: [..., {open: true}]``)
-        self.streams = HeldStreams()
+        self.streams = HeldStreams(max_message_bytes)
         self.stopping = stopping or threading.Event()
         self.max_message_bytes = max_message_bytes
         #: calls in flight in the whole server (None: not counted)

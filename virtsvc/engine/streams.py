@@ -29,7 +29,7 @@ import grpc
 from google.protobuf.message import Message
 
 from virtsvc.contracts.catalog import MethodSpec
-from virtsvc.errors import ConversionError, StreamEnded
+from virtsvc.errors import ConversionError, Refusal, StreamEnded
 from virtsvc.scenarios.fields import fill_message
 
 __all__ = ["HeldStream", "HeldStreams", "encode_pushed", "session_ended_message"]
@@ -78,8 +78,10 @@ class HeldStream:
         spec: MethodSpec,
         rule: str,
         on_end: Callable[[], None],
+        max_bytes: int,
     ) -> None:
         self.id = stream_id
+        self.max_bytes = max_bytes  # the server's message size limit, checked when a message is pushed
         self.scenario = scenario
         self.session = session
         self.spec = spec
@@ -99,9 +101,12 @@ class HeldStream:
     def send(self, message: Any) -> None:
         """Queues one message (a message or proto3 JSON), validated now; it is journaled as it is sent."""
         raw = encode_pushed(self.spec, message)
-        self._put((SEND, raw))
-
-    def send_raw(self, raw: bytes) -> None:
+        if len(raw) > self.max_bytes:
+            raise Refusal(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the message pushed to {self.method} is {len(raw):,} bytes, over the maximum message size "
+                f"of {self.max_bytes:,} bytes; raise it with --max-message-bytes",
+            )
         self._put((SEND, raw))
 
     def fail(self, code: grpc.StatusCode, message: str = "") -> None:
@@ -153,7 +158,8 @@ class HeldStream:
 class HeldStreams:
     """The streams held open in this process, by id; waitable, so a test can wait for its call to arrive."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_message_bytes: int) -> None:
+        self.max_message_bytes = max_message_bytes
         #: who holds these streams, as their ids say: host, process and server within it
         self.holder = f"{_PROCESS}.{next(_REGISTRIES)}"
         self._streams: dict[str, HeldStream] = {}
@@ -162,7 +168,9 @@ class HeldStreams:
 
     def open(self, scenario: str, session: str, spec: MethodSpec, rule: str) -> HeldStream:
         stream_id = f"{self.holder}-{next(self._ids)}"
-        stream = HeldStream(stream_id, scenario, session, spec, rule, lambda: self._remove(stream_id))
+        stream = HeldStream(
+            stream_id, scenario, session, spec, rule, lambda: self._remove(stream_id), self.max_message_bytes
+        )
         with self._changed:
             self._streams[stream_id] = stream
             self._changed.notify_all()
