@@ -7,9 +7,10 @@ to raise it, instead of queueing behind busy workers until everything times out.
 
 from __future__ import annotations
 
+import itertools
 import threading
 
-__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "Gauge", "server_busy_message", "session_busy_message"]
+__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "Gauge", "InFlight", "server_busy_message", "session_busy_message"]
 
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # gRPC's own default, both directions
 
@@ -37,6 +38,26 @@ class Gauge:
     def leave(self) -> None:
         with self._lock:
             self.value -= 1
+
+
+class InFlight:
+    """Calls that arrived and have not ended, counted without a lock on the call's path: ``next()`` on an
+    :class:`itertools.count` is atomic under the GIL. Reading ``value`` advances both counts, which it
+    makes up for: each reading advances both once, so they cancel. Ended is read first, so a reading never
+    falls below the calls really in flight."""
+
+    __slots__ = ("_lock", "arrived", "ended")
+
+    def __init__(self) -> None:
+        self.arrived = itertools.count()
+        self.ended = itertools.count()
+        self._lock = threading.Lock()  # readers take turns: one's advances would show in another's reading
+
+    @property
+    def value(self) -> int:
+        with self._lock:
+            ended = next(self.ended)
+            return next(self.arrived) - ended
 
 
 def server_busy_message(limit: int) -> str:

@@ -37,7 +37,13 @@ from virtsvc import _logs, _text
 from virtsvc.contracts.catalog import Catalog, MethodSpec
 from virtsvc.engine.forward import Upstream, forwarded_metadata
 from virtsvc.engine.journal import Entry, Journal, Metadata
-from virtsvc.engine.limits import DEFAULT_MAX_MESSAGE_BYTES, Gauge, server_busy_message, session_busy_message
+from virtsvc.engine.limits import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    Gauge,
+    InFlight,
+    server_busy_message,
+    session_busy_message,
+)
 from virtsvc.engine.observers import CallObserver, Observers
 from virtsvc.engine.router import (
     BAGGAGE_SCENARIO,
@@ -182,6 +188,7 @@ class Exchange:
         """Routes the call, counts it in its session, opens its journal entry and claims the concurrency
         limits (``release`` frees them). A refusal here is journaled under the names the call sent."""
         d = self.dispatcher
+        next(d.in_flight.arrived)
         context = self.context
         pairs = context.invocation_metadata()
         metadata = self.metadata = {k: v for k, v in pairs if isinstance(v, str)}
@@ -579,6 +586,7 @@ class Exchange:
             if len(entry.raw_requests) > MAX_JOURNALED_MESSAGES:  # a long client stream: keep it bounded
                 entry.raw_requests = entry.raw_requests[:MAX_JOURNALED_MESSAGES]
             self.dispatcher.journal.record(entry)
+        next(self.dispatcher.in_flight.ended)
         observed = self._observed
         if observed is not None:
             self._observed = None
@@ -807,6 +815,8 @@ class Dispatcher(grpc.GenericRpcHandler):
         self.gauge = Gauge(max_concurrency) if max_concurrency else None
         self.max_concurrency_per_session = max_concurrency_per_session or None
         self.limited = self.gauge is not None or self.max_concurrency_per_session is not None
+        #: calls arrived and not ended (the in-flight gauge of /metrics); two lock-free counts
+        self.in_flight = InFlight()
         #: the call observers (None while there are none: the pipeline then pays one ``is None`` per call)
         self.observers: Observers | None = None
         self._observers = Observers(self._observers_changed)

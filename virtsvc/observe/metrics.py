@@ -1,9 +1,11 @@
 """Prometheus metrics of a virtual server, exposed by prometheus-client (the ``metrics`` extra).
 
-A call observer counts each call as it ends (and as it starts, for the in-flight gauge) in plain integers
-under one lock; prometheus-client reads them only when scraped, through a collector. Per call that is one
-dict look-up per family and a ``bisect`` per histogram, instead of prometheus-client's per-child locks and
-label look-ups: the static reply is the hot path.
+The static reply is the hot path, so a call pays for metrics only a ``deque.append`` of its journal entry
+(the subscriber is the deque's own method: no Python frame, no lock). The endpoint's thread drains the
+deque every :data:`DRAIN_INTERVAL` seconds, and every scrape first, into plain integers per (method,
+scenario) under one lock; prometheus-client reads them only when scraped, through a collector, instead of
+its per-child locks and label look-ups on every call. The in-flight gauge is the dispatcher's own
+lock-free count.
 
 Label cardinality is bounded whatever the clients send: a session id is never a label, a method is one of
 the catalog's, a code one of gRPC's, and a scenario one that was loaded when a call named it (an unknown
@@ -14,19 +16,21 @@ after many scenarios put and deleted through the admin API, further ones are ``(
 from __future__ import annotations
 
 import bisect
-import itertools
 import threading
+from collections import deque
 from collections.abc import Callable, Container, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
+
+import grpc
 
 from virtsvc.engine.router import NO_SCENARIO
 from virtsvc.errors import ConfigError
 
 if TYPE_CHECKING:
-    from virtsvc.engine.journal import Journal
-    from virtsvc.engine.pipeline import Exchange
+    from virtsvc.engine.journal import Entry, Journal
 
 __all__ = [
+    "DRAIN_INTERVAL",
     "DURATION_BUCKETS",
     "MAX_SCENARIO_LABELS",
     "OVERHEAD_BUCKETS",
@@ -42,6 +46,8 @@ DURATION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 #: Upper bounds (seconds) of virtsvc's own time per call (the total less the simulated delay).
 OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 MAX_SCENARIO_LABELS = 200
+#: seconds between the drains of recorded entries into the counts (a scrape drains first, so it is exact)
+DRAIN_INTERVAL = 0.25
 UNKNOWN_SCENARIO = "(unknown)"  # a name no loaded scenario has (sent in a header, or since deleted)
 NO_SCENARIO_LABEL = "(none)"  # the call named no scenario and there is no default
 OTHER_SCENARIO = "(other)"  # past MAX_SCENARIO_LABELS distinct names
@@ -58,21 +64,33 @@ def import_prometheus() -> Any:
     return prometheus_client
 
 
-class _Histogram:
-    """One histogram child: per-bucket counts (not cumulative: made so at scrape), their sum."""
+class _Child:
+    """The counts of one (method, scenario label): calls by status code, unmatched calls, and the two
+    histograms as per-bucket counts (made cumulative at scrape) with their sums."""
 
-    __slots__ = ("counts", "sum")
+    __slots__ = ("codes", "duration", "duration_sum", "method", "overhead", "overhead_sum", "scenario",
+                 "unmatched")  # fmt: skip
 
-    def __init__(self, buckets: int) -> None:
-        self.counts = [0] * (buckets + 1)  # the last one is +Inf
-        self.sum = 0.0
+    def __init__(self, method: str, scenario: str, buckets: int, own_buckets: int) -> None:
+        self.method = method
+        self.scenario = scenario
+        self.codes: dict[int, int] = {}  # id(StatusCode) -> calls: hashing an enum member costs more
+        self.unmatched = 0
+        self.duration = [0] * (buckets + 1)  # the last one is +Inf
+        self.duration_sum = 0.0
+        self.overhead = [0] * (own_buckets + 1)
+        self.overhead_sum = 0.0
+
+
+_CODE_NAMES = {id(code): code.name for code in grpc.StatusCode}
 
 
 class CallMetrics:
-    """Counts calls for Prometheus; a call observer (``VirtualServer.add_observer``) and a collector.
+    """Counts calls for Prometheus: a journal subscriber (:attr:`record`) and a collector.
 
     ``scenarios`` says whether a scenario name is loaded (the server's registry); ``sessions`` how many
-    sessions live now; ``journal`` is read for the entries its bound dropped.
+    sessions live now; ``in_flight`` how many calls are being answered (the dispatcher counts them, lock
+    free); ``journal`` is read for the entries its bound dropped.
     """
 
     def __init__(
@@ -80,6 +98,7 @@ class CallMetrics:
         scenarios: Container[str],
         journal: Journal,
         sessions: Callable[[], int],
+        in_flight: Callable[[], int],
         *,
         duration_buckets: Sequence[float] = DURATION_BUCKETS,
         overhead_buckets: Sequence[float] = OVERHEAD_BUCKETS,
@@ -87,76 +106,70 @@ class CallMetrics:
         self._scenarios = scenarios
         self._journal = journal
         self._sessions = sessions
+        self._in_flight = in_flight
         self.duration_buckets = tuple(duration_buckets)
         self.overhead_buckets = tuple(overhead_buckets)
         self._lock = threading.Lock()
-        # Calls started: next() on a count is atomic under the GIL, so a call's start takes no lock; reading
-        # it advances it too, which _reads makes up for.
-        self._starts = itertools.count()
-        self._reads = 0
-        self._finished = 0
         self._labels: dict[str, str] = {}  # scenario name -> its label, for the names seen so far
-        self._calls: dict[tuple[str, str, str], int] = {}  # (method, scenario, code)
-        self._unmatched: dict[tuple[str, str], int] = {}  # (method, scenario)
-        self._duration: dict[tuple[str, str], _Histogram] = {}
-        self._overhead: dict[tuple[str, str], _Histogram] = {}
+        # (method, scenario name) -> its child: one look-up per call. Names that are not labels of their
+        # own (unknown, past the bound) share their label's child but are never keys here.
+        self._children: dict[tuple[str, str], _Child] = {}
+        self._by_label: dict[tuple[str, str], _Child] = {}
+        self._pending: deque[Entry] = deque()
+        #: the journal subscriber (``VirtualServer.subscribe``): a C method, so a call runs no Python code
+        #: for metrics; the entries are counted later, off the call's path, by :meth:`drain`
+        self.record: Callable[[Entry], None] = self._pending.append
 
-    # -- the observer ----------------------------------------------------------------------------------
+    # -- the subscriber ----------------------------------------------------------------------------------
 
-    def on_start(self, exchange: Exchange) -> object:
-        next(self._starts)
-        return None
-
-    def on_finish(self, exchange: Exchange, token: object) -> None:
-        entry = exchange.entry
-        if entry is None:  # pragma: no cover - every call opens its entry before it ends
-            with self._lock:
-                self._finished += 1
-            return
-        scenario = self._labels.get(entry.scenario) or self._label(entry.scenario)
-        key = (entry.method, scenario)
-        total = entry.duration
-        own = total - entry.delay
+    def drain(self) -> None:
+        """Counts the entries recorded since the last drain (the endpoint's thread calls it every
+        :data:`DRAIN_INTERVAL` seconds, and every scrape first)."""
+        pending = self._pending
         bounds, own_bounds = self.duration_buckets, self.overhead_buckets
+        children = self._children
         with self._lock:
-            self._finished += 1
-            calls = (entry.method, scenario, entry.code.name)
-            self._calls[calls] = self._calls.get(calls, 0) + 1
-            if entry.near_miss is not None:
-                self._unmatched[key] = self._unmatched.get(key, 0) + 1
-            duration = self._duration.get(key)
-            if duration is None:
-                duration = self._duration[key] = _Histogram(len(bounds))
-                self._overhead[key] = _Histogram(len(own_bounds))
-            duration.counts[bisect.bisect_left(bounds, total)] += 1
-            duration.sum += total
-            overhead = self._overhead[key]
-            overhead.counts[bisect.bisect_left(own_bounds, own)] += 1
-            overhead.sum += own
+            while pending:
+                entry = pending.popleft()
+                key = (entry.method, entry.scenario)
+                child = children.get(key) or self._child(key)
+                codes = child.codes
+                code = id(entry.code)
+                codes[code] = codes.get(code, 0) + 1
+                if entry.near_miss is not None:
+                    child.unmatched += 1
+                total = entry.duration
+                own = total - entry.delay
+                child.duration[bisect.bisect_left(bounds, total)] += 1
+                child.duration_sum += total
+                child.overhead[bisect.bisect_left(own_bounds, own)] += 1
+                child.overhead_sum += own
 
-    def _label(self, name: str) -> str:
-        """The label of a scenario name not seen before (only names of loaded scenarios are kept)."""
+    def _child(self, key: tuple[str, str]) -> _Child:
+        """The child of a (method, scenario name) not seen before (under the lock); only loaded names are
+        remembered."""
+        method, name = key
         if name == NO_SCENARIO:
-            return NO_SCENARIO_LABEL
-        if name not in self._scenarios:
-            return UNKNOWN_SCENARIO  # never remembered: a client may send any number of names
-        with self._lock:
-            label = self._labels.get(name)
-            if label is None:
-                label = name if len(self._labels) < MAX_SCENARIO_LABELS else OTHER_SCENARIO
-                self._labels[name] = label
-        return label
+            label = NO_SCENARIO_LABEL
+        elif name not in self._scenarios:
+            label = UNKNOWN_SCENARIO  # never remembered: a client may send any number of names
+        else:
+            label = self._labels.get(name) or (
+                name if len(self._labels) < MAX_SCENARIO_LABELS else OTHER_SCENARIO
+            )
+            self._labels[name] = label
+        child = self._by_label.get((method, label))
+        if child is None:
+            child = _Child(method, label, len(self.duration_buckets), len(self.overhead_buckets))
+            self._by_label[method, label] = child
+        if label != UNKNOWN_SCENARIO:
+            self._children[key] = child
+        return child
 
     @property
     def in_flight(self) -> int:
         """Calls started and not yet finished."""
-        with self._lock:
-            return self._in_flight()
-
-    def _in_flight(self) -> int:
-        # under the lock: no call finishes meanwhile, so it never reads below the calls it has counted
-        self._reads += 1
-        return next(self._starts) - self._reads + 1 - self._finished
+        return self._in_flight()
 
     # -- the collector (prometheus-client calls it at each scrape) ----------------------------------
 
@@ -166,12 +179,16 @@ class CallMetrics:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+        in_flight = self._in_flight()
+        self.drain()
         with self._lock:
-            in_flight = self._in_flight()
-            calls = dict(self._calls)
-            unmatched = dict(self._unmatched)
-            durations = {k: (list(h.counts), h.sum) for k, h in self._duration.items()}
-            overheads = {k: (list(h.counts), h.sum) for k, h in self._overhead.items()}
+            children = sorted(self._by_label.values(), key=lambda c: (c.method, c.scenario))
+            calls = {
+                (c.method, c.scenario, _CODE_NAMES[code]): n for c in children for code, n in c.codes.items()
+            }
+            unmatched = {(c.method, c.scenario): c.unmatched for c in children if c.unmatched}
+            durations = {(c.method, c.scenario): (list(c.duration), c.duration_sum) for c in children}
+            overheads = {(c.method, c.scenario): (list(c.overhead), c.overhead_sum) for c in children}
         family = CounterMetricFamily(
             "virtsvc_calls",
             "Calls answered, by method, scenario and status code",
@@ -249,6 +266,14 @@ class MetricsEndpoint:
                 f"cannot serve metrics on {host}:{port}: {exc.strerror or exc} (--metrics-port)"
             ) from None
         self.port: int = self._server.server_port
+        self._metrics = metrics
+        self._stop = threading.Event()
+        self._drainer = threading.Thread(target=self._drain, name="virtsvc-metrics", daemon=True)
+        self._drainer.start()
+
+    def _drain(self) -> None:
+        while not self._stop.wait(DRAIN_INTERVAL):
+            self._metrics.drain()
 
     @property
     def url(self) -> str:
@@ -256,6 +281,8 @@ class MetricsEndpoint:
         return f"http://{host}:{self.port}/metrics"
 
     def close(self) -> None:
+        self._stop.set()
+        self._drainer.join(5)
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)

@@ -233,8 +233,11 @@ class VirtualServer:
 
             import_prometheus()  # missing: a ConfigError now, not at start
             store = self.store
-            self.metrics = CallMetrics(self.registry, self.journal, lambda: len(store))
-            self.add_observer(self.metrics)
+            in_flight = self.dispatcher.in_flight
+            self.metrics = CallMetrics(
+                self.registry, self.journal, lambda: len(store), lambda: in_flight.value
+            )
+            self.subscribe(self.metrics.record)
         #: the spans of calls (None when OpenTelemetry is not configured, see virtsvc.observe.traces)
         self.tracing: Tracing | None = None
         if options.traces is not False:
