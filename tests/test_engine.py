@@ -25,7 +25,6 @@ from helpers import fails
 
 from virtsvc import VirtualServer
 from virtsvc.contracts import Catalog
-from virtsvc.engine.store import MemorySession as Session
 from virtsvc.engine.store import RuleSet
 from virtsvc.scenarios import load_scenarios
 
@@ -400,18 +399,16 @@ def test_fixed_delay(server: VirtualServer, pb: SimpleNamespace, inv: Any, sid: 
 
 
 def test_uniform_delay_within_bounds(server: VirtualServer, pb: SimpleNamespace, inv: Any, sid: str) -> None:
-    """``uniform: [20ms, 60ms]`` waits a draw between the bounds from the session's seeded generator."""
-    rng = Session("delays", sid).rng  # a fresh session of the same name draws the same delays
-    draws = [rng.uniform(0.02, 0.06) for _ in range(6)]
-    for draw in draws:
-        t0 = time.perf_counter()
+    """``uniform: [20ms, 60ms]`` waits a draw between the bounds; the journal records the draw, and the
+    call lasts at least as long."""
+    for _ in range(6):
         assert _reserve(inv, pb, "delays", sid).reservation_id == "uniform"
-        assert time.perf_counter() - t0 >= draw - 0.001
-    durations = [e.duration for e in server.journal.entries("delays", sid)]
-    assert len(durations) == 6
-    for draw, duration in zip(draws, durations, strict=True):
-        assert 0.02 <= draw <= duration <= draw + 0.25, (draws, durations)  # upper: scheduling slack
-    assert max(draws) - min(draws) > 0.002
+    entries = server.journal.entries("delays", sid)
+    assert len(entries) == 6
+    for entry in entries:
+        assert 0.02 <= entry.delay <= 0.06, entry.delay
+        assert entry.duration >= entry.delay
+    assert len({e.delay for e in entries}) == 6  # draws, not one value
 
 
 def test_delay_cut_short_by_the_deadline(

@@ -18,6 +18,7 @@ from google.rpc import error_details_pb2
 from virtsvc.contracts import Catalog
 from virtsvc.errors import ScenarioError
 from virtsvc.scenarios import Scenario, fail, status, step
+from virtsvc.scenarios.latency import Fixed
 from virtsvc.scenarios.loader import check_paths, compile_rules, compile_sources, load_sources
 from virtsvc.scenarios.model import Fault, Location
 
@@ -236,7 +237,7 @@ def test_scripts_compile_through_the_same_path(
     assert (
         reserve.location == Location("sc/interop.py", 6) and reserve.times == 1 and reserve.when is not None
     )
-    assert reserve.steps[0].delay is not None and reserve.steps[0].delay.a == 0.3
+    assert reserve.steps[0].delay == Fixed(0.3)
     assert charge.after == "fail" and len(charge.steps) == 2
     assert charge.steps[0].status is not None and charge.steps[0].status.code is grpc.StatusCode.UNAVAILABLE
     assert handler.handler is not None and handler.handler.__name__ == "get_order" and handler.steps == ()

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from virtsvc.contracts import Catalog
 from virtsvc.errors import ConfigError, ScenarioError
 from virtsvc.scenarios import yamltree as _yaml
+from virtsvc.scenarios.latency import Fixed, LogNormal, Uniform
 from virtsvc.scenarios.loader import check_paths, compile_rules, compile_sources, compile_text, load_sources
 from virtsvc.scenarios.located import LocatedDict, LocatedList, Problems
 from virtsvc.scenarios.model import Fault, Location
@@ -245,8 +246,84 @@ def test_bad_durations(cat: Catalog, workdir: Path) -> None:
         's.yaml:13: delay.uniform: low "50ms" is above high "10ms"',
         's.yaml:17: delay.lognormal: p99 "10ms" must be above the median "20ms"',
         's.yaml:21: delay: unknown delay model "unifrom"; did you mean "uniform"?',
-        "s.yaml:24: delay: expected a duration (e.g. 25ms), {uniform: [low, high]} or "
-        "{lognormal: {median: M, p99: P}}, got a list",
+        "s.yaml:24: delay: expected a duration (e.g. 25ms) or one delay model (fixed, uniform, normal, "
+        "lognormal, percentiles, backoff), got a list",
+    ]
+
+
+def test_bad_delay_models(cat: Catalog, workdir: Path) -> None:
+    """Each model's bad parameters are reported at the line of the parameter, with the near miss named."""
+    text = """\
+        scenario: a
+        rules:
+          - method: shop.v1.Inventory/Ping
+            when: {metadata: {x: "1"}}
+            delay: {normal: {mean: 20ms, stdev: 5ms}}
+            reply: {}
+          - method: shop.v1.Inventory/Ping
+            when: {metadata: {x: "2"}}
+            delay: {normal: {mean: 20ms, stddev: 0ms}}
+            reply: {}
+          - method: shop.v1.Inventory/Ping
+            when: {metadata: {x: "3"}}
+            delay:
+              percentiles:
+                p50: 12ms
+                p90: 10ms
+            reply: {}
+          - method: shop.v1.Inventory/Ping
+            when: {metadata: {x: "4"}}
+            delay:
+              percentiles: {p50: 12ms, median: 20ms}
+            reply: {}
+          - method: shop.v1.Inventory/Ping
+            when: {metadata: {x: "5"}}
+            delay: {percentiles: {p50: 12ms, p999: 1s}}
+            reply: {}
+          - method: shop.v1.Inventory/Ping
+            when: {metadata: {x: "6"}}
+            delay:
+              backoff:
+                initial: 100ms
+                factor: 0.5
+                max: 2s
+                jitter: 1.5
+            reply: {}
+          - method: shop.v1.Inventory/Ping
+            when: {metadata: {x: "7"}}
+            delay: {backoff: {initial: 1s, max: 100ms}}
+            reply: {}
+          - method: shop.v1.Inventory/Ping
+            when: {metadata: {x: "8"}}
+            delay: {backof: {initial: 1s, max: 2s}}
+            reply: {}
+          - method: shop.v1.Inventory/Ping
+            when: {metadata: {x: "9"}}
+            delay: {backoff: {initial: 1s, maximum: 2s}}
+            reply: {}
+          - method: shop.v1.Inventory/Ping
+            when: {metadata: {x: "10"}}
+            delay: {lognormal: {median: 20ms, p99: [1s]}}
+            reply: {}
+          - method: shop.v1.Inventory/Ping
+            delay: {fixed: 25ms, uniform: [1ms, 2ms]}
+            reply: {}
+        """
+    assert one_file(cat, text) == [
+        's.yaml:5: delay.normal: unknown normal key "stdev"; did you mean "stddev"?',
+        "s.yaml:9: delay.normal.stddev: must be above zero (for one value, use a duration)",
+        's.yaml:16: delay.percentiles: p90 "10ms" is below p50 "12ms": delays cannot fall as the '
+        "percentile grows",
+        's.yaml:21: delay.percentiles: "median" is not a percentile; use p50 for the median',
+        's.yaml:25: delay.percentiles: "p999" is not a percentile; keys from p0 to p100 (p99.9 too), '
+        "e.g. {p50: 12ms, p90: 40ms, p99: 180ms}",
+        "s.yaml:32: delay.backoff.factor: must be at least 1 (a backoff grows), got 0.5",
+        "s.yaml:34: delay.backoff.jitter: must be from 0 to 1 (a share of the delay), got 1.5",
+        's.yaml:38: delay.backoff: max "100ms" is below initial "1s"',
+        's.yaml:42: delay: unknown delay model "backof"; did you mean "backoff"?',
+        's.yaml:46: delay.backoff: unknown backoff key "maximum"; did you mean "max"?',
+        "s.yaml:50: delay.lognormal.p99: expected a duration (e.g. 25ms), got a list",
+        "s.yaml:53: delay: give exactly one model of fixed, uniform, normal, lognormal, percentiles, backoff",
     ]
 
 
@@ -580,7 +657,7 @@ def test_a_valid_file_with_every_feature_compiles(cat: Catalog, workdir: Path) -
     assert (reserve.times, reserve.priority, reserve.after) == (2, 10, "repeat_last")
     assert reserve.when is not None and reserve.when.needs_request
     (step,) = reserve.steps
-    assert step.delay is not None and (step.delay.kind, step.delay.a) == ("fixed", 0.025)
+    assert step.delay is not None and step.delay == Fixed(0.025)
     assert step.body is not None and step.body.static is None  # a template
     assert [k for k, _ in step.headers] == ["x-served-by", "x-blob-bin"]
     assert [v.static for _, v in step.headers] == ["virtsvc", "aGVsbG8="]
@@ -597,15 +674,11 @@ def test_a_valid_file_with_every_feature_compiles(cat: Catalog, workdir: Path) -
     retry = error_details_pb2.RetryInfo()
     assert packed.Unpack(retry)
     assert retry.retry_delay == duration_pb2.Duration(nanos=500_000_000)
-    assert first.delay is not None and (first.delay.kind, first.delay.a, first.delay.b) == (
-        "uniform",
-        0.01,
-        0.05,
-    )
+    assert first.delay == Uniform(0.01, 0.05)
     assert [(k, v.static) for k, v in first.headers] == [("x-seq", "yes")]  # the rule's default
-    assert second.delay is not None and second.delay.kind == "lognormal"
-    assert second.delay.a == pytest.approx(math.log(0.02))
-    assert second.delay.b == pytest.approx((math.log(0.2) - math.log(0.02)) / 2.3263)
+    assert isinstance(second.delay, LogNormal)
+    assert second.delay.mu == pytest.approx(math.log(0.02))
+    assert second.delay.sigma == pytest.approx((math.log(0.2) - math.log(0.02)) / 2.3263, rel=1e-4)
     assert [(k, v.static) for k, v in second.headers] == [("x-seq", "no"), ("x-last", "1")]
     assert second.body is not None and second.body.static is not None
     assert second.status is None
@@ -614,7 +687,7 @@ def test_a_valid_file_with_every_feature_compiles(cat: Catalog, workdir: Path) -
     assert wstep.status is None  # OK is the default final status
     assert wstep.stream is not None and len(wstep.stream) == 2
     assert [s.location.line for s in wstep.stream] == [28, 29]
-    assert wstep.stream[0].delay is not None and wstep.stream[0].delay.a == 0.005
+    assert wstep.stream[0].delay == Fixed(0.005)
     assert wstep.stream[1].delay is None
 
     (tstep,) = track.steps
@@ -623,17 +696,17 @@ def test_a_valid_file_with_every_feature_compiles(cat: Catalog, workdir: Path) -
 
     assert drop.steps[0].fault is Fault.DROP and drop.steps[0].body is None
     assert refund.steps[0].status is not None and refund.steps[0].status.code is grpc.StatusCode.NOT_FOUND
-    assert refund.steps[0].delay is not None and refund.steps[0].delay.a == 1.5
+    assert refund.steps[0].delay == Fixed(1.5)
 
     (fstep,) = watch_fail.steps
     assert fstep.status is not None and fstep.status.code is grpc.StatusCode.UNAVAILABLE
     assert fstep.stream is not None and fstep.stream[1].fault is Fault.RESET
-    assert fstep.stream[1].delay is not None and fstep.stream[1].delay.a == pytest.approx(0.0005)
+    assert isinstance(fstep.stream[1].delay, Fixed) and fstep.stream[1].delay.value == pytest.approx(0.0005)
 
     assert once.after == "fail" and once.is_sequence and len(once.steps) == 1
 
     (ping,) = base.rules
-    assert ping.steps[0].delay is not None and ping.steps[0].delay.a == 120.0
+    assert ping.steps[0].delay == Fixed(120.0)
     assert ping.steps[0].body is not None and ping.steps[0].body.static == b""
 
 
@@ -776,7 +849,7 @@ def test_compile_rules_from_text_and_from_dicts(cat: Catalog) -> None:
         first.handler is handler and first.steps == () and first.location == Location("tests/test_x.py", 12)
     )
     assert first.key == "inline:0" and second.key == "inline:1"
-    assert second.steps[0].delay is not None and second.steps[0].delay.a == 0.25
+    assert second.steps[0].delay == Fixed(0.25)
     with pytest.raises(ScenarioError) as info:
         compile_rules(
             [{"method": "shop.v1.Inventory/Ping", "$location": "t.py:7", "times": "2"}], cat, "s", "x", ""

@@ -91,9 +91,10 @@ def test_touch_counts_the_calls_of_a_session(store: Store) -> None:
 
 
 def test_take_claims_limited_uses_per_counter(store: Store) -> None:
+    """Each claim is numbered (a backoff's attempt); 0 once used up."""
     session = store.session("shop", "a")
-    assert [session.take("times:r1", 2) for _ in range(3)] == [True, True, False]
-    assert session.take("times:r2", 1) is True  # another counter is apart
+    assert [session.take("times:r1", 2) for _ in range(3)] == [1, 2, 0]
+    assert session.take("times:r2", 1) == 1  # another counter is apart
     assert (session.used("times:r1"), session.used("times:r2"), session.used("times:none")) == (2, 1, 0)
 
 
@@ -112,9 +113,10 @@ def test_enter_and_leave_bound_the_calls_in_flight(store: Store) -> None:
 
 
 def test_take_is_exact_under_parallel_calls(store: Store) -> None:
-    """Eight threads race for 100 uses: exactly 100 are granted (times: never answers one call too many)."""
+    """Eight threads race for 100 uses: exactly 100 are granted, numbered 1 to 100 once each (times: never
+    answers one call too many)."""
     session = store.session("shop", "a")
-    granted: list[bool] = []
+    granted: list[int] = []
     lock = threading.Lock()
     start = threading.Barrier(8)
 
@@ -129,7 +131,7 @@ def test_take_is_exact_under_parallel_calls(store: Store) -> None:
         t.start()
     for t in threads:
         t.join()
-    assert granted.count(True) == 100
+    assert sorted(n for n in granted if n) == list(range(1, 101))
     assert session.used("times:r") == 100
 
 

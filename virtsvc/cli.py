@@ -399,6 +399,7 @@ def _serve_options(args: argparse.Namespace, settings: Settings) -> Any:
         history=args.history,
         metrics_port=args.metrics_port,
         log_calls=_LOG_LEVELS[args.log_level] <= _DEBUG,  # the rpc events are debug-level
+        time_scale=settings.time_scale if args.time_scale is None else args.time_scale,
     )
 
 
@@ -684,6 +685,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="the shortest interval between keepalive pings a client may send, calls in flight or not; "
         "faster clients are told too_many_pings (default 10)",
+    )
+    serve.add_argument(
+        "--time-scale",
+        type=_time_scale,
+        default=None,
+        metavar="F",
+        help="multiply every delay by F (above 0): 2 stretches them, 0.1 compresses them tenfold "
+        "(default 1, or time_scale in [tool.virtsvc])",
     )
     serve.add_argument(
         "--journal-size",
@@ -1046,6 +1055,15 @@ def _seconds(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative, not {value}")
     return value
+
+
+def _time_scale(text: str) -> float:
+    from virtsvc.config import time_scale
+
+    try:
+        return time_scale(text, "--time-scale")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--time-scale: ")) from None
 
 
 def _interval(text: str) -> float:

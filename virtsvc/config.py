@@ -7,6 +7,7 @@
     host = "127.0.0.1"
     port = 50051
     default_scenario = "happy"
+    time_scale = 0.1                  # --time-scale of `virtsvc serve`: every delay times 0.1
 
 Paths are resolved relative to the directory of the pyproject that names them; command-line flags win
 (:meth:`Settings.merged`).
@@ -14,6 +15,7 @@ Paths are resolved relative to the directory of the pyproject that names them; c
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -24,7 +26,7 @@ from typing import Any
 from virtsvc import _text
 from virtsvc.errors import ConfigError
 
-__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "Settings", "load_settings"]
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "Settings", "load_settings", "time_scale"]
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 50051
@@ -48,8 +50,17 @@ class Settings:
     dataclass: every command reads it, and importing ``dataclasses`` was 5% of a ``virtsvc gen`` run.
     """
 
-    __slots__ = ("default_scenario", "generated", "host", "port", "protos", "scenarios", "source")
-    _COMPARED = ("protos", "scenarios", "generated", "host", "port", "default_scenario")
+    __slots__ = (
+        "default_scenario",
+        "generated",
+        "host",
+        "port",
+        "protos",
+        "scenarios",
+        "source",
+        "time_scale",
+    )
+    _COMPARED = ("protos", "scenarios", "generated", "host", "port", "default_scenario", "time_scale")
 
     protos: Path | None
     scenarios: tuple[Path, ...]
@@ -57,6 +68,7 @@ class Settings:
     host: str
     port: int
     default_scenario: str | None
+    time_scale: float
     source: Path | None
 
     def __init__(
@@ -67,9 +79,10 @@ class Settings:
         host: str = DEFAULT_HOST,
         port: int = DEFAULT_PORT,
         default_scenario: str | None = None,
+        time_scale: float = 1.0,
         source: Path | None = None,
     ) -> None:
-        values = (protos, scenarios, generated, host, port, default_scenario, source)
+        values = (protos, scenarios, generated, host, port, default_scenario, time_scale, source)
         for name, value in zip((*self._COMPARED, "source"), values, strict=True):
             object.__setattr__(self, name, value)
 
@@ -126,6 +139,26 @@ def _is_text(v: object) -> bool:
     return isinstance(v, str) and v != ""
 
 
+def _is_scale(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def time_scale(value: object, where: str = "time scale") -> float:
+    """``value`` as a time scale (a number above 0, text allowed); ConfigError naming ``where`` if not."""
+    number: object = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if not _is_scale(number):
+        raise ConfigError(
+            f"{where}: expected a number above 0 (every delay is multiplied by it: 2 doubles them, 0.1 "
+            f"makes them ten times shorter), got {value!r}"
+        )
+    return float(number)  # type: ignore[arg-type]
+
+
 _KEYS: dict[str, tuple[str, _Check]] = {
     "protos": ("a path (string)", _is_path),
     "scenarios": ("a path or a list of paths (strings)", _is_paths),
@@ -133,6 +166,7 @@ _KEYS: dict[str, tuple[str, _Check]] = {
     "host": ("a host name or address (string)", _is_text),
     "port": ("a port number (integer 0-65535)", _is_port),
     "default_scenario": ("a scenario name (string)", _is_text),
+    "time_scale": ("a number above 0", _is_scale),
 }
 
 
@@ -234,5 +268,6 @@ def load_settings(start: Path | None = None) -> Settings:
         host=table.get("host", defaults.host),
         port=table.get("port", defaults.port),
         default_scenario=table.get("default_scenario"),
+        time_scale=float(table.get("time_scale", defaults.time_scale)),
         source=pyproject,
     )

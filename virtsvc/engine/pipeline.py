@@ -59,6 +59,7 @@ from virtsvc.engine.store import DEFAULT_SESSION, SessionState
 from virtsvc.engine.streams import HeldStream, HeldStreams
 from virtsvc.errors import Refusal, RuleFailure, VirtsvcError
 from virtsvc.scenarios.answers import Answer, Plan, answer_message, metadata_value
+from virtsvc.scenarios.latency import draw
 from virtsvc.scenarios.model import Call, CompiledScenario, Delay, Fault, Rule, Step
 
 __all__ = [
@@ -137,14 +138,17 @@ class Exchange:
     __slots__ = (
         "_admitted",
         "_call",
+        "_draws",
         "_finished",
         "_incoming",
         "_observed",
         "_requests",
+        "attempt",
         "context",
         "dispatcher",
         "entry",
         "metadata",
+        "number",
         "rule",
         "scenario",
         "session",
@@ -174,6 +178,9 @@ class Exchange:
         self.scenario: CompiledScenario | None = None
         self.session: SessionState | None = None
         self.metadata: dict[str, str] = {}
+        self.number = 0  # the call's 1-based number in its session
+        self.attempt = 0  # its number among the calls of its rule, when the rule counts them
+        self._draws = 0  # delays drawn so far (a stream draws one per item)
         self._observed: Any = None  # what the observers returned at the start, for their finish
 
     def _observe(self) -> None:
@@ -207,7 +214,7 @@ class Exchange:
             if gauge is not None:
                 gauge.leave()
             raise
-        session.touch()
+        self.number = session.touch()
         self.scenario = compiled
         self.session = session
         entry = self.entry = Entry(
@@ -260,6 +267,7 @@ class Exchange:
     def choose(self) -> Choice:
         choice = self.dispatcher.router.choose(self.call)
         self.rule = choice.rule
+        self.attempt = choice.attempt
         assert self.entry is not None
         self.entry.rule = choice.rule.where
         if choice.refusal is not None:
@@ -271,6 +279,7 @@ class Exchange:
         that answered the latest message."""
         choice = self.dispatcher.router.choose(one)
         self.rule = choice.rule
+        self.attempt = choice.attempt
         assert self.entry is not None
         self.entry.rule = choice.rule.where
         return choice
@@ -325,12 +334,24 @@ class Exchange:
         return raw
 
     def wait(self, delay: Delay) -> None:
-        session = self.session
-        assert session is not None
-        seconds = delay.sample(session.rng)
+        seconds = self.sample(delay)
         assert self.entry is not None
         self.entry.delay += seconds
         self._sleep(seconds)
+
+    def sample(self, delay: Delay) -> float:
+        """The delay's seconds for this call, times the server's time scale.
+
+        A draw is a hash of (scenario, session, rule, the call's number in the session, the draw's number
+        in the call): the same session run again waits the same delays, on every store and process."""
+        u = 0.5
+        if delay.random:
+            session, rule = self.session, self.rule
+            assert session is not None
+            self._draws += 1
+            where = f"{rule.scenario}:{rule.key}" if rule is not None else ""
+            u = draw(session.scenario, session.id, where, self.number, self._draws)
+        return delay.seconds(u, self.attempt or 1) * self.dispatcher.time_scale
 
     def _sleep(self, seconds: float | None) -> None:
         """Sleeps, waking at once when the call ends (cancel, deadline, server stop).
@@ -801,8 +822,11 @@ class Dispatcher(grpc.GenericRpcHandler):
         max_concurrency: int | None = None,
         max_concurrency_per_session: int | None = None,
         upstreams: Mapping[str, Upstream] | None = None,
+        time_scale: float = 1.0,
     ) -> None:
         self.catalog = catalog
+        #: every delay is multiplied by it (``--time-scale``): above 1 stretches, below 1 compresses
+        self.time_scale = time_scale
         self.router = router
         self.journal = journal
         #: the real services calls may be forwarded to, by name

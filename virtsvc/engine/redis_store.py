@@ -79,12 +79,11 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return n
 """
 
-# ARGV: counter field, limit. Claims one use unless ``limit`` are used.
+# ARGV: counter field, limit. Claims one use unless ``limit`` are used; returns its number (0: used up).
 _TAKE = """
 local used = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 if used >= tonumber(ARGV[2]) then return 0 end
-redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
-return 1
+return redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
 """
 
 # ARGV: limit. Claims a place among the calls in flight.
@@ -188,10 +187,10 @@ class RedisSession:
         self.calls = n
         return n
 
-    def take(self, counter: str, limit: int) -> bool:
+    def take(self, counter: str, limit: int) -> int:
         store = self._store
         with store._reach():
-            return bool(store._take(keys=[self._key], args=[_COUNTER + counter, limit]))
+            return int(store._take(keys=[self._key], args=[_COUNTER + counter, limit]))
 
     def advance(self, counter: str) -> int:
         store = self._store

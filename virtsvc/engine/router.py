@@ -133,15 +133,24 @@ def parse_baggage(value: str) -> dict[str, str]:
 
 
 class Choice:
-    """The rule chosen for a call, its answer and the step's position (0 but in a sequence)."""
+    """The rule chosen for a call, its answer, the step's position (0 but in a sequence) and the call's
+    attempt: its 1-based number among the rule's calls in the session (0 when the rule does not count)."""
 
-    __slots__ = ("answer", "index", "refusal", "rule")
+    __slots__ = ("answer", "attempt", "index", "refusal", "rule")
 
-    def __init__(self, rule: Rule, answer: Answer | None, index: int, refusal: Refusal | None = None) -> None:
+    def __init__(
+        self,
+        rule: Rule,
+        answer: Answer | None,
+        index: int,
+        refusal: Refusal | None = None,
+        attempt: int = 0,
+    ) -> None:
         self.rule = rule
         self.answer = answer
         self.index = index
         self.refusal = refusal  # the rule answers this call by refusing it (an exhausted sequence)
+        self.attempt = attempt
 
 
 def mode_rule(mode: str, upstream: str) -> Rule:
@@ -271,10 +280,13 @@ class Router:
                 if not result.ok:
                     misses.append((rule, result))
                     continue
-            if rule.times is not None and not session.take(rule.times_key, rule.times):
-                used_up.append(rule)
-                continue
-            return self._step(rule, session)
+            attempt = 0
+            if rule.times is not None:
+                attempt = session.take(rule.times_key, rule.times)
+                if not attempt:
+                    used_up.append(rule)
+                    continue
+            return self._step(rule, session, attempt)
         fallback = None if per_message else self._fallback(call.scenario)
         if fallback is not None:
             return self._step(fallback, session)
@@ -332,24 +344,31 @@ class Router:
         return rule if rule is not None else self._mode_rule
 
     @staticmethod
-    def _step(rule: Rule, session: SessionState) -> Choice:
+    def _step(rule: Rule, session: SessionState, attempt: int = 0) -> Choice:
+        """The rule's step for this call. The attempt of a rule whose delays grow with it comes from a
+        counter the call moves anyway (``times``, the sequence) or, failing one, from its own: one atomic
+        increment that also reads, so a shared store pays one round trip for it, never two."""
         answers = rule.answers
         if not rule.is_sequence:
-            return Choice(rule, answers[0] if answers else None, 0)  # none: a Python handler answers
+            if not attempt and rule.counts_attempts:
+                attempt = session.advance(rule.attempt_key) + 1
+            # no answer: a Python handler answers
+            return Choice(rule, answers[0] if answers else None, 0, attempt=attempt)
         pos = session.advance(rule.sequence_key)
+        attempt = pos + 1
         n = len(answers)
         if pos < n:
-            return Choice(rule, answers[pos], pos)
+            return Choice(rule, answers[pos], pos, attempt=attempt)
         if rule.after == "cycle":
-            return Choice(rule, answers[pos % n], pos % n)
+            return Choice(rule, answers[pos % n], pos % n, attempt=attempt)
         if rule.after == "fail":
             refusal = Refusal(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"the sequence of the rule at {rule.location} is exhausted: it had {n} steps and this is "
                 f"call {pos + 1} (after: fail)",
             )
-            return Choice(rule, answers[-1], n - 1, refusal)
-        return Choice(rule, answers[-1], n - 1)
+            return Choice(rule, answers[-1], n - 1, refusal, attempt)
+        return Choice(rule, answers[-1], n - 1, attempt=attempt)
 
     # -- messages: part of the API, asserted by tests ---------------------------------------------
 

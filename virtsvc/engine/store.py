@@ -54,7 +54,7 @@ class RuleSet(dict[str, tuple[Rule, ...]]):
         return [r for rs in self.values() for r in rs]
 
     def counter_keys(self) -> set[str]:
-        return {k for r in self.rules() for k in (r.times_key, r.sequence_key)}
+        return {k for r in self.rules() for k in (r.times_key, r.sequence_key, r.attempt_key)}
 
 
 EMPTY_RULES = RuleSet()
@@ -91,8 +91,8 @@ class SessionState(Protocol):
         """Counts a call; returns its 1-based number within the session."""
         ...
 
-    def take(self, counter: str, limit: int) -> bool:
-        """Claims one use of a rule limited to ``limit`` uses; False once it is used up."""
+    def take(self, counter: str, limit: int) -> int:
+        """Claims one use of a rule limited to ``limit`` uses: its 1-based number, 0 once it is used up."""
         ...
 
     def advance(self, counter: str) -> int:
@@ -199,13 +199,13 @@ class MemorySession:
         with self._lock:
             self.inflight -= 1
 
-    def take(self, counter: str, limit: int) -> bool:
+    def take(self, counter: str, limit: int) -> int:
         with self._lock:
             used = self._counters.get(counter, 0)
             if used >= limit:
-                return False
+                return 0
             self._counters[counter] = used + 1
-            return True
+            return used + 1
 
     def used(self, counter: str) -> int:
         with self._lock:

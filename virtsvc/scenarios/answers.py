@@ -63,7 +63,7 @@ class Exchange(Protocol):
     def call(self) -> Call: ...
 
     def wait(self, delay: Delay) -> None:
-        """Holds the answer for a delay drawn from the session's generator (ends early if the call does)."""
+        """Holds the answer for the delay sampled for this call (ends early if the call does)."""
 
     def fault(self, fault: Fault) -> None:
         """Ends the call abnormally (never returns)."""

@@ -36,7 +36,7 @@ from google.protobuf.descriptor_pool import DescriptorPool
 from virtsvc import _text
 from virtsvc.contracts.catalog import Catalog, MethodSpec, normalize_method_name
 from virtsvc.errors import ConfigError, ConversionError, Problem, ScenarioError
-from virtsvc.scenarios import fields, synthetic, templates
+from virtsvc.scenarios import fields, latency, synthetic, templates
 from virtsvc.scenarios import yamltree as _yaml
 from virtsvc.scenarios.builder import Scenario
 from virtsvc.scenarios.located import LocatedDict, LocatedList, Problems, Site
@@ -84,7 +84,6 @@ _NAME = re.compile(NAME_PATTERN)
 _METADATA_KEY = re.compile(r"[0-9a-z_.-]+")
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)?")
 _UNITS = {None: 1.0, "ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-_LOGNORMAL_Z99 = 2.3263  # the 99th percentile of the standard normal distribution
 
 _CONTRACT = re.compile(r"sha256:[0-9a-f]{8,64}")
 _CONTRACT_EXAMPLE = '"sha256:3f2a9c0d1e4b5a6f7c8d9e0f"'
@@ -1235,62 +1234,7 @@ class _Compiler:
         return text + " (rich error details are usually google.rpc types, e.g. google.rpc.ErrorInfo)"
 
     def _delay(self, node: Mapping[Any, Any], key: str, site: Site, path: str) -> Delay | None:
-        value = node[key]
-        if isinstance(value, Mapping):
-            return self._delay_model(
-                value, Site(site.file, site.problems, site.line_of(node, key)).at(value), path
-            )
-        seconds = _seconds(value, site, node, key, path)
-        return Delay("fixed", seconds) if seconds is not None else None
-
-    def _delay_model(self, value: Mapping[Any, Any], site: Site, path: str) -> Delay | None:
-        models = ("uniform", "lognormal")
-        if len(value) != 1 or next(iter(value)) not in models:
-            extra = [k for k in value if k not in models]
-            if extra:
-                hint = "use a duration, {uniform: [low, high]} or {lognormal: {median: M, p99: P}}"
-                site.error(value, extra[0], f"{path}: " + _unknown(extra[0], models, "delay model", hint))
-            else:
-                site.error(value, None, f"{path}: give one model: uniform or lognormal")
-            return None
-        kind = next(iter(value))
-        args = value[kind]
-        if kind == "uniform":
-            if not isinstance(args, list) or len(args) != 2:
-                site.error(
-                    value, kind, f"{path}.uniform: expected [low, high], two durations, got {_show(args)}"
-                )
-                return None
-            low = _seconds(args[0], site, args, 0, f"{path}.uniform[0]")
-            high = _seconds(args[1], site, args, 1, f"{path}.uniform[1]")
-            if low is None or high is None:
-                return None
-            if low > high:
-                site.error(
-                    value, kind, f"{path}.uniform: low {_show(args[0])} is above high {_show(args[1])}"
-                )
-                return None
-            return Delay("uniform", low, high)
-        if not isinstance(args, Mapping) or set(args) != {"median", "p99"}:
-            site.error(value, kind, f"{path}.lognormal: expected {{median: M, p99: P}}, got {_show(args)}")
-            return None
-        median = _seconds(args["median"], site, args, "median", f"{path}.lognormal.median")
-        p99 = _seconds(args["p99"], site, args, "p99", f"{path}.lognormal.p99")
-        if median is None or p99 is None:
-            return None
-        if median <= 0:
-            site.error(args, "median", f"{path}.lognormal.median: must be above zero")
-            return None
-        if p99 <= median:
-            site.error(
-                args,
-                "p99",
-                f"{path}.lognormal: p99 {_show(args['p99'])} must be above "
-                f"the median {_show(args['median'])}",
-            )
-            return None
-        mu = math.log(median)
-        return Delay("lognormal", mu, (math.log(p99) - mu) / _LOGNORMAL_Z99)
+        return latency.compile_delay(node[key], site, node, key, path, _seconds)
 
     def _fault(self, node: Mapping[Any, Any], site: Site, prefix: str) -> Fault | None:
         value = node["fault"]
@@ -1416,8 +1360,9 @@ def _seconds(value: Any, site: Site, node: Any, key: Any, path: str) -> float | 
             site.error(
                 node,
                 key,
-                f"{path}: expected a duration (e.g. 25ms), {{uniform: [low, high]}} or "
-                f"{{lognormal: {{median: M, p99: P}}}}, got {_show(value)}",
+                f"{path}: expected a duration (e.g. 25ms) or one delay model ("
+                + ", ".join(latency.MODELS)
+                + f"), got {_show(value)}",
             )
         return None
     if seconds < 0:

@@ -8,7 +8,6 @@ behind the protocols below, so the loader, the matcher and the template engine c
 from __future__ import annotations
 
 import enum
-import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -18,6 +17,7 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from virtsvc.scenarios.latency import Delay
 from virtsvc.scenarios.protojson import message_to_json
 
 if TYPE_CHECKING:
@@ -102,22 +102,6 @@ class Fault(enum.Enum):
     DROP = "drop"  # never answer: the client's deadline decides
     GARBAGE = "garbage"  # bytes that no protobuf parser accepts
     RESET = "reset"  # end the call abruptly (RST_STREAM)
-
-
-@dataclass(frozen=True, slots=True)
-class Delay:
-    """A latency model; ``sample`` draws seconds from the session's seeded generator."""
-
-    kind: Literal["fixed", "uniform", "lognormal"]
-    a: float  # fixed: seconds; uniform: low; lognormal: mu of ln(seconds)
-    b: float = 0.0  # uniform: high; lognormal: sigma
-
-    def sample(self, rng: random.Random) -> float:
-        if self.kind == "fixed":
-            return self.a
-        if self.kind == "uniform":
-            return rng.uniform(self.a, self.b)
-        return rng.lognormvariate(self.a, self.b)
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +210,24 @@ class Rule:
     def sequence_key(self) -> str:
         """Names the session counter of this rule's position in its ``sequence``."""
         return f"seq:{self.scenario}:{self.key}"
+
+    @cached_property
+    def attempt_key(self) -> str:
+        """Names the session counter of this rule's calls, when a delay grows with them (``backoff``)."""
+        return f"calls:{self.scenario}:{self.key}"
+
+    @cached_property
+    def counts_attempts(self) -> bool:
+        """Whether a delay of this rule depends on the call's attempt: the n-th call of the rule."""
+
+        def grows(step: Step | None) -> bool:
+            if step is None:
+                return False
+            if step.delay is not None and step.delay.by_attempt:
+                return True
+            return any(grows(s) for s in (*(step.stream or ()), *(step.replies or ()), step.each_request))
+
+        return any(grows(step) for step in self.steps)
 
 
 @dataclass(eq=False)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from virtsvc import _text
+from virtsvc.config import time_scale as checked_time_scale
 from virtsvc.engine.forward import MODES
 from virtsvc.engine.limits import DEFAULT_MAX_MESSAGE_BYTES
 from virtsvc.errors import ConfigError
@@ -67,6 +68,9 @@ class ServeOptions:
     metrics_port: int | None = None
     log_calls: bool = False
     traces: bool | None = None
+    # Every delay is multiplied by it (``--time-scale``): 2 stretches them to twice as long, 0.1 compresses
+    # them tenfold; the journal records the delay waited.
+    time_scale: float = 1.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -101,6 +105,7 @@ class ServeOptions:
                 f"store must be memory, redis://HOST:PORT/DB or rediss://HOST:PORT/DB, not "
                 f"{redact_url(str(self.store))!r}"
             )
+        checked_time_scale(self.time_scale, "time_scale")
         if not self.min_ping_interval > 0:
             raise ConfigError(f"min_ping_interval must be more than 0 seconds, not {self.min_ping_interval}")
 

@@ -185,6 +185,7 @@ class VirtualServer:
             max_concurrency=options.max_concurrency,
             max_concurrency_per_session=options.max_concurrency_per_session,
             upstreams=self.upstreams,
+            time_scale=options.time_scale,
         )
         # A session's end ends the streams its calls held open for the test.
         self.store.subscribe(self.dispatcher.streams.end_session)

@@ -13,7 +13,8 @@ Fixtures:
 
 Settings (``[tool.pytest.ini_options]``/``pytest.ini``; each falls back to ``[tool.virtsvc]``):
 ``virtsvc_protos``, ``virtsvc_descriptors``, ``virtsvc_scenarios``, ``virtsvc_default_scenario``,
-``virtsvc_fail_on_unmatched`` (default true).
+``virtsvc_fail_on_unmatched`` (default true), ``virtsvc_time_scale`` (every delay times it; also
+``--virtsvc-time-scale F``, which wins).
 
 ``--virtsvc-report PATH`` writes the report of the run's calls (``virtsvc report``'s, with a per-test
 breakdown: each test's session is labelled with its node id) when the run ends, in the format its suffix
@@ -73,6 +74,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="do not fail tests whose calls matched no rule",
     )
     group.addoption(
+        "--virtsvc-time-scale",
+        metavar="F",
+        help="multiply every delay of the virtual server in this process by F (above 0): 2 stretches "
+        "them, 0.1 compresses them tenfold (default: virtsvc_time_scale, else 1)",
+    )
+    group.addoption(
         "--virtsvc-report",
         metavar="PATH",
         help="write a report of the virtual services' calls per scenario, method and test when the run "
@@ -82,6 +89,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("virtsvc_descriptors", "virtsvc: descriptor set to serve (instead of protos)", type="paths")
     parser.addini("virtsvc_scenarios", "virtsvc: scenario files or directories", type="paths")
     parser.addini("virtsvc_default_scenario", "virtsvc: scenario for calls that name none", type="string")
+    parser.addini("virtsvc_time_scale", "virtsvc: multiply every delay by this (default 1)", type="string")
     parser.addini(
         "virtsvc_fail_on_unmatched",
         "virtsvc: fail tests whose calls matched no rule (default: true)",
@@ -100,6 +108,15 @@ def pytest_configure(config: pytest.Config) -> None:
             format_from_suffix(report)
         except ConfigError as exc:
             raise pytest.UsageError(f"--virtsvc-report: {exc}") from None
+    scale = config.getoption("virtsvc_time_scale", None)
+    if scale is not None:
+        from virtsvc.config import time_scale
+        from virtsvc.errors import ConfigError
+
+        try:
+            time_scale(scale, "--virtsvc-time-scale")
+        except ConfigError as exc:
+            raise pytest.UsageError(str(exc)) from None
     address = config.getoption("virtsvc_address", None)
     if address:
         host, sep, port = str(address).rpartition(":")
@@ -118,6 +135,8 @@ class _Options:
     fail_on_unmatched: bool
     address: str | None
     admin_token: str | None
+    time_scale: float = 1.0
+    time_scale_from: str | None = None  # the option or ini setting that gave it (None: the default)
 
 
 @dataclass
@@ -160,6 +179,7 @@ def _options(config: pytest.Config) -> _Options:
         default = default or settings.default_scenario
     keys = (protos_key, "virtsvc_descriptors", scenarios_key)
     _check_paths(config, protos, descriptors, scenarios, keys)
+    scale, scale_from = _time_scale(config)
     options = _Options(
         protos=protos,
         descriptors=descriptors,
@@ -169,9 +189,25 @@ def _options(config: pytest.Config) -> _Options:
         and not config.getoption("virtsvc_no_fail_unmatched", False),
         address=config.getoption("virtsvc_address", None),
         admin_token=config.getoption("virtsvc_admin_token", None) or os.environ.get("VIRTSVC_ADMIN_TOKEN"),
+        time_scale=scale,
+        time_scale_from=scale_from,
     )
     config.stash[_OPTIONS] = options
     return options
+
+
+def _time_scale(config: pytest.Config) -> tuple[float, str | None]:
+    """The time scale and the setting that gave it: ``--virtsvc-time-scale``, else ``virtsvc_time_scale``,
+    else ``[tool.virtsvc] time_scale``; ConfigError naming the setting when it is not a number above 0."""
+    from virtsvc.config import load_settings, time_scale
+
+    given = config.getoption("virtsvc_time_scale", None)
+    if given is not None:
+        return time_scale(given, "--virtsvc-time-scale"), "--virtsvc-time-scale"
+    ini = config.getini("virtsvc_time_scale")
+    if ini:
+        return time_scale(ini, "virtsvc_time_scale"), "virtsvc_time_scale"
+    return load_settings(config.rootpath).time_scale, None
 
 
 def _check_paths(
@@ -272,6 +308,12 @@ def _start(options: _Options) -> VirtualServer | RemoteServer:
     if options.address:
         from virtsvc.testing.service import RemoteServer
 
+        if options.time_scale_from is not None:
+            raise ConfigError(
+                f"{options.time_scale_from} scales the delays of a server in this process; with "
+                f"--virtsvc-address give the sidecar's: virtsvc serve --time-scale {options.time_scale:g}"
+            )
+
         def remote_catalog() -> Catalog:
             return _quietly(load_catalog, options.protos, options.descriptors)
 
@@ -298,6 +340,7 @@ def _start(options: _Options) -> VirtualServer | RemoteServer:
         host="127.0.0.1",
         port=0,
         default_scenario=options.default_scenario,
+        time_scale=options.time_scale,
     )
     return server.start()
 

@@ -88,6 +88,7 @@ class CallRecord:
     scenario: str = ""
     session: str = ""
     seq: int = 0
+    delay: float = 0.0  # seconds of simulated latency the call waited (time scale applied)
 
     @property
     def matched(self) -> bool:
@@ -110,6 +111,7 @@ class CallRecord:
             scenario=entry.scenario,
             session=entry.session,
             seq=entry.seq,
+            delay=entry.delay,
         )
 
 
@@ -459,6 +461,7 @@ def _record(entry: Any) -> CallRecord:
         scenario=entry.scenario,
         session=entry.session,
         seq=entry.seq,
+        delay=entry.delay.ToNanoseconds() / 1e9,
     )
 
 
