@@ -25,7 +25,7 @@ from virtsvc.admin import AdminClient
 from virtsvc.contracts import Catalog
 from virtsvc.engine.redis_store import RedisStore
 from virtsvc.scenarios import load_scenarios
-from virtsvc.scenarios.latency import Delay, draw
+from virtsvc.scenarios.latency import LONGEST, Delay, draw
 from virtsvc.scenarios.loader import compile_text
 from virtsvc.server import VirtualServer
 
@@ -293,6 +293,41 @@ def test_draws_repeat_by_session(
     assert run("other") != first
 
 
+def test_an_endless_delay_waits_for_the_deadline(
+    catalog: Catalog, pb: SimpleNamespace, channels: list[grpc.Channel]
+) -> None:
+    """A delay beyond what a wait can take (1e300 s, or a backoff's huge factor) waits until the client's
+    deadline, recorded as the longest delay, not an INTERNAL error."""
+    text = (
+        "scenario: endless\nrules:\n  - method: shop.v1.Inventory/Ping\n    delay: 1.0e+300\n    reply: {}\n"
+        "  - method: shop.v1.Inventory/GetItem\n    delay: {backoff: {initial: 1ms, factor: 1.0e+300, "
+        "max: 1.0e+300}}\n    reply: {}\n"
+    )
+    with VirtualServer(catalog, compile_text(text, catalog), port=0) as srv:
+        stub = _stubs(pb, srv.address, channels)
+        md = (("x-virtsvc-scenario", "endless"),)
+        err = fails(stub.inv.Ping, empty_pb2.Empty(), metadata=md, timeout=0.2)
+        assert err.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        stub.inv.GetItem(pb.inv.GetItemRequest(), metadata=md, timeout=TIMEOUT)
+        err = fails(stub.inv.GetItem, pb.inv.GetItemRequest(), metadata=md, timeout=0.2)
+        assert err.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        delays = [e.delay for e in _wait_for(srv, "endless", 3)]
+        assert sorted(delays) == [0.001, LONGEST, LONGEST]
+
+
+def _wait_for(server: VirtualServer, scenario: str, count: int) -> list[Any]:
+    """The scenario's journal entries once ``count`` are in (a call cut off is journaled as it ends)."""
+    import time
+
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        entries = server.journal.entries(scenario, "default")
+        if len(entries) >= count:
+            return entries
+        time.sleep(0.01)
+    raise AssertionError(f"only {len(server.journal.entries(scenario, 'default'))} entries")
+
+
 # -- --time-scale -----------------------------------------------------------------------------------------
 
 
@@ -323,11 +358,12 @@ rules:
 
 
 def test_serve_time_scale(spawn: Any, tmp_path: Path, pb: SimpleNamespace) -> None:
-    """``virtsvc serve --time-scale 0.001`` answers a 20 s delay after 20 ms; GetJournal records 20 ms."""
+    """``virtsvc serve --time-scale 0.001`` answers a 20 s delay after 20 ms; GetJournal records 20 ms, the
+    ``serving`` event the scale."""
     (tmp_path / "slow.yaml").write_text(SLOW)
     proc = spawn("serve", "--protos", str(ROOT / "protos"), "--scenarios", "slow.yaml", "--port", "0",
                  "--time-scale", "0.001")  # fmt: skip
-    proc.wait_serving()
+    assert proc.wait_serving()["time_scale"] == 0.001
     with grpc.insecure_channel(proc.address) as channel:
         md = (("x-virtsvc-scenario", "slow"), ("x-virtsvc-session", "t"))
         reply = pb.inv_grpc.InventoryStub(channel).GetItem(pb.inv.GetItemRequest(), metadata=md, timeout=5)
@@ -401,6 +437,21 @@ def test_plugin_refuses_a_bad_time_scale(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess()
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*virtsvc: virtsvc_time_scale: expected a number above 0*got 'fast'"])
+
+
+def test_plugin_time_scale_is_refused_for_a_sidecar(pytester: pytest.Pytester) -> None:
+    """With ``--virtsvc-address`` the sidecar scales its own delays: the plugin's setting is an error
+    saying so, not silently ignored."""
+    pytester.makeini("[pytest]\nvirtsvc_time_scale = 0.5\n")
+    pytester.makepyfile(test_inner="def test_one(virtual_service):\n    pass\n")
+    result = pytester.runpytest_subprocess("--virtsvc-address", "127.0.0.1:1")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*virtsvc: virtsvc_time_scale scales the delays of a server in this process; with "
+            "--virtsvc-address give the sidecar's: virtsvc serve --time-scale 0.5"
+        ]
+    )
 
 
 # -- the README's example -----------------------------------------------------------------------------------

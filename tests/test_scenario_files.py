@@ -875,6 +875,7 @@ VOCABULARY = [
     "scenario", "version", "description", "extends", "rules", "method", "when", "times", "priority", "delay",
     "reply", "status", "headers", "trailers", "sequence", "after", "stream", "each_request", "fault",
     "handler", "code", "message", "details", "@type", "uniform", "lognormal", "median", "p99", "request",
+    "normal", "percentiles", "backoff", "fixed", "p50", "initial", "factor", "jitter",
     "metadata", "$gt", "$eq", "$in", "$regex", "sku", "qty", "reservation_id", "text", "x-tenant", "labels",
     "hold_for", "region", "x-a-bin", "grpc-x", "<<",
 ]  # fmt: skip
@@ -913,6 +914,22 @@ structured = st.one_of(
     ),
     st.fixed_dictionaries({"uniform": st.lists(scalars, max_size=3)}),
     st.fixed_dictionaries({"lognormal": st.dictionaries(st.sampled_from(["median", "p99", "x"]), scalars)}),
+    st.fixed_dictionaries({"normal": st.dictionaries(st.sampled_from(["mean", "stddev", "x"]), scalars)}),
+    st.fixed_dictionaries(
+        {
+            "percentiles": st.dictionaries(
+                st.sampled_from(["p0", "p50", "p99.9", "p100", "p101", "x"]), scalars
+            )
+        }
+    ),
+    st.fixed_dictionaries(
+        {
+            "backoff": st.dictionaries(
+                st.sampled_from(["initial", "factor", "max", "jitter", "x"]),
+                st.one_of(scalars, st.floats(0, 10)),
+            )
+        }
+    ),
     st.lists(
         st.dictionaries(st.sampled_from(["reply", "status", "delay", "fault", "stream"]), values), max_size=3
     ),

@@ -59,7 +59,7 @@ from virtsvc.engine.store import DEFAULT_SESSION, SessionState
 from virtsvc.engine.streams import HeldStream, HeldStreams
 from virtsvc.errors import Refusal, RuleFailure, VirtsvcError
 from virtsvc.scenarios.answers import Answer, Plan, answer_message, metadata_value
-from virtsvc.scenarios.latency import draw
+from virtsvc.scenarios.latency import LONGEST, draw
 from virtsvc.scenarios.model import Call, CompiledScenario, Delay, Fault, Rule, Step
 
 __all__ = [
@@ -351,7 +351,7 @@ class Exchange:
             self._draws += 1
             where = f"{rule.scenario}:{rule.key}" if rule is not None else ""
             u = draw(session.scenario, session.id, where, self.number, self._draws)
-        return delay.seconds(u, self.attempt or 1) * self.dispatcher.time_scale
+        return min(LONGEST, delay.seconds(u, self.attempt or 1) * self.dispatcher.time_scale)
 
     def _sleep(self, seconds: float | None) -> None:
         """Sleeps, waking at once when the call ends (cancel, deadline, server stop).

@@ -40,6 +40,7 @@ from virtsvc import _text
 from virtsvc.scenarios.located import Site
 
 __all__ = [
+    "LONGEST",
     "MODELS",
     "Backoff",
     "Delay",
@@ -52,6 +53,9 @@ __all__ = [
     "draw",
 ]
 
+#: seconds (about four months): a longer delay waits this long, as a wait cannot take more (a client's
+#: deadline ends it first anyway)
+LONGEST = 1e7
 MODELS = ("fixed", "uniform", "normal", "lognormal", "percentiles", "backoff")
 NORMAL_KEYS = ("mean", "stddev")
 LOGNORMAL_KEYS = ("median", "p99")

@@ -79,6 +79,7 @@ def run_sidecar(
         traces=server.tracing is not None,
         log_calls=options.log_calls,
         store=server.store_name,  # without the password
+        time_scale=options.time_scale,
     )
     if worker is None:
         log.info("serving", **serving)
