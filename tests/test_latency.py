@@ -273,6 +273,64 @@ def test_backoff_attempts_are_shared_by_replicas_on_redis(
         assert replicas == sorted(_delays(alone, "shared", "GetItem"))
 
 
+ROUND_TRIPS = """\
+scenario: trips
+rules:
+  - {method: shop.v1.Inventory/Reserve, times: 50, reply: {}}
+  - {method: shop.v1.Inventory/GetItem, times: 50, reply: {}, delay: {backoff: {initial: 1ms, max: 1ms}}}
+  - method: shop.v1.Payments/Charge
+    sequence: [{reply: {}}, {reply: {}}]
+    delay: {backoff: {initial: 1ms, max: 1ms}}
+  - {method: shop.v1.Inventory/Ping, reply: {}, delay: 1ms}
+  - {method: shop.v1.Orders/GetOrder, reply: {}, delay: {backoff: {initial: 1ms, max: 1ms}}}
+"""
+
+
+def test_backoff_costs_no_round_trip_where_a_counter_moves_anyway(
+    catalog: Catalog, redis_url: str, pb: SimpleNamespace, channels: list[grpc.Channel]
+) -> None:
+    """On Redis, the attempt of a rule with ``times`` or a sequence is the claim's own number: its calls
+    make as many round trips as without a backoff. A plain rule's attempt is one more (an increment that
+    also reads), never a read and a write."""
+    import redis
+
+    class Counting(redis.Redis):
+        """Counts the commands sent: each is one round trip (a script is one EVALSHA)."""
+
+        sent = 0
+
+        def execute_command(self, *args: Any, **options: Any) -> Any:
+            if args[0] != "PING":  # the server's health check, once a second whatever the calls
+                Counting.sent += 1
+            return super().execute_command(*args, **options)
+
+    store = RedisStore(redis_url, client=Counting.from_url(redis_url))
+    with VirtualServer(catalog, compile_text(ROUND_TRIPS, catalog), port=0, store=store) as srv:
+        channel = grpc.insecure_channel(srv.address)
+        channels.append(channel)
+        inv, pay = pb.inv_grpc.InventoryStub(channel), pb.pay_grpc.PaymentsStub(channel)
+        orders = pb.orders_grpc.OrdersStub(channel)
+        md = (("x-virtsvc-scenario", "trips"), ("x-virtsvc-session", "t"))
+        calls = {
+            "times": lambda: inv.Reserve(pb.inv.ReserveRequest(), metadata=md, timeout=TIMEOUT),
+            "times+backoff": lambda: inv.GetItem(pb.inv.GetItemRequest(), metadata=md, timeout=TIMEOUT),
+            "sequence+backoff": lambda: pay.Charge(pb.pay.ChargeRequest(), metadata=md, timeout=TIMEOUT),
+            "plain": lambda: inv.Ping(empty_pb2.Empty(), metadata=md, timeout=TIMEOUT),
+            "plain+backoff": lambda: orders.GetOrder(
+                pb.orders.GetOrderRequest(), metadata=md, timeout=TIMEOUT
+            ),
+        }
+        for call in calls.values():
+            call()  # the session exists and every script is loaded: the calls below cost their steady state
+        sent: dict[str, float] = {}
+        for name, call in calls.items():
+            before = Counting.sent
+            for _ in range(10):
+                call()
+            sent[name] = (Counting.sent - before) / 10
+    assert sent == {"times": 3, "times+backoff": 3, "sequence+backoff": 3, "plain": 2, "plain+backoff": 3}
+
+
 def test_draws_repeat_by_session(
     server: VirtualServer, pb: SimpleNamespace, channels: list[grpc.Channel]
 ) -> None:
