@@ -111,6 +111,16 @@ def test_readme_builder_signatures_are_the_code_s() -> None:
         assert documented[name] == _shown(getattr(InlineRule, name)), name
 
 
+def test_readme_effect_builders_are_the_code_s() -> None:
+    """The effect builders' table names every one with its real signature."""
+    from virtsvc.testing.service import InlineRule
+
+    documented = _table_calls("Effects, added to a rule after its answer")
+    assert sorted(documented) == ["put", "remove", "remove_self"]
+    for name, shown in documented.items():
+        assert shown == _shown(getattr(InlineRule, name)), name
+
+
 def test_readme_virtual_service_calls_are_the_code_s() -> None:
     """The `virtual_service` table names real methods with their real signatures, and every public one."""
     from virtsvc.testing.service import VirtualService

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from virtsvc.engine.store import MemoryStore, RuleSet, Store
+from virtsvc.engine.store import MemoryStore, PutRule, RuleSet, Store
 from virtsvc.scenarios.model import Location, Rule
 
 StoreFactory = Callable[..., Store]
@@ -182,6 +182,31 @@ def test_clear_rules_removes_them_and_their_counters_only(store: Store) -> None:
     assert store.clear_rules("shop", "a") == 0
     assert store.clear_rules("shop", "never") == 0
     assert store.find("shop", "never") is None  # clearing does not make a session
+
+
+def test_change_rules_puts_replaces_and_removes_by_id(store: Store) -> None:
+    """What effects do: a put rule is tried first and hides the scenario's rule of its id; a put of the same
+    id replaces it, its counters starting over; a remove hides rules by ref; a reset forgets it all."""
+    first, second = _rule("effect:x"), _rule("effect:x", priority=3)
+    store.change_rules("shop", "a", [("put", PutRule("x", "shop", {"id": "x"}, first))])
+    session = store.session("shop", "a")
+    assert session.rules.get("shop.v1.Inventory/Reserve") == (first,)
+    assert session.rules.hidden == {"x"}
+    assert session.take(first.times_key, 5) == 1
+    store.change_rules(
+        "shop",
+        "a",
+        [("put", PutRule("x", "shop", {"id": "x"}, second)), ("remove", "shop#3"), ("remove", "shop#3")],
+    )
+    session = store.session("shop", "a")
+    assert session.rules.get("shop.v1.Inventory/Reserve") == (second,)
+    assert session.rules.hidden == {"x", "shop#3"}
+    assert session.used(second.times_key) == 0  # the same key, put again: counted anew
+    store.change_rules("shop", "a", [("remove", "x")])
+    assert store.session("shop", "a").rules.get("shop.v1.Inventory/Reserve") is None
+    assert store.session("shop", "b").rules.hidden == frozenset()  # another session: untouched
+    assert store.reset("shop", "a") is True
+    assert store.session("shop", "a").rules.hidden == frozenset()
 
 
 # -- dropping and its event --------------------------------------------------------------------------

@@ -21,14 +21,14 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import grpc
 
 from virtsvc import _logs
-from virtsvc.engine.store import EMPTY_RULES, DropListener, RuleSet, seeded_rng
+from virtsvc.engine.store import EMPTY_RULES, DropListener, PutRule, RuleChange, RuleSet, seeded_rng
 from virtsvc.errors import ConfigError, Refusal
 
 __all__ = ["RedisSession", "RedisStore", "redact_url"]
@@ -40,7 +40,7 @@ RuleCompiler = Callable[[str, Any], RuleSet]  # (scenario, source) -> the compil
 # KEYS[1] the session's hash, KEYS[2] (on a single server) the log of admin changes. ARGV: now (wall
 # seconds), expiry (ms), the rules version this process holds. Makes the session if needed; returns whether it
 # was made, its calls, the admin log's length (-1 without KEYS[2]), its rules version and, when that differs,
-# its rules' source.
+# its rules' source and the changes effects made to them (either may be missing).
 _SESSION = """
 local made = 0
 if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -53,7 +53,8 @@ if KEYS[2] then changes = redis.call('LLEN', KEYS[2]) end
 local got = redis.call('HMGET', KEYS[1], 'calls', 'rv')
 local rv = got[2] or ''
 if rv ~= '' and rv ~= ARGV[3] then
-  return {made, got[1], changes, rv, redis.call('HGET', KEYS[1], 'rules')}
+  local src = redis.call('HMGET', KEYS[1], 'rules', 'fx')
+  return {made, got[1], changes, rv, src[1], src[2]}
 end
 return {made, got[1], changes, rv}
 """
@@ -66,7 +67,8 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return {changes} end
 local got = redis.call('HMGET', KEYS[1], 'calls', 'rv')
 local rv = got[2] or ''
 if rv ~= '' and rv ~= ARGV[1] then
-  return {0, got[1], changes, rv, redis.call('HGET', KEYS[1], 'rules')}
+  local src = redis.call('HMGET', KEYS[1], 'rules', 'fx')
+  return {0, got[1], changes, rv, src[1], src[2]}
 end
 return {0, got[1], changes, rv}
 """
@@ -101,7 +103,45 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 redis.call('HSET', KEYS[1], 'rv', ARGV[3], 'rules', ARGV[4], 'rk', ARGV[5], 'rn', ARGV[6])
+redis.call('HDEL', KEYS[1], 'fx')
 return 1
+"""
+
+# ARGV: now, expiry (ms), new rules version, changes (JSON: [["put", {id, json}] | ["remove", ref], ...]),
+# counter fields of the put rules (JSON list; they start over). Folds the changes into the session's 'fx'
+# (puts by id, in order, each kept as JSON text so Lua never re-encodes rule data; removed refs) in one step,
+# so two replicas applying effects at once both take hold. Returns the rules version it replaced.
+_CHANGE_RULES = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], 'calls', 0, 'last', ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+local got = redis.call('HMGET', KEYS[1], 'rv', 'fx', 'rk')
+local fx = cjson.decode(got[2] or '{}')
+local puts = fx['put'] or {}
+local gone = fx['gone'] or {}
+for _, change in ipairs(cjson.decode(ARGV[4])) do
+  local id = change[2]
+  if change[1] == 'put' then id = change[2]['id'] end
+  local kept = {}
+  for _, p in ipairs(puts) do if p['id'] ~= id then table.insert(kept, p) end end
+  puts = kept
+  if change[1] == 'put' then
+    table.insert(puts, change[2])
+  else
+    local seen = false
+    for _, g in ipairs(gone) do if g == id then seen = true end end
+    if not seen then table.insert(gone, id) end
+  end
+end
+local rk = cjson.decode(got[3] or '[]')
+for _, field in ipairs(cjson.decode(ARGV[5])) do
+  redis.call('HDEL', KEYS[1], field)
+  table.insert(rk, field)
+end
+local fx_text = cjson.encode({put = puts, gone = gone})
+redis.call('HSET', KEYS[1], 'fx', fx_text, 'rv', ARGV[3], 'rk', cjson.encode(rk))
+return got[1] or ''
 """
 
 # Removes the session's rules and their counters; returns how many rules it had.
@@ -110,7 +150,7 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local got = redis.call('HMGET', KEYS[1], 'rk', 'rn')
 if not got[1] then return 0 end
 for _, field in ipairs(cjson.decode(got[1])) do redis.call('HDEL', KEYS[1], field) end
-redis.call('HDEL', KEYS[1], 'rv', 'rules', 'rk', 'rn')
+redis.call('HDEL', KEYS[1], 'rv', 'rules', 'rk', 'rn', 'fx')
 return tonumber(got[2] or '0')
 """
 
@@ -135,6 +175,13 @@ def redact_url(url: str) -> str:
         host = f"[{host}]"
     netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _text(value: Any) -> str | None:
+    """A Redis reply's text (None for a missing field)."""
+    if value is None or value is False:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _name(text: str) -> str:
@@ -262,6 +309,7 @@ class RedisStore:
         self._enter = self.client.register_script(_ENTER)
         self._put_rules = self.client.register_script(_PUT_RULES)
         self._clear_rules = self.client.register_script(_CLEAR_RULES)
+        self._change_rules = self.client.register_script(_CHANGE_RULES)
         self._drop_if_idle = self.client.register_script(_DROP_IF_IDLE)
 
     # -- keys ------------------------------------------------------------------------------------
@@ -357,27 +405,38 @@ class RedisStore:
         return local
 
     def _opened(
-        self, scenario: str, session_id: str, key: str, local: _Local, reply: list[Any]
+        self, scenario: str, session_id: str, key: str, local: _Local, reply: list[Any], held: str
     ) -> RedisSession:
+        """The session from a _SESSION/_FIND reply to a look-up that sent the rules version ``held`` (the
+        local one may have moved since, by another thread of this process)."""
         made, calls, changes = int(reply[0]), int(reply[1] or 0), int(reply[2])
         if made and (local.rng is not None or local.data):
             # Reset (or expired) through another process: what this one kept of the old session goes too.
             local.rng, local.data = None, {}
         self._heard(changes)
         version = reply[3].decode() if isinstance(reply[3], bytes) else (reply[3] or "")
-        if version != local.rules_version:
-            if not version:
-                local.rules = EMPTY_RULES
-            else:
-                local.rules = self._compile(scenario, json.loads(reply[4]))
-            local.rules_version = version
+        if version != held:  # Redis holds other rules than this process did: the reply has their source
+            rules = EMPTY_RULES if not version else self._compile(scenario, _text(reply[4]), _text(reply[5]))
+            with self._lock:
+                local.rules, local.rules_version = rules, version
         return RedisSession(self, scenario, session_id, key, local, calls)
 
-    def _compile(self, scenario: str, source: Any) -> RuleSet:
-        if self.compile_rules is None:
+    def _compile(self, scenario: str, source: str | None, effects: str | None = None) -> RuleSet:
+        """The session's rules from their source and the changes effects made (both as Redis keeps them)."""
+        compile_rules = self.compile_rules
+        if compile_rules is None:
             log.warning("store.rules_not_compiled", scenario=scenario, reason="no rule compiler")
-            return RuleSet((), source=source)
-        return self.compile_rules(scenario, source)
+            return RuleSet((), source=None if source is None else json.loads(source))
+        base = EMPTY_RULES if source is None else compile_rules(scenario, json.loads(source))
+        if effects is None:
+            return base
+        fx = json.loads(effects)
+        puts = []
+        for entry in fx.get("put") or ():  # an empty list comes back from Lua as {}
+            put = json.loads(entry["json"])
+            compiled = compile_rules(put["scenario"], {"effect": put["id"], "rule": put["rule"]})
+            puts.append(PutRule(put["id"], put["scenario"], put["rule"], compiled.base[0]))
+        return RuleSet(base.base, base.source, puts=puts, gone=fx.get("gone") or ())
 
     def _keys(self, key: str) -> list[str]:
         # On a Cluster the admin log lives in another slot than the session: it is read on its own.
@@ -386,22 +445,22 @@ class RedisStore:
     def session(self, scenario: str, session_id: str) -> RedisSession:
         key = self.key(scenario, session_id)
         local = self._local_of(scenario, session_id)
+        held = local.rules_version
         with self._reach():
-            reply = self._session(
-                keys=self._keys(key), args=[time.time(), self._expiry_ms, local.rules_version]
-            )
+            reply = self._session(keys=self._keys(key), args=[time.time(), self._expiry_ms, held])
             if self.cluster:
                 reply[2] = self.client.llen(self.changes_key)
         now = time.monotonic()
         if now >= self._next_sweep:
             self.expire(now)
-        return self._opened(scenario, session_id, key, local, reply)
+        return self._opened(scenario, session_id, key, local, reply, held)
 
     def find(self, scenario: str, session_id: str) -> RedisSession | None:
         key = self.key(scenario, session_id)
         local = self._local.get((scenario, session_id)) or _Local()
+        held = local.rules_version
         with self._reach():
-            reply = self._find(keys=self._keys(key), args=[local.rules_version])
+            reply = self._find(keys=self._keys(key), args=[held])
             if self.cluster:
                 reply[0 if len(reply) == 1 else 2] = self.client.llen(self.changes_key)
         if len(reply) == 1:
@@ -409,7 +468,7 @@ class RedisStore:
             return None
         if (scenario, session_id) not in self._local:
             local = self._local_of(scenario, session_id)
-        return self._opened(scenario, session_id, key, local, reply)
+        return self._opened(scenario, session_id, key, local, reply, held)
 
     # -- admin changes shared by every process ----------------------------------------------------------
 
@@ -455,6 +514,25 @@ class RedisStore:
             self._put_rules(keys=[self.key(scenario, session_id)], args=args)
         local = self._local_of(scenario, session_id)
         local.rules, local.rules_version = rules, version
+
+    def change_rules(self, scenario: str, session_id: str, changes: Sequence[RuleChange]) -> None:
+        version = uuid.uuid4().hex
+        payload = [
+            [kind, {"id": value.id, "json": json.dumps(value.to_json())}]
+            if isinstance(value, PutRule)
+            else [kind, value]
+            for kind, value in changes
+        ]
+        put = RuleSet(value.rule for _kind, value in changes if isinstance(value, PutRule))
+        counters = sorted(_COUNTER + key for key in put.counter_keys())
+        args = [time.time(), self._expiry_ms, version, json.dumps(payload), json.dumps(counters)]
+        with self._reach():
+            replaced = self._change_rules(keys=[self.key(scenario, session_id)], args=args)
+        local = self._local_of(scenario, session_id)
+        with self._lock:  # checked and set at once: a version always names the rules it stands for
+            if _text(replaced) == local.rules_version:
+                local.rules, local.rules_version = local.rules.changed(changes), version
+        # else another process changed them meanwhile: the next look-up compiles what Redis holds
 
     def clear_rules(self, scenario: str, session_id: str) -> int:
         with self._reach():

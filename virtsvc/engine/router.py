@@ -18,10 +18,19 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2
 
 from virtsvc import _text
-from virtsvc.engine.store import DEFAULT_SESSION, RuleSet, SessionState, Store
-from virtsvc.errors import Refusal, RuleFailure
+from virtsvc.engine.store import DEFAULT_SESSION, PutRule, RuleChange, RuleSet, SessionState, Store
+from virtsvc.errors import Refusal, RuleFailure, VirtsvcError
 from virtsvc.scenarios.answers import Answer, Plan
-from virtsvc.scenarios.model import Call, CompiledScenario, Location, MatchResult, Rule, Status, Step
+from virtsvc.scenarios.model import (
+    Call,
+    CompiledScenario,
+    Effect,
+    Location,
+    MatchResult,
+    Rule,
+    Status,
+    Step,
+)
 
 __all__ = [
     "BAGGAGE_SCENARIO",
@@ -234,13 +243,16 @@ class Router:
 
     def candidates(self, session: SessionState, scenario: str, method: str) -> tuple[Rule, ...]:
         """Every rule that may answer, in the order they are tried: the session's own, then the scenario's."""
-        own = session.rules.get(method, ())
+        own_rules = session.rules
+        own = own_rules.get(method, ())
         rules = self.registry.rules_for(scenario, method)
+        if own_rules.hidden:  # effects removed or replaced some of the scenario's rules in this session
+            rules = tuple(r for r in rules if r.ref not in own_rules.hidden)
         return own + rules if own else rules
 
     def plan(self, session: SessionState, scenario: str, method: str) -> tuple[Rule, Plan] | None:
         """The first candidate's fixed plan, when it answers every call alike (no session rules before it)."""
-        if session.rules or self.forward_all:
+        if session.rules or session.rules.hidden or self.forward_all:
             return None
         rules = self.registry.rules_for(scenario, method)
         if not rules:
@@ -286,7 +298,10 @@ class Router:
                 if not attempt:
                     used_up.append(rule)
                     continue
-            return self._step(rule, session, attempt)
+            choice = self._step(rule, session, attempt)
+            if rule.effects and choice.refusal is None:
+                self._apply_effects(rule, call, choice.index)
+            return choice
         fallback = None if per_message else self._fallback(call.scenario)
         if fallback is not None:
             return self._step(fallback, session)
@@ -295,6 +310,28 @@ class Router:
         if unmatched is None:
             raise Refusal(grpc.StatusCode.UNIMPLEMENTED, near_miss, near_miss=True)
         raise self._unmatched_refusal(unmatched, call, near_miss)
+
+    def _apply_effects(self, rule: Rule, call: Call, index: int) -> None:
+        """Changes the session's rules as the rule's effects say, before it answers (the next call sees
+        the change)."""
+        changes: list[RuleChange] = []
+        for effect in rule.effects:
+            if effect.kind == "remove":
+                changes.extend(("remove", ref) for ref in effect.ids)
+                continue
+            try:
+                put = _put_rule(rule, effect, call, index)
+            except Refusal:
+                raise
+            except Exception as exc:  # a template or the rule it renders: say which effect and why
+                raise Refusal(
+                    grpc.StatusCode.INTERNAL,
+                    f"the effect at {effect.location} (of the rule at {rule.location}) failed: "
+                    + (str(exc) if isinstance(exc, VirtsvcError) else _text.describe(exc)),
+                ) from None
+            changes.append(("put", put))
+        session = call.session
+        self.store.change_rules(session.scenario, session.id, changes)
 
     def _inherited(self, scenario: str, attribute: str) -> Any:
         """``attribute`` of the scenario or of the nearest one it extends that sets it; None if none does."""
@@ -417,6 +454,18 @@ class Router:
         for rule in used_up:
             lines.append(f"  used up: rule at {rule.location} matched but is used up (times={rule.times})")
         return "\n".join(lines)
+
+
+def _put_rule(rule: Rule, effect: Effect, call: Call, index: int) -> PutRule:
+    """The rule a ``put`` effect puts: compiled at load, or rendered from the triggering call and compiled."""
+    if effect.rule is not None:
+        assert effect.rule.id is not None
+        return PutRule(effect.rule.id, rule.scenario, effect.data, effect.rule)
+    assert effect.template is not None and effect.compile is not None
+    data = effect.template.render(call, call.position if call.position is not None else index)
+    put = effect.compile(data)
+    assert put.id is not None
+    return PutRule(put.id, rule.scenario, data, put)
 
 
 def _answers_position(rule: Rule, position: int | None) -> bool:

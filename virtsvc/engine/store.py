@@ -18,13 +18,23 @@ import hashlib
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, MutableMapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from virtsvc import _logs
 from virtsvc.scenarios.model import Rule
 
-__all__ = ["DEFAULT_SESSION", "MemorySession", "MemoryStore", "RuleSet", "SessionState", "Store"]
+__all__ = [
+    "DEFAULT_SESSION",
+    "MemorySession",
+    "MemoryStore",
+    "PutRule",
+    "RuleChange",
+    "RuleSet",
+    "SessionState",
+    "Store",
+]
 
 DEFAULT_SESSION = "default"
 
@@ -33,28 +43,84 @@ log = _logs.get_logger("virtsvc.store")
 DropListener = Callable[[str, str], None]  # (scenario, session id)
 
 
+@dataclass(frozen=True)
+class PutRule:
+    """A rule an effect put into a session: its id, its data as written (JSON-able, for shared stores, which
+    compile it again in each process) and the compiled rule."""
+
+    id: str
+    scenario: str  # the scenario whose rule had the effect (its rules' counters are named after it)
+    data: Any
+    rule: Rule
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "scenario": self.scenario, "rule": self.data}
+
+
+# One change an effect makes: put a rule, or remove the rules with a ref (``Rule.ref``).
+RuleChange = tuple[str, PutRule] | tuple[str, str]  # ("put", PutRule) | ("remove", ref)
+
+
 class RuleSet(dict[str, tuple[Rule, ...]]):
     """A session's own rules by method, best first (higher priority; ties keep their order).
 
     Never changed once made: replacing a session's rules is one assignment, so a call in flight sees the old
     set or the new one. A dict underneath, because every call reads it (``get`` and truth at C speed).
+
+    ``base`` are the rules it was made from (``source`` their source); effects then put rules (``puts``,
+    tried first, the latest first on equal priority) and remove rules by ref (``gone``): ``hidden`` are the
+    refs the scenario's own rules are no longer answered by in this session.
     """
 
-    __slots__ = ("source",)
+    __slots__ = ("base", "gone", "hidden", "puts", "source")
 
-    def __init__(self, rules: Iterable[Rule] = (), source: Any = None) -> None:
+    def __init__(
+        self,
+        rules: Iterable[Rule] = (),
+        source: Any = None,
+        *,
+        puts: Sequence[PutRule] = (),
+        gone: Iterable[str] = (),
+    ) -> None:
+        self.base = tuple(rules)
+        self.source = source  # what the rules were compiled from (text or data), for stores that persist it
+        self.puts = tuple(puts)
+        self.gone = frozenset(gone)
+        self.hidden = self.gone | {p.id for p in self.puts}
+        kept = [r for r in self.base if r.ref not in self.hidden] if self.hidden else self.base
         by_method: dict[str, list[Rule]] = {}
-        for rule in rules:
+        for rule in (*(p.rule for p in reversed(self.puts)), *kept):
             by_method.setdefault(rule.method, []).append(rule)
         # sorted is stable: ties keep the order they were given in
         super().__init__((m, tuple(sorted(rs, key=lambda r: -r.priority))) for m, rs in by_method.items())
-        self.source = source  # what the rules were compiled from (text or data), for stores that persist it
 
     def rules(self) -> list[Rule]:
         return [r for rs in self.values() for r in rs]
 
     def counter_keys(self) -> set[str]:
-        return {k for r in self.rules() for k in (r.times_key, r.sequence_key, r.attempt_key)}
+        return {k for r in self.rules() for k in _counters(r)}
+
+    @property
+    def changed_by_effects(self) -> bool:
+        return bool(self.puts or self.gone)
+
+    def changed(self, changes: Iterable[RuleChange]) -> RuleSet:
+        """This set with the effects' ``changes`` applied in order (a put replaces the put of its id)."""
+        puts = list(self.puts)
+        gone = set(self.gone)
+        for kind, value in changes:
+            if kind == "put":
+                assert isinstance(value, PutRule)
+                puts = [p for p in puts if p.id != value.id] + [value]
+            else:
+                assert isinstance(value, str)
+                puts = [p for p in puts if p.id != value]
+                gone.add(value)
+        return RuleSet(self.base, self.source, puts=puts, gone=gone)
+
+    def effects_json(self) -> dict[str, Any]:
+        """The effects' changes as data (``RuleSet.changed`` of the same changes rebuilds them)."""
+        return {"put": [p.to_json() for p in self.puts], "gone": sorted(self.gone)}
 
 
 EMPTY_RULES = RuleSet()
@@ -123,6 +189,11 @@ class Store(Protocol):
 
     def clear_rules(self, scenario: str, session_id: str) -> int:
         """Removes the session's own rules and their counters; returns how many rules it had."""
+        ...
+
+    def change_rules(self, scenario: str, session_id: str, changes: Sequence[RuleChange]) -> None:
+        """Applies a rule's effects to the session's rules, atomically: concurrent effects on one session
+        all take hold; a put rule's counters start over."""
         ...
 
     def reset(self, scenario: str, session_id: str) -> bool:
@@ -223,6 +294,10 @@ class MemorySession:
                 self._counters.pop(counter, None)
 
 
+def _counters(rule: Rule) -> tuple[str, str, str]:
+    return (rule.times_key, rule.sequence_key, rule.attempt_key)
+
+
 def seeded_rng(scenario: str, session_id: str) -> random.Random:
     """A generator seeded from the names: the same session draws the same values in every process."""
     digest = hashlib.blake2b(f"{scenario}\0{session_id}".encode(), digest_size=8).digest()
@@ -257,6 +332,12 @@ class MemoryStore:
 
     def put_rules(self, scenario: str, session_id: str, rules: RuleSet) -> None:
         self.session(scenario, session_id).rules = rules
+
+    def change_rules(self, scenario: str, session_id: str, changes: Sequence[RuleChange]) -> None:
+        session = self.session(scenario, session_id)
+        with self._lock:  # one read-modify-write at a time: no effect is lost to a concurrent one
+            session.rules = session.rules.changed(changes)
+        session._forget({k for _kind, p in changes if isinstance(p, PutRule) for k in _counters(p.rule)})
 
     def clear_rules(self, scenario: str, session_id: str) -> int:
         session = self.find(scenario, session_id)

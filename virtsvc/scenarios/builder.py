@@ -38,7 +38,7 @@ from google.protobuf.message import Message
 from virtsvc.scenarios.model import Location
 from virtsvc.scenarios.vocabulary import STEP_KEYS
 
-__all__ = ["STEP_KEYS", "RuleBuilder", "Scenario", "fail", "status", "step"]
+__all__ = ["STEP_KEYS", "RuleBuilder", "Scenario", "fail", "rule", "status", "step"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -81,22 +81,15 @@ class Scenario:
         times: int | None = None,
         priority: int = 0,
         per_message: bool = False,
+        id: str | None = None,
     ) -> RuleBuilder:
         """Starts a rule for ``method`` (``pkg.Svc/Method``); finish it with ``.reply``, ``.fail``....
 
-        ``per_message``: a bidi rule matched against, and answering, each incoming message on its own."""
-        data: dict[str, Any] = {"method": method}
-        if when is not None:
-            data["when"] = _plain(when)
-        if times is not None:
-            data["times"] = times
-        if priority != 0:
-            data["priority"] = priority
-        if per_message:
-            data["per_message"] = True
-        rule = RuleBuilder(data, _caller())
-        self._rules.append(rule)
-        return rule
+        ``per_message``: a bidi rule matched against, and answering, each incoming message on its own.
+        ``id`` names the rule for effects (``.put`` replaces, ``.remove`` removes by id)."""
+        built = RuleBuilder(_rule_data(method, id, when, times, priority, per_message), _caller())
+        self._rules.append(built)
+        return built
 
     def handler(
         self,
@@ -111,18 +104,11 @@ class Scenario:
         The function gets the decoded request message (for client-streaming and bidi methods, an iterator
         of them) and returns the reply as a message or a proto3 JSON dict; see the handler docs.
         """
-        data: dict[str, Any] = {"method": method}
-        if when is not None:
-            data["when"] = _plain(when)
-        if times is not None:
-            data["times"] = times
-        if priority != 0:
-            data["priority"] = priority
-        rule = RuleBuilder(data, _caller())
-        self._rules.append(rule)
+        built = RuleBuilder(_rule_data(method, None, when, times, priority, False), _caller())
+        self._rules.append(built)
 
         def register(fn: F) -> F:
-            rule.handler(fn)
+            built.handler(fn)
             return fn
 
         return register
@@ -309,12 +295,66 @@ class RuleBuilder:
         __tracebackhide__ = True  # a failing change points at the user's line, not this one
         return self._changed()
 
+    def put(self, rule: RuleBuilder | Mapping[str, Any]) -> RuleBuilder:
+        """An effect: when this rule answers, ``rule`` (made with :func:`rule`, an id required) joins the
+        call's session, replacing the session's rule with its id. Its templates render from the call that
+        triggered it."""
+        if isinstance(rule, RuleBuilder):
+            data = {**_plain(rule.data), "$location": str(rule.location)}
+        else:
+            data = _plain(rule)
+        return self._effect({"put": data})
+
+    def remove(self, ids: str | Sequence[str]) -> RuleBuilder:
+        """An effect: when this rule answers, the rules with these ids stop answering in the session."""
+        return self._effect({"remove": ids if isinstance(ids, str) else list(ids)})
+
+    def remove_self(self) -> RuleBuilder:
+        """An effect: when this rule answers, it stops answering in the session."""
+        return self._effect({"remove_self": True})
+
+    def _effect(self, effect: dict[str, Any]) -> RuleBuilder:
+        effects = self.data.setdefault("effects", [])
+        effects.append(effect)
+        __tracebackhide__ = True  # a failing change points at the user's line, not this one
+        return self._changed()
+
     def _changed(self) -> RuleBuilder:
         """Called after every change; builders that act on changes (the pytest plugin's) override it."""
         return self
 
     def __repr__(self) -> str:
         return f"<rule {self.data.get('method')!r} at {self.location}>"
+
+
+def rule(
+    method: str,
+    *,
+    id: str,
+    when: Mapping[str, Any] | None = None,
+    times: int | None = None,
+    priority: int = 0,
+    per_message: bool = False,
+) -> RuleBuilder:
+    """A rule for an effect to put (``.put(rule(...).reply(...))``), in no scenario of its own."""
+    return RuleBuilder(_rule_data(method, id, when, times, priority, per_message), _caller())
+
+
+def _rule_data(
+    method: str, id: str | None, when: Any, times: int | None, priority: int, per_message: bool
+) -> dict[str, Any]:
+    data: dict[str, Any] = {"method": method}
+    if id is not None:
+        data["id"] = id
+    if when is not None:
+        data["when"] = _plain(when)
+    if times is not None:
+        data["times"] = times
+    if priority != 0:
+        data["priority"] = priority
+    if per_message:
+        data["per_message"] = True
+    return data
 
 
 def step(

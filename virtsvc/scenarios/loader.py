@@ -21,6 +21,7 @@ import importlib.util
 import json
 import math
 import os
+import random
 import re
 import sys
 import traceback
@@ -45,6 +46,7 @@ from virtsvc.scenarios.model import (
     Call,
     CompiledScenario,
     Delay,
+    Effect,
     Fault,
     Location,
     Matcher,
@@ -56,6 +58,7 @@ from virtsvc.scenarios.model import (
 from virtsvc.scenarios.vocabulary import (
     AFTER_VALUES,
     EACH_REQUEST_KEYS,
+    EFFECT_KEYS,
     ITEM_ANSWERS,
     PER_MESSAGE_KEYS,
     RULE_KEYS,
@@ -70,6 +73,7 @@ from virtsvc.scenarios.vocabulary import (
 __all__ = [
     "Source",
     "check_paths",
+    "compile_put",
     "compile_rules",
     "compile_sources",
     "compile_text",
@@ -88,6 +92,8 @@ _UNITS = {None: 1.0, "ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, 
 _CONTRACT = re.compile(r"sha256:[0-9a-f]{8,64}")
 _CONTRACT_EXAMPLE = '"sha256:3f2a9c0d1e4b5a6f7c8d9e0f"'
 _LOCATION_KEY = "$location"  # set by the Python builder: "file:line" of the rule's call
+_RULE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
+RULE_ID_PATTERN = "[A-Za-z0-9][A-Za-z0-9._:-]*"
 
 
 # -- sources ----------------------------------------------------------------------------------------
@@ -328,6 +334,18 @@ def compile_rules(
     return rules
 
 
+def compile_put(
+    data: Mapping[str, Any], catalog: Catalog, scenario: str, upstreams: Collection[str] = ()
+) -> Rule:
+    """Compiles a rule an effect puts (plain data, located by its ``"$location"``); ScenarioError when it
+    is not one. Its key derives from its id, so every process compiles the same rule under the same key."""
+    problems = Problems()
+    rule = _Compiler(catalog, problems, upstreams).put_rule(data, Site("<effect>", problems), scenario, "put")
+    problems.raise_if_any()
+    assert rule is not None
+    return rule
+
+
 def check_paths(paths: Sequence[Path], catalog: Catalog, upstreams: Collection[str] = ()) -> list[Problem]:
     """Every problem of the scenario files and scripts under ``paths`` (``virtsvc check``); [] when valid."""
     return check_scenarios(paths, catalog, upstreams)[0]
@@ -368,6 +386,9 @@ class _Entry:
     extends: str | None
     extends_at: Location
     compiled: CompiledScenario | None
+    ids: frozenset[str] = frozenset()  # its rules' ids (and the literal ids its effects put)
+    removes: tuple[tuple[str, Location], ...] = ()  # the ids its effects remove, where
+    open_ids: bool = False  # an effect puts an id made by a template: removes cannot be checked
 
 
 def _cross_check(entries: Sequence[_Entry], known: Mapping[str, str | None], problems: Problems) -> None:
@@ -386,6 +407,7 @@ def _cross_check(entries: Sequence[_Entry], known: Mapping[str, str | None], pro
                 )
     parents: dict[str, str | None] = dict(known)
     parents.update({e.name: e.extends for e in entries if e.name is not None})
+    _check_removes(entries, parents, problems)
     for entry in entries:
         if entry.extends is None:
             continue
@@ -406,6 +428,41 @@ def _cross_check(entries: Sequence[_Entry], known: Mapping[str, str | None], pro
                 where.line,
                 "extends: the scenarios extend each other in a cycle: " + " -> ".join([*trail, entry.name]),
             )
+
+
+def _check_removes(entries: Sequence[_Entry], parents: Mapping[str, str | None], problems: Problems) -> None:
+    """An effect's ``remove`` names a rule id of its scenario, of a scenario it extends, or one an effect
+    puts; unchecked where a scenario of the chain is not at hand or puts ids made by templates."""
+    by_name = {e.name: e for e in entries if e.name is not None}
+    for entry in entries:
+        if not entry.removes:
+            continue
+        known: set[str] = set(entry.ids)
+        checkable = not entry.open_ids
+        seen = {entry.name}
+        parent = entry.extends
+        while parent is not None and parent not in seen:
+            seen.add(parent)
+            other = by_name.get(parent)
+            if other is None:
+                checkable = False
+                break
+            known |= other.ids
+            checkable = checkable and not other.open_ids
+            parent = other.extends
+        if not checkable:
+            continue
+        for name, at in entry.removes:
+            if name not in known:
+                text = f'effects: remove: no rule has the id "{name}"'
+                close = _text.closest(name, sorted(known), n=3)
+                if close:
+                    text += "; " + _text.alternatives(close)
+                elif known:
+                    text += "; the ids are " + _text.quoted_list(sorted(known))
+                else:
+                    text += "; no rule of the scenario has an id (give the rule to remove id: NAME)"
+                problems.add(at.file, at.line, text)
 
 
 def _unknown_scenario(name: str, parents: Mapping[str, Any]) -> str:
@@ -440,6 +497,11 @@ class _Compiler:
         self.problems = problems
         self.upstreams = sorted(upstreams)
         _ensure_rich_error_types(catalog.pool)
+        # what the rules compiled since the last ``rules()`` call named, for the cross-rule id checks
+        self.ids: dict[str, Location] = {}
+        self.removes: list[tuple[str, Location]] = []
+        self.open_ids = False
+        self._rule_ids: dict[str, Location] = {}  # the ids of one list of rules, for duplicates
 
     # -- scenario -------------------------------------------------------------------------------
 
@@ -488,6 +550,7 @@ class _Compiler:
             site.error(doc, "rules", f"rules: expected a list of rules, got {_kind(nodes)}")
         else:
             rules = self.rules(nodes, site, name or "", "")
+        ids, removes, open_ids = frozenset(self.ids), tuple(self.removes), self.open_ids
         location = Location(site.file, site.line_of(doc, "scenario"))
         extends_at = Location(site.file, site.line_of(doc, "extends"))
         compiled = None
@@ -504,7 +567,9 @@ class _Compiler:
                 passthrough_at=Location(site.file, site.line_of(doc, "passthrough")) if passthrough else None,
                 unmatched=unmatched,
             )
-        return _Entry(name, location, extends, extends_at, compiled)
+        if "rules" not in doc or not isinstance(nodes, list):
+            ids, removes, open_ids = frozenset(), (), False
+        return _Entry(name, location, extends, extends_at, compiled, ids, removes, open_ids)
 
     def _unmatched(self, doc: Mapping[Any, Any], site: Site) -> Status | None:
         """``unmatched: {code: NOT_FOUND, message: ...}``: the status of calls no rule answers."""
@@ -567,6 +632,8 @@ class _Compiler:
     def rules(self, nodes: Sequence[Any], site: Site, scenario: str, key_prefix: str) -> tuple[Rule, ...]:
         compiled: list[Rule] = []
         reach: list[tuple[int, int, str, bool, Location]] = []  # (priority, index, method, catch-all, at)
+        self.ids, self.removes, self.open_ids = {}, [], False
+        self._rule_ids = {}
         for index, node in enumerate(nodes):
             rule_site = Site(site.file, site.problems, site.line_of(nodes, index))
             rule = self.rule(
@@ -645,6 +712,7 @@ class _Compiler:
                     node, "after", _unknown_value("after", after, AFTER_VALUES, "repeat_last (the default)")
                 )
         per_message = self._per_message(node, site, spec)
+        rule_id = self._rule_id(node, site, location) if "id" in node else None
         when = None
         condition = node.get("when")
         if condition is not None:
@@ -673,6 +741,10 @@ class _Compiler:
             )
         with templates.request_type(spec.input if spec is not None else None):
             steps = self._rule_steps(node, site, spec, location)
+            effects: tuple[Effect, ...] = ()
+            if node.get("effects") is not None and spec is not None:
+                ref = rule_id if rule_id is not None else f"{scenario}#{key}"
+                effects = self._effects(node, site, spec, scenario, ref)
         if per_message and any(step.open for step in steps):
             site.error(
                 node,
@@ -682,7 +754,8 @@ class _Compiler:
             )
 
         if spec is not None and priority_ok:
-            catch_all = not condition and times is None
+            # a rule whose effects remove rules may make the rules after it reachable again
+            catch_all = not condition and times is None and not node.get("effects")
             # a whole-call rule and a per-message rule never compete: each shadows only its own kind
             group = f"{spec.full_name} (per message)" if per_message else spec.full_name
             reach.append((priority, index, group, catch_all, location))
@@ -704,6 +777,8 @@ class _Compiler:
             verify=verify,
             source=node,
             per_message=per_message,
+            id=rule_id,
+            effects=effects,
         )
 
     def _per_message(self, node: Mapping[Any, Any], site: Site, spec: MethodSpec | None) -> bool:
@@ -736,6 +811,177 @@ class _Compiler:
                 "replies: only a per-message rule (per_message: true) answers message i with replies[i]",
             )
         return bool(value)
+
+    def _rule_id(self, node: Mapping[Any, Any], site: Site, location: Location) -> str | None:
+        """``id:``: names the rule for effects; unique among the rules of one list."""
+        value = node["id"]
+        if not isinstance(value, str) or not _RULE_ID.fullmatch(value):
+            site.error(node, "id", f"id: bad rule id {_show(value)}; an id matches {RULE_ID_PATTERN}")
+            return None
+        first = self._rule_ids.get(value)
+        if first is not None:
+            site.error(node, "id", f'id: "{value}" is already the id of the rule at {first}')
+            return None
+        self._rule_ids[value] = location
+        self.ids.setdefault(value, location)
+        return value
+
+    # -- effects ----------------------------------------------------------------------------------
+
+    def _effects(
+        self, node: Mapping[Any, Any], site: Site, trigger: MethodSpec, scenario: str, ref: str
+    ) -> tuple[Effect, ...]:
+        """``effects:``: what answering changes in the call's session (put, remove, remove_self)."""
+        items = node["effects"]
+        if not isinstance(items, list) or not items:
+            site.error(
+                node,
+                "effects",
+                "effects: expected a list of effects ({put: RULE}, {remove: ID}, {remove_self: true}), "
+                f"got {_show(items)}",
+            )
+            return ()
+        out: list[Effect] = []
+        for i, item in enumerate(items):
+            path = f"effects[{i}]"
+            item_site = Site(site.file, site.problems, site.line_of(items, i))
+            if not isinstance(item, Mapping):
+                item_site.error(
+                    items,
+                    i,
+                    f"{path}: expected {{put: RULE}}, {{remove: ID}} or {{remove_self: true}}, got "
+                    f"{_kind(item)}",
+                )
+                continue
+            item_site = item_site.at(item)
+            for k in item:
+                if k not in EFFECT_KEYS:
+                    item_site.error(item, k, f"{path}: " + _unknown(k, EFFECT_KEYS, "effect"))
+            kinds = [k for k in EFFECT_KEYS if k in item]
+            if len(kinds) != 1:
+                if len(kinds) > 1:
+                    item_site.error(
+                        item, kinds[1], f"{path}: one effect per item; split {' and '.join(kinds)}"
+                    )
+                elif all(k in EFFECT_KEYS for k in item):
+                    item_site.error(item, None, f"{path}: give it put, remove or remove_self")
+                continue
+            at = Location(item_site.file, item_site.line_of(item, kinds[0]))
+            if kinds[0] == "remove_self":
+                if item["remove_self"] is not True:
+                    item_site.error(item, "remove_self", f"{path}.remove_self: expected true")
+                    continue
+                out.append(Effect("remove", at, ids=(ref,)))
+            elif kinds[0] == "remove":
+                ids = self._remove_ids(item, item_site, f"{path}.remove", at)
+                if ids:
+                    out.append(Effect("remove", at, ids=ids))
+            else:
+                effect = self._put(item, item_site, trigger, scenario, f"{path}.put", at)
+                if effect is not None:
+                    out.append(effect)
+        return tuple(out)
+
+    def _remove_ids(self, item: Mapping[Any, Any], site: Site, path: str, at: Location) -> tuple[str, ...]:
+        value = item["remove"]
+        names = value if isinstance(value, list) else [value]
+        if not names or not all(isinstance(n, str) and _RULE_ID.fullmatch(n) for n in names):
+            site.error(
+                item, "remove", f"{path}: expected a rule id or a list of rule ids, got {_show(value)}"
+            )
+            return ()
+        self.removes.extend((n, at) for n in names)
+        return tuple(names)
+
+    def _put(
+        self,
+        item: Mapping[Any, Any],
+        site: Site,
+        trigger: MethodSpec,
+        scenario: str,
+        path: str,
+        at: Location,
+    ) -> Effect | None:
+        """``put: RULE``: a rule with an id. Its templates render when the effect applies, from the call
+        that triggered it (``{% raw %}`` keeps one for the put rule's own calls)."""
+        value = item["put"]
+        if not isinstance(value, Mapping):
+            site.error(
+                item, "put", f"{path}: expected a rule (a mapping with id:, method: ...), got {_kind(value)}"
+            )
+            return None
+        put_site = Site(site.file, site.problems, site.line_of(item, "put")).at(value)
+        location = Location(put_site.file, put_site.line)
+        if "id" not in value:
+            put_site.error(
+                value,
+                None,
+                f"{path}: a rule an effect puts needs an id (a later put of that id replaces it, remove "
+                "names it)",
+            )
+            return None
+        if "handler" in value:
+            put_site.error(
+                value, "handler", f"{path}.handler: a rule an effect puts answers without a handler"
+            )
+            return None
+        data = _plain_copy(value)
+        data.setdefault(_LOCATION_KEY, str(location))
+        if not templates.has_template(data):
+            if isinstance(value.get("id"), str):
+                self.ids.setdefault(value["id"], location)
+            rule = self.put_rule(value, put_site, scenario, path)
+            return None if rule is None or rule.id is None else Effect("put", at, (rule.id,), rule, data)
+        if isinstance(value.get("id"), str) and not templates.is_template(value["id"]):
+            self.ids.setdefault(value["id"], location)
+        else:
+            self.open_ids = True
+        template = templates.compile_data(data, put_site, path)
+        if template is None:
+            return None
+        # Checked as a call with an empty request would put it (unchecked if a template fails on one).
+        try:
+            sample = template.render(_sample_call(trigger, scenario), 0)
+        except templates.TemplateError:
+            sample = None
+        if sample is not None:
+            self._check_sample(sample, put_site, scenario, path, _template_paths(value))
+        upstreams = self.upstreams
+        catalog = self.catalog
+
+        def compile_rendered(rendered: Any) -> Rule:
+            return compile_put(rendered, catalog, scenario, upstreams)
+
+        return Effect("put", at, template=template, compile=compile_rendered)
+
+    def _check_sample(
+        self, sample: Any, site: Site, scenario: str, path: str, templated: Collection[str]
+    ) -> None:
+        """Compiles a put rule rendered from an empty request and reports its problems, except those in
+        values a template makes: they depend on the triggering call (``times: "{{ request.qty }}"`` is 0
+        here), and fail the effect with INTERNAL naming it if a real call renders them wrong."""
+        scratch = Problems()
+        saved = self.problems
+        self.problems = scratch
+        try:
+            with templates.request_type(None):
+                self.put_rule(sample, Site(site.file, scratch, site.line), scenario, path)
+        finally:
+            self.problems = saved
+        for problem in scratch.items:
+            if not any(re.match(re.escape(p) + r"[:.\[ ]", problem.message) for p in templated):
+                saved.add(problem.file, problem.line, problem.message)
+
+    def put_rule(self, node: Any, site: Site, scenario: str, path: str) -> Rule | None:
+        """A rule an effect puts, keyed by its id."""
+        if not isinstance(node, Mapping) or not isinstance(node.get("id"), str):
+            site.error(node, None, f"{path}: a rule an effect puts needs an id, got {_show(node)}")
+            return None
+        saved, self._rule_ids = self._rule_ids, {}  # a put rule's id may be the id of a rule it replaces
+        try:
+            return self.rule(node, site, scenario, f"effect:{node['id']}", path, [], 0)
+        finally:
+            self._rule_ids = saved
 
     def _contract(self, node: Mapping[Any, Any], site: Site) -> str | None:
         """``contract:``: the fingerprint of the method's contract a recorded rule was made against."""
@@ -1504,6 +1750,38 @@ def _reply(node: Mapping[Any, Any], spec: MethodSpec | None, site: Site, path: s
     if synthetic.is_generate(value):
         return synthetic.compile_generate(value, spec.output, site, path)
     return templates.compile_message(value if value is not None else {}, spec.output, site, path)
+
+
+def _template_paths(value: Any, where: str = "") -> list[str]:
+    """The paths (``times``, ``reply.sku``, ``when.request.ids[0]``) of the strings in ``value`` that hold
+    templates, as problem messages name them."""
+    if isinstance(value, Mapping):
+        return [p for k, v in value.items() for p in _template_paths(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _template_paths(v, f"{where}[{i}]")]
+    return [where] if isinstance(value, str) and templates.is_template(value) else []
+
+
+def _plain_copy(value: Any) -> Any:
+    """Located YAML data as plain dicts and lists (JSON-able, as shared stores keep it)."""
+    if isinstance(value, Mapping):
+        return {k: _plain_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain_copy(v) for v in value]
+    return value
+
+
+class _SampleSession:
+    """The session a put rule's templates are checked in at load."""
+
+    id = "check"
+    calls = 0
+    rng = random.Random(0)
+
+
+def _sample_call(method: MethodSpec, scenario: str) -> Call:
+    """A call with an empty request: what a put rule's templates are rendered from when it is checked."""
+    return Call(method=method, scenario=scenario, session=_SampleSession(), metadata={}, raw_requests=[])
 
 
 def _seed_header(

@@ -29,6 +29,7 @@ __all__ = [
     "Call",
     "CompiledScenario",
     "Delay",
+    "Effect",
     "Fault",
     "Location",
     "MatchResult",
@@ -144,6 +145,25 @@ Handler = Callable[..., Any]
 
 
 @dataclass(frozen=True, eq=False)
+class Effect:
+    """What a rule changes in its call's session when it answers (``effects:``).
+
+    ``put``: add the rule ``rule`` (or replace the session's rule with its ``id``); when the rule was written
+    with templates, ``template`` renders its data from the triggering call and ``compile`` makes the rule.
+    ``remove``: the rules named by ``ids`` stop answering in the session (``remove_self`` names the rule
+    itself by :attr:`Rule.ref`).
+    """
+
+    kind: Literal["put", "remove"]
+    location: Location
+    ids: tuple[str, ...] = ()
+    rule: Rule | None = None  # a put whose rule has no effect-time template: compiled once, at load
+    data: Any = None  # the put rule as written (plain, JSON-able), kept for shared stores
+    template: Any = None  # a put with effect-time templates: .render(call, index) -> the rule's data
+    compile: Callable[[Any], Rule] | None = field(default=None, repr=False)  # rendered data -> the rule
+
+
+@dataclass(frozen=True, eq=False)
 class Rule:
     """A compiled rule: which calls it answers (method, ``when``, ``times``) and how (steps or handler)."""
 
@@ -166,6 +186,13 @@ class Rule:
     source: Mapping[str, Any] | None = field(default=None, repr=False)  # the rule as written (with lines)
     # A bidi rule matched and answering each incoming message on its own (``per_message: true``).
     per_message: bool = False
+    id: str | None = None  # names the rule for effects (``id:``)
+    effects: tuple[Effect, ...] = ()  # what answering changes in the session's rules
+
+    @cached_property
+    def ref(self) -> str:
+        """How effects name the rule in a session: its ``id``, else its scenario and key."""
+        return self.id if self.id is not None else f"{self.scenario}#{self.key}"
 
     @cached_property
     def where(self) -> str:
@@ -197,6 +224,7 @@ class Rule:
             or self.handler is not None
             or self.is_sequence
             or self.per_message
+            or self.effects
         ):
             return None
         return self.answers[0].plan() if self.answers else None

@@ -84,9 +84,12 @@ __all__ = [
     "MAX_STEPS",
     "MAX_TEXT",
     "ConversionError",
+    "DataTemplate",
     "TemplateError",
+    "compile_data",
     "compile_message",
     "compile_text",
+    "has_template",
     "is_template",
     "now",
     "request_type",
@@ -1384,6 +1387,47 @@ class _Builder:
                     set_map_value(container, kf, vf, mk, mv, True, epath)
                 except ConversionError as exc:
                     self.site.error(v, mk, str(exc))
+
+
+class DataTemplate:
+    """Plain data (a rule an effect puts) whose strings may be templates: ``render`` gives the data with
+    each template evaluated (a single ``{{ expr }}`` keeps its value's type, a number stays a number)."""
+
+    def __init__(self, tree: Any, names: frozenset[str], path: str) -> None:
+        self._tree = tree
+        self._names = names
+        self._path = path
+
+    def render(self, call: Call, index: int) -> Any:
+        return _run(self._path, lambda: _eval_tree(self._tree, _context(call, index, self._names)))
+
+
+def compile_data(value: Any, site: Site, path: str) -> DataTemplate | None:
+    """Compiles every template string in ``value`` (problems located at their keys); None on a problem."""
+    before = len(site.problems.items)
+    names: set[str] = set()
+
+    def walk(node: Any, parent: Any, key: Any, where: str) -> Any:
+        if isinstance(node, Mapping):
+            return {k: walk(v, node, k, f"{where}.{k}") for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v, node, i, f"{where}[{i}]") for i, v in enumerate(node)]
+        if is_template(node):
+            compiled = _compile_at(node, site, parent, key, where)
+            if compiled is not None:
+                names.update(compiled.names)
+            return compiled
+        return node
+
+    tree = walk(value, None, None, path)
+    if len(site.problems.items) != before:
+        return None
+    return DataTemplate(tree, frozenset(names), path)
+
+
+def has_template(value: Any) -> bool:
+    """Whether any string in ``value`` (data of dicts and lists) holds a template."""
+    return _has_template(value)
 
 
 def _has_template(value: Any) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "AFTER_VALUES",
     "EACH_REQUEST_KEYS",
+    "EFFECT_KEYS",
     "ITEM_ANSWERS",
     "PER_MESSAGE_KEYS",
     "RULE_ANSWER_KEYS",
@@ -25,16 +26,17 @@ SCENARIO_KEYS = ("scenario", "version", "description", "extends", "passthrough",
 RULE_KEYS = (
     "method", "when", "times", "priority", "reply", "status", "fault", "sequence", "after", "stream",
     "each_request", "handler", "delay", "headers", "trailers", "contract", "passthrough", "examples",
-    "verify", "per_message", "replies",
+    "verify", "per_message", "replies", "id", "effects",
 )  # fmt: skip
 # what a per-message rule (a bidi method's messages matched one by one) may hold besides method and when
 PER_MESSAGE_KEYS = (
     "method", "when", "times", "priority", "per_message", "reply", "replies", "stream", "status", "delay",
-    "contract", "examples", "verify",
+    "contract", "examples", "verify", "id", "effects",
 )  # fmt: skip
 STEP_KEYS = ("reply", "status", "fault", "stream", "delay", "headers", "trailers", "passthrough")
 STREAM_ITEM_KEYS = ("reply", "delay", "fault", "open")  # {open: true}: held open for the test, last
 EACH_REQUEST_KEYS = ("reply", "status", "delay")
+EFFECT_KEYS = ("put", "remove", "remove_self")  # what an effect does to the session's rules
 STATUS_KEYS = ("code", "message", "details")
 AFTER_VALUES = ("repeat_last", "cycle", "fail")
 VERIFY_VALUES = ("shape", "exact")  # how `virtsvc verify` compares a real answer with the rule's

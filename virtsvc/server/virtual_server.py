@@ -373,11 +373,14 @@ class VirtualServer:
         return RedisStore(options.store, ttl=options.session_ttl)
 
     def compile_session_rules(self, scenario: str, source: Any) -> RuleSet:
-        """A session's rules from the source a shared store kept: admin text (``PutSessionRules``) or the
-        pytest plugin's inline rules (a list), compiled as their writers compile them."""
+        """A session's rules from the source a shared store kept: admin text (``PutSessionRules``), the
+        pytest plugin's inline rules (a list) or a rule an effect put (``{"effect": ID, "rule": DATA}``),
+        compiled as their writers compile them."""
         from virtsvc.admin.api import ORIGIN
-        from virtsvc.scenarios.loader import compile_rules
+        from virtsvc.scenarios.loader import compile_put, compile_rules
 
+        if isinstance(source, dict) and "effect" in source:
+            return RuleSet((compile_put(source["rule"], self.catalog, scenario, self.upstreams),))
         if isinstance(source, str):
             rules = compile_rules(
                 source,

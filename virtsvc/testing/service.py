@@ -595,14 +595,15 @@ class VirtualService:
         times: int | None = None,
         priority: int = 0,
         per_message: bool = False,
+        id: str | None = None,
     ) -> InlineRule:
         """Starts an inline rule for ``method``; finish it with ``.reply``, ``.fail``, ``.stream``...
 
         Inline rules answer this session only, before the scenario's rules (``when``, ``times``,
-        ``priority``, ``per_message`` as in scenario files).
+        ``priority``, ``per_message``, ``id`` as in scenario files).
         """
         data = self._builder.on(
-            method, when=when, times=times, priority=priority, per_message=per_message
+            method, when=when, times=times, priority=priority, per_message=per_message, id=id
         ).data
         rule = InlineRule(data, self._caller(), self)
         self._rules.append(rule)
