@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -17,6 +17,7 @@ from _workers import launch  # noqa: F401 - a fixture: commands (serve --workers
 
 from virtsvc.contracts import Catalog
 from virtsvc.contracts import protoc as _protoc
+from virtsvc.server import VirtualServer
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
@@ -103,3 +104,21 @@ def orders(channel: grpc.Channel, pb: SimpleNamespace) -> Any:
 def sid() -> str:
     """A session id of this test's own: state never leaks between tests sharing a server."""
     return f"t-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def start_server(catalog: Catalog) -> Iterator[Callable[..., VirtualServer]]:
+    """Starts servers of the example catalog on loopback port 0 (``VirtualServer`` options as keywords);
+    all are stopped at the end."""
+    started: list[VirtualServer] = []
+
+    def start(scenarios: Any = (), **options: Any) -> VirtualServer:
+        server = VirtualServer(catalog, scenarios, port=0, **options).start()
+        started.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop(0)

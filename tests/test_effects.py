@@ -100,20 +100,9 @@ def channels() -> Iterator[list[grpc.Channel]]:
 
 
 @pytest.fixture
-def serve(catalog: Catalog) -> Iterator[Callable[..., VirtualServer]]:
-    """Starts servers on loopback port 0 (with the admin API); all are stopped at the end."""
-    started: list[VirtualServer] = []
-
-    def start(scenarios: Any, store: Store | None = None) -> VirtualServer:
-        server = VirtualServer(catalog, scenarios, port=0, store=store, admin=True).start()
-        started.append(server)
-        return server
-
-    try:
-        yield start
-    finally:
-        for server in started:
-            server.stop(0)
+def serve(start_server: Callable[..., VirtualServer]) -> Callable[..., VirtualServer]:
+    """Starts servers with the admin API (stopped at the end)."""
+    return lambda scenarios, store=None: start_server(scenarios, store=store, admin=True)
 
 
 class Client:

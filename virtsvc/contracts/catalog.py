@@ -19,7 +19,17 @@ from virtsvc import _text
 from virtsvc.contracts.kinds import MethodKind, method_kind
 from virtsvc.errors import ConfigError, DescriptorError
 
-__all__ = ["Catalog", "MethodKind", "MethodSpec", "load_catalog", "method_kind", "normalize_method_name"]
+__all__ = [
+    "HEALTH_SERVICE",
+    "Catalog",
+    "MethodKind",
+    "MethodSpec",
+    "load_catalog",
+    "method_kind",
+    "normalize_method_name",
+]
+
+HEALTH_SERVICE = "grpc.health.v1.Health"  # served by every virtual server; scenarios may answer for services
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,6 +68,8 @@ class Catalog:
     file_set: descriptor_pb2.FileDescriptorSet
     methods: dict[str, MethodSpec] = field(default_factory=dict)
     services: tuple[str, ...] = ()
+    #: methods every virtual server serves itself that scenarios may answer too (health's Check and Watch)
+    builtin: dict[str, MethodSpec] = field(default_factory=dict)
 
     @classmethod
     def from_file_set(
@@ -86,19 +98,14 @@ class Catalog:
                     continue
                 services.append(service.full_name)
                 for m in service.methods:
-                    full = f"{service.full_name}/{m.name}"
-                    methods[full] = MethodSpec(
-                        full_name=full,
-                        service=service.full_name,
-                        name=m.name,
-                        kind=method_kind(m.client_streaming, m.server_streaming),
-                        input=m.input_type,
-                        output=m.output_type,
-                        input_class=message_factory.GetMessageClass(m.input_type),
-                        output_class=message_factory.GetMessageClass(m.output_type),
-                        descriptor=m,
-                    )
-        return cls(pool=pool, file_set=file_set, methods=methods, services=tuple(sorted(services)))
+                    methods[f"{service.full_name}/{m.name}"] = _spec(m)
+        health = pool.FindServiceByName(HEALTH_SERVICE)
+        builtin = {
+            f"{HEALTH_SERVICE}/{name}": _spec(health.methods_by_name[name]) for name in ("Check", "Watch")
+        }
+        return cls(
+            pool=pool, file_set=file_set, methods=methods, services=tuple(sorted(services)), builtin=builtin
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes, *, origin: str = "descriptor set") -> Catalog:
@@ -133,12 +140,18 @@ class Catalog:
             _protoc.compile_descriptor_set(proto_dir, includes, cache_dir=cache_dir), origin=str(proto_dir)
         )
 
+    def find(self, name: str) -> MethodSpec | None:
+        """A method of the protos, or a built-in one scenarios may answer (``grpc.health.v1.Health/Check``);
+        None when there is none of that name."""
+        wanted = normalize_method_name(name)
+        return self.methods.get(wanted) or self.builtin.get(wanted)
+
     def method(self, name: str) -> MethodSpec:
         """Finds a method by ``pkg.Svc/Method`` (a leading slash or ``pkg.Svc.Method`` also work).
 
         Raises KeyError with a message naming the closest known methods.
         """
-        spec = self.methods.get(normalize_method_name(name))
+        spec = self.find(name)
         if spec is None:
             raise KeyError(self.unknown_method_message(name))
         return spec
@@ -146,7 +159,8 @@ class Catalog:
     def unknown_method_message(self, name: str) -> str:
         wanted = normalize_method_name(name)
         service, _, method = wanted.rpartition("/")
-        siblings = [m.name for m in self.methods.values() if m.service == service]
+        known = {**self.methods, **self.builtin}
+        siblings = [m.name for m in known.values() if m.service == service]
         if siblings:
             # A known service: compare method names alone (a long shared prefix would make everything close).
             close = [f"{service}/{m}" for m in _text.closest(method, siblings, n=3)]
@@ -169,6 +183,21 @@ class Catalog:
         for spec in self.methods.values():
             out[spec.service].append(spec)
         return out
+
+
+def _spec(method: MethodDescriptor) -> MethodSpec:
+    service = method.containing_service.full_name
+    return MethodSpec(
+        full_name=f"{service}/{method.name}",
+        service=service,
+        name=method.name,
+        kind=method_kind(method.client_streaming, method.server_streaming),
+        input=method.input_type,
+        output=method.output_type,
+        input_class=message_factory.GetMessageClass(method.input_type),
+        output_class=message_factory.GetMessageClass(method.output_type),
+        descriptor=method,
+    )
 
 
 def normalize_method_name(name: str) -> str:

@@ -847,6 +847,8 @@ class Dispatcher(grpc.GenericRpcHandler):
         self._handlers: dict[str, grpc.RpcMethodHandler] = {
             spec.path: self._make_handler(spec) for spec in catalog.methods.values()
         }
+        # not served under their paths by the dispatcher: the server's servicer hands calls over
+        self._handlers_builtin = {spec.path: self._make_handler(spec) for spec in catalog.builtin.values()}
 
     def add_observer(self, observer: CallObserver) -> Callable[[], None]:
         """Adds a call observer (see ``virtsvc.engine.observers``); returns the remover."""
@@ -861,8 +863,12 @@ class Dispatcher(grpc.GenericRpcHandler):
         return self._handlers.get(handler_call_details.method)
 
     def handler_for(self, spec: MethodSpec) -> grpc.RpcMethodHandler:
-        """The handler of one method (registered with the server ahead of time)."""
-        return self._handlers[spec.path]
+        """The handler of one method (registered with the server ahead of time); for a built-in method
+        (health), the engine's handler that the server's own servicer hands a call over to."""
+        handler = self._handlers.get(spec.path)
+        if handler is None:
+            handler = self._handlers_builtin[spec.path]
+        return handler
 
     def unknown_method_handler(self) -> grpc.GenericRpcHandler:
         """A last-resort handler answering UNIMPLEMENTED with the method's name and the services here."""

@@ -35,7 +35,7 @@ from google.protobuf import any_pb2, descriptor_pb2, json_format
 from google.protobuf.descriptor_pool import DescriptorPool
 
 from virtsvc import _text
-from virtsvc.contracts.catalog import Catalog, MethodSpec, normalize_method_name
+from virtsvc.contracts.catalog import Catalog, MethodSpec
 from virtsvc.errors import ConfigError, ConversionError, Problem, ScenarioError
 from virtsvc.scenarios import fields, latency, synthetic, templates
 from virtsvc.scenarios import yamltree as _yaml
@@ -1061,7 +1061,7 @@ class _Compiler:
         if not isinstance(name, str):
             site.error(node, "method", f"method: expected a name like pkg.Service/Method, got {_show(name)}")
             return None
-        spec = self.catalog.methods.get(normalize_method_name(name))
+        spec = self.catalog.find(name)
         if spec is None:
             site.error(node, "method", self.catalog.unknown_method_message(name))
         return spec

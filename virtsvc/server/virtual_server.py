@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from virtsvc import _logs
 from virtsvc.contracts.catalog import Catalog
@@ -31,6 +31,7 @@ from virtsvc.engine.router import Registry, Router
 from virtsvc.engine.store import MemoryStore, RuleSet, Store
 from virtsvc.errors import ConfigError, Refusal
 from virtsvc.scenarios.model import CompiledScenario
+from virtsvc.server.health import ScenarioHealth
 from virtsvc.server.options import DEFAULT_MAX_MESSAGE_BYTES, ServeOptions
 from virtsvc.upstream import GrpcUpstream
 
@@ -189,7 +190,7 @@ class VirtualServer:
         )
         # A session's end ends the streams its calls held open for the test.
         self.store.subscribe(self.dispatcher.streams.end_session)
-        self.health = health.HealthServicer()
+        self.health = ScenarioHealth(self.router, self.dispatcher, catalog)
         max_workers = options.max_workers
         if options.max_concurrency is not None:
             # Enough workers for every admitted call plus a few to refuse the rest at once.
@@ -296,7 +297,7 @@ class VirtualServer:
             server.add_registered_method_handlers(
                 service, {spec.name: self.dispatcher.handler_for(spec) for spec in specs}
             )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        self.health.add_to(server)
         services = [*self.catalog.services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         if self.options.admin:
             from virtsvc.server.admin import add_admin
