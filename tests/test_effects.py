@@ -212,6 +212,24 @@ def test_sessions_are_isolated_and_reset_restores_the_scenario(
     assert client.get("a", "o-c1").customer_id == "c1"
 
 
+def test_session_rules_put_or_cleared_drop_the_effects_changes(
+    serve: Callable[..., VirtualServer],
+    make_store: Callable[[], Store],
+    catalog: Catalog,
+    pb: SimpleNamespace,
+    channels: list[Any],
+) -> None:
+    server = serve(compile_text(STORY, catalog, "story.yaml"), make_store())
+    client = Client(pb, server, "orders-story", channels)
+    own = "rules:\n  - method: shop.v1.Inventory/GetItem\n    reply: {sku: own}\n"
+    for admin_call, args in (("PutSessionRules", {"text": own}), ("ClearSessionRules", {})):
+        client.place(admin_call, "c1")
+        assert [client.get(admin_call, "o-c1").customer_id, client.charge(admin_call)] == ["c1", "first"]
+        client.admin.call(admin_call, scenario="orders-story", session=admin_call, **args)
+        assert client.missing(admin_call, "o-c1") == "no order o-c1"
+        assert client.charge(admin_call) == "first"  # the rule that removed itself is back
+
+
 def test_replicas_on_one_redis_see_each_other_s_effects(
     serve: Callable[..., VirtualServer],
     request: pytest.FixtureRequest,
@@ -321,6 +339,35 @@ rules:
         "failing.yaml:6: times: expected a positive integer, got 0"
     )
     assert client.inv.GetItem(pb.inv.GetItemRequest(), metadata=md).sku == "scenario"
+
+
+def test_a_per_message_rule_s_effects_apply_at_its_message(
+    serve: Callable[..., VirtualServer], catalog: Catalog, pb: SimpleNamespace, channels: list[Any]
+) -> None:
+    """On a bidi call answered per message, the rule that answers a message applies its effects then: the
+    call's next message already meets the rules they changed."""
+    text = """\
+scenario: track
+rules:
+  - method: shop.v1.Orders/Track
+    per_message: true
+    when: {request: {text: ship}}
+    reply: {text: "shipping {{ request.order_id }}"}
+    effects:
+      - put:
+          id: shipped
+          method: shop.v1.Orders/Track
+          per_message: true
+          priority: 1
+          reply: {text: "{{ request.order_id }} is on its way"}
+  - method: shop.v1.Orders/Track
+    per_message: true
+    reply: {text: pending}
+"""
+    client = Client(pb, serve(compile_text(text, catalog, "track.yaml")), "track", channels)
+    asks = [pb.orders.TrackRequest(order_id="o-1", text=t) for t in ("where", "ship", "where")]
+    replies = client.orders.Track(iter(asks), metadata=client.md("s"), timeout=TIMEOUT)
+    assert [r.text for r in replies] == ["pending", "shipping o-1", "o-1 is on its way"]
 
 
 # -- the Python builders ----------------------------------------------------------------------------
