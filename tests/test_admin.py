@@ -130,6 +130,7 @@ def test_message_classes_come_from_the_private_pool() -> None:
     assert set(admin.METHODS) == {
         "ListScenarios", "PutScenario", "DeleteScenario", "ResetSession", "GetJournal", "PutSessionRules",
         "ClearSessionRules", "WatchJournal", "ListStreams", "PushMessage", "EndStream",
+        "SetClock", "AdvanceClock", "GetClock",
     }  # fmt: skip
 
 

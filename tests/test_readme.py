@@ -36,6 +36,17 @@ def test_readme_pytest_example(pytester: pytest.Pytester) -> None:
     result.assert_outcomes(passed=2)
 
 
+def test_readme_virtual_time_example(pytester: pytest.Pytester) -> None:
+    """The virtual-time example passes as written: a backoff loop in virtual seconds, and real deadlines."""
+    for folder in ("protos", "scenarios"):
+        shutil.copytree(ROOT / folder, pytester.path / folder)
+    _protoc.generate(pytester.path / "protos", pytester.path / "generated")
+    pytester.makefile(".toml", pyproject=_block("toml", "Configure it once"))
+    pytester.makepyfile(test_clock=_block("python", "runs this block as a pytest project of its own (with"))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+
+
 def test_readme_commands_use_real_flags() -> None:
     """The set-up commands name subcommands that exist."""
     setup = _block("sh", "Two commands on a fresh machine")

@@ -35,6 +35,7 @@ from google.rpc import status_pb2
 
 from virtsvc import _logs, _text
 from virtsvc.contracts.catalog import Catalog, MethodSpec
+from virtsvc.engine.clock import ClockClosed, VirtualClock, switch
 from virtsvc.engine.forward import Upstream, forwarded_metadata
 from virtsvc.engine.journal import Entry, Journal, Metadata
 from virtsvc.engine.limits import (
@@ -221,6 +222,13 @@ class Exchange:
             session.scenario, session.id, self.spec, metadata, time.time(), self._requests
         )
         entry.scenario_version = compiled.version if compiled is not None else None
+        if compiled is not None and compiled.clock == "virtual" and session.clock is None:
+            try:  # `clock: virtual`: each session of the scenario is switched on its first call
+                switch(d.router.store, session.scenario, session.id)
+            except Refusal:
+                if gauge is not None:
+                    gauge.leave()
+                raise
         limit = d.max_concurrency_per_session
         if limit is not None and not session.enter(limit):
             if gauge is not None:
@@ -337,7 +345,33 @@ class Exchange:
         seconds = self.sample(delay)
         assert self.entry is not None
         self.entry.delay += seconds
-        self._sleep(seconds)
+        session = self.session
+        assert session is not None
+        clock = session.clock
+        if clock is None:
+            self._sleep(seconds)
+        else:
+            self._hold(clock, seconds)
+
+    def _hold(self, clock: VirtualClock, seconds: float) -> None:
+        """Waits until the session's virtual clock has moved ``seconds`` on; the client's deadline and
+        cancellation stay real and end the wait as ``_sleep``'s do."""
+        context = self.context
+        ended = threading.Event()
+        if not context.add_callback(ended.set):
+            raise _Cancelled
+        try:
+            reached = clock.hold(self.spec.full_name, seconds, ended, self.dispatcher.stopping)
+        except ClockClosed:
+            session = self.session
+            assert session is not None
+            raise Refusal(
+                grpc.StatusCode.ABORTED,
+                f'session "{session.id}" of scenario "{session.scenario}" was dropped while this call '
+                "waited on its virtual clock",
+            ) from None
+        if not reached or not context.is_active():
+            raise _Cancelled
 
     def sample(self, delay: Delay) -> float:
         """The delay's seconds for this call, times the server's time scale.

@@ -221,6 +221,11 @@ class RedisSession:
         return self._local.data
 
     @property
+    def clock(self) -> None:
+        """Always wall time: see ``RedisStore.no_virtual_clock``."""
+        return None
+
+    @property
     def rng(self) -> random.Random:
         local = self._local
         if local.rng is None:
@@ -269,6 +274,13 @@ class RedisStore:
     ``compile_rules`` turns a session's stored rules source into rules in this process (the server sets it);
     ``namespace`` prefixes every key, so several virtual services may share one Redis.
     """
+
+    #: why sessions here cannot run on virtual time (``virtsvc.engine.clock.switch`` refuses with it)
+    no_virtual_clock = (
+        "a virtual clock holds calls on threads of one process, and this server keeps sessions in Redis, "
+        "shared by every replica (a call held on one replica would not wake when another advances the "
+        "clock); run the test against a server with the memory store (--store memory) to use virtual time"
+    )
 
     def __init__(
         self,

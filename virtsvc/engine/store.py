@@ -149,6 +149,11 @@ class SessionState(Protocol):
         ...
 
     @property
+    def clock(self) -> Any:
+        """Its virtual clock (``virtsvc.engine.clock.VirtualClock``), or None while it runs on wall time."""
+        ...
+
+    @property
     def rng(self) -> random.Random:
         """Process-local, seeded from the scenario and session names: reruns draw the same values."""
         ...
@@ -227,6 +232,7 @@ class MemorySession:
         "_lock",
         "_rng",
         "calls",
+        "clock",
         "data",
         "id",
         "inflight",
@@ -246,6 +252,7 @@ class MemorySession:
         self._rng: random.Random | None = None  # made on first use: most sessions never draw (2.9 KB each)
         self.data: dict[str, Any] = {}
         self.rules: RuleSet = EMPTY_RULES
+        self.clock: Any = None  # its VirtualClock (virtsvc.engine.clock) once switched to virtual time
 
     @property
     def rng(self) -> random.Random:
@@ -381,6 +388,8 @@ class MemoryStore:
 
     def _dropped(self, sessions: Iterable[MemorySession]) -> None:
         for session in sessions:
+            if session.clock is not None:
+                session.clock.close()  # releases the calls still held on it
             for listener in self._listeners:
                 try:
                     listener(session.scenario, session.id)

@@ -53,7 +53,7 @@ class Scenario:
 
     ``name`` follows the file format's pattern (``[a-z0-9][a-z0-9._-]*``); ``extends`` names (or is) a
     scenario whose rules apply after this one's own; ``unmatched`` is the status of calls no rule answers
-    (a code, or ``status(code, message)``).
+    (a code, or ``status(code, message)``); ``clock="virtual"`` runs its sessions on virtual time.
     """
 
     def __init__(
@@ -64,8 +64,10 @@ class Scenario:
         description: str = "",
         extends: str | Scenario | None = None,
         unmatched: Any = None,
+        clock: str = "wall",
     ) -> None:
         self.name = name
+        self.clock = clock
         self.unmatched = None if unmatched is None else _status_value(unmatched)
         self.version = version
         self.description = description
@@ -148,6 +150,8 @@ class Scenario:
             doc["extends"] = self.extends
         if self.unmatched is not None:
             doc["unmatched"] = self.unmatched
+        if self.clock != "wall":
+            doc["clock"] = self.clock
         if locations:
             doc["$location"] = str(self.location)
         doc["rules"] = self.rules_data(handlers=handlers, locations=locations)

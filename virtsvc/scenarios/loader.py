@@ -57,6 +57,7 @@ from virtsvc.scenarios.model import (
 )
 from virtsvc.scenarios.vocabulary import (
     AFTER_VALUES,
+    CLOCKS,
     EACH_REQUEST_KEYS,
     EFFECT_KEYS,
     ITEM_ANSWERS,
@@ -539,6 +540,12 @@ class _Compiler:
             self._upstream(doc, "passthrough", site, "passthrough") if "passthrough" in doc else None
         )
         unmatched = self._unmatched(doc, site) if doc.get("unmatched") is not None else None
+        clock = doc.get("clock", "wall")
+        if clock not in CLOCKS:
+            site.error(
+                doc, "clock", _unknown_value("clock", clock, CLOCKS, "wall (the default)", noun="clock")
+            )
+            clock = "wall"
         rules: tuple[Rule, ...] = ()
         nodes = doc.get("rules")
         if "rules" not in doc:
@@ -566,6 +573,7 @@ class _Compiler:
                 passthrough=passthrough,
                 passthrough_at=Location(site.file, site.line_of(doc, "passthrough")) if passthrough else None,
                 unmatched=unmatched,
+                clock=clock,
             )
         if "rules" not in doc or not isinstance(nodes, list):
             ids, removes, open_ids = frozenset(), (), False

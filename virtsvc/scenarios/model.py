@@ -273,6 +273,7 @@ class CompiledScenario:
     passthrough_at: Location | None = None  # where ``passthrough:`` was written
     # The status of calls no rule answers (``unmatched:``); None: UNIMPLEMENTED with the near-miss text.
     unmatched: Status | None = None
+    clock: Literal["wall", "virtual"] = "wall"  # ``clock: virtual``: its sessions run on virtual time
 
     @cached_property
     def fallback(self) -> Rule | None:

@@ -107,8 +107,14 @@ _REQUEST_NAMES = frozenset({"request", "requests"})
 
 
 def now() -> str:
-    """The current UTC time as RFC 3339 text; templates read the clock only here (virtual time hooks in)."""
+    """The current UTC time as RFC 3339 text; templates read the wall clock only here."""
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def rfc3339(seconds: float) -> str:
+    """Epoch seconds as RFC 3339 UTC text, as ``now()`` writes it."""
+    moment = _dt.datetime.fromtimestamp(seconds, _dt.timezone.utc)
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def is_template(value: Any) -> bool:
@@ -158,7 +164,13 @@ def _context(call: Call, index: int, names: frozenset[str]) -> dict[str, Any]:
         ctx["uuid"] = lambda: str(_uuid.UUID(int=rng.getrandbits(128), version=4))
         ctx["randint"] = lambda a, b: rng.randint(a, b)
     if "now" in names:
-        ctx["now"] = now  # looked up per render, so replacing virtsvc.scenarios.templates.now takes effect
+        clock = getattr(call.session, "clock", None)  # a session on virtual time reads its own clock
+        if clock is None:
+            ctx["now"] = (
+                now  # looked up per render, so replacing virtsvc.scenarios.templates.now takes effect
+            )
+        else:
+            ctx["now"] = lambda: rfc3339(clock.now())
     return ctx
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "AFTER_VALUES",
+    "CLOCKS",
     "EACH_REQUEST_KEYS",
     "EFFECT_KEYS",
     "ITEM_ANSWERS",
@@ -22,7 +23,16 @@ __all__ = [
     "VERIFY_VALUES",
 ]
 
-SCENARIO_KEYS = ("scenario", "version", "description", "extends", "passthrough", "unmatched", "rules")
+SCENARIO_KEYS = (
+    "scenario",
+    "version",
+    "description",
+    "extends",
+    "passthrough",
+    "unmatched",
+    "clock",
+    "rules",
+)
 RULE_KEYS = (
     "method", "when", "times", "priority", "reply", "status", "fault", "sequence", "after", "stream",
     "each_request", "handler", "delay", "headers", "trailers", "contract", "passthrough", "examples",
@@ -39,6 +49,7 @@ EACH_REQUEST_KEYS = ("reply", "status", "delay")
 EFFECT_KEYS = ("put", "remove", "remove_self")  # what an effect does to the session's rules
 STATUS_KEYS = ("code", "message", "details")
 AFTER_VALUES = ("repeat_last", "cycle", "fail")
+CLOCKS = ("wall", "virtual")  # a scenario's `clock:`: its sessions on wall or on virtual time
 VERIFY_VALUES = ("shape", "exact")  # how `virtsvc verify` compares a real answer with the rule's
 # what a rule's own step does
 STEP_ANSWERS = ("reply", "status", "fault", "stream", "each_request", "passthrough")

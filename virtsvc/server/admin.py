@@ -11,6 +11,7 @@ import contextlib
 import hmac
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,7 @@ from google.protobuf.message import Message
 from virtsvc import _logs, _text
 from virtsvc.admin.api import ADMIN_SERVICE, AUTH_MESSAGE, METHODS, ORIGIN, STREAMING, add_to_pool, messages
 from virtsvc.contracts.catalog import normalize_method_name
+from virtsvc.engine.clock import VirtualClock
 from virtsvc.engine.journal import Entry, JournalFilter, metadata_json
 from virtsvc.engine.router import Registry, unknown_scenario_message
 from virtsvc.engine.store import DEFAULT_SESSION, RuleSet
@@ -263,6 +265,57 @@ class AdminService:
             raise Refusal(grpc.StatusCode.NOT_FOUND, self.vserver.catalog.unknown_method_message(name))
         return method
 
+    # -- virtual clocks ----------------------------------------------------------------------------
+
+    def SetClock(self, request: Any) -> Message:
+        scenario, session_id = request.scenario, request.session or DEFAULT_SESSION
+        if not request.virtual:
+            raise Refusal(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "SetClock switches a session to virtual time (virtual: true); a session leaves it when "
+                "dropped (ResetSession)",
+            )
+        self._require_scenario(scenario)
+        clock = self.vserver.clock(scenario, session_id, switch=True)
+        log.info("admin.clock.set", scenario=scenario, session=session_id)
+        return _clock_state(clock)
+
+    def AdvanceClock(self, request: Any) -> Message:
+        scenario, session_id = request.scenario, request.session or DEFAULT_SESSION
+        clock = self._virtual_clock(scenario, session_id)
+        if request.run_until_idle:
+            if request.HasField("duration"):
+                raise Refusal(
+                    grpc.StatusCode.INVALID_ARGUMENT, "give either a duration or run_until_idle, not both"
+                )
+            moved = clock.run_until_idle()
+        else:
+            seconds = request.duration.ToNanoseconds() / 1e9
+            if seconds < 0:
+                raise Refusal(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"duration: a virtual clock only moves forward; got {seconds:g} s",
+                )
+            before = clock.now()
+            moved = clock.advance(seconds) - before
+        return _clock_state(clock, moved)
+
+    def GetClock(self, request: Any) -> Message:
+        scenario, session_id = request.scenario, request.session or DEFAULT_SESSION
+        self._require_scenario(scenario)
+        return _clock_state(self.vserver.clock(scenario, session_id))
+
+    def _virtual_clock(self, scenario: str, session_id: str) -> VirtualClock:
+        self._require_scenario(scenario)
+        clock = self.vserver.clock(scenario, session_id)
+        if clock is None:
+            raise Refusal(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f'session "{session_id}" of scenario "{scenario}" runs on wall time: switch it with '
+                "SetClock(virtual: true), or give the scenario clock: virtual",
+            )
+        return clock
+
     # -- journal -------------------------------------------------------------------------------
 
     def GetJournal(self, request: Any) -> Message:
@@ -407,6 +460,18 @@ def _status_code(text: str) -> grpc.StatusCode:
         f'EndStream: unknown status code "{text}"{hint or ";"} give a code\'s name (UNAVAILABLE) or '
         "number, or none for OK",
     )
+
+
+def _clock_state(clock: VirtualClock | None, moved: float = 0.0) -> Message:
+    out = messages.ClockState(virtual=clock is not None)
+    now = time.time() if clock is None else clock.now()
+    out.now.FromNanoseconds(round(now * 1e9))
+    out.advanced.FromNanoseconds(round(moved * 1e9))
+    for held in clock.pending() if clock is not None else ():
+        call = out.pending.add(method=held.method)
+        call.due.FromNanoseconds(round(held.due * 1e9))
+        call.remaining.FromNanoseconds(max(0, round((held.due - now) * 1e9)))
+    return out
 
 
 def _wake(watch: queue.Queue[Any]) -> None:

@@ -24,6 +24,8 @@ from grpc_health.v1 import health_pb2
 from virtsvc import _logs
 from virtsvc.contracts.catalog import Catalog
 from virtsvc.contracts.reflection import add_reflection
+from virtsvc.engine import clock
+from virtsvc.engine.clock import VirtualClock
 from virtsvc.engine.journal import Entry, Journal
 from virtsvc.engine.observers import CallObserver
 from virtsvc.engine.pipeline import Dispatcher, server_stopping_message
@@ -396,6 +398,15 @@ class VirtualServer:
                 source, self.catalog, scenario=scenario, origin="<inline>", key_prefix="inline:"
             )
         return RuleSet(rules, source=source)
+
+    def clock(self, scenario: str, session_id: str, *, switch: bool = False) -> VirtualClock | None:
+        """A session's virtual clock: None while it runs on wall time, unless ``switch`` puts it on virtual
+        time. A session of a ``clock: virtual`` scenario is on virtual time whether it has had calls yet or
+        not. Refusal FAILED_PRECONDITION where the store cannot hold virtual clocks (Redis)."""
+        compiled = self.registry.get(scenario) if scenario else None
+        if switch or (compiled is not None and compiled.clock == "virtual"):
+            return clock.switch(self.store, scenario, session_id)
+        return clock.clock_of(self.store.find(scenario, session_id))
 
     def stop(self, grace: float | None = 5.0) -> None:
         """Drains: health NOT_SERVING, no new calls, in-flight calls get ``grace`` seconds to finish."""

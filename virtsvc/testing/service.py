@@ -43,6 +43,7 @@ from virtsvc.errors import ConfigError, Problem, ScenarioError, VirtsvcError
 from virtsvc.scenarios.builder import RuleBuilder, Scenario
 from virtsvc.scenarios.model import Location
 from virtsvc.scenarios.vocabulary import RULE_ANSWER_KEYS
+from virtsvc.testing.clock import SessionClock, local_clock, remote_clock
 from virtsvc.testing.streams import LocalStreams, OpenStream, RemoteStreams, StreamDriver
 
 if TYPE_CHECKING:
@@ -241,6 +242,10 @@ class _Backend(Protocol):
         """The full name of a method the server serves; ValueError naming the closest ones."""
         ...
 
+    def clock(self, scenario: str, session: str) -> SessionClock:
+        """Switches the session to virtual time; its clock."""
+        ...
+
 
 class _InProcess:
     """Inline rules compiled here and assigned to the session in the server's store."""
@@ -289,6 +294,9 @@ class _InProcess:
         # Kept before the drop, whose event would otherwise clear it.
         self.server.journal.keep(scenario, session, label, self.server.options.session_ttl)
         self.server.store.reset(scenario, session)
+
+    def clock(self, scenario: str, session: str) -> SessionClock:
+        return local_clock(self.server, scenario, session)
 
 
 class _Remote:
@@ -376,6 +384,9 @@ class _Remote:
 
     def reset(self, scenario: str, session: str) -> None:
         self._reset(scenario, session)
+
+    def clock(self, scenario: str, session: str) -> SessionClock:
+        return remote_clock(self.server.admin, self.address, scenario, session)
 
     def end(self, scenario: str, session: str, label: str) -> None:
         self._reset(scenario, session, keep_journal=True, label=label)
@@ -558,6 +569,7 @@ class VirtualService:
         self._seen: set[int] = set()  # journal seqs already checked for unmatched calls
         self._channels: list[grpc.Channel] = []
         self._aio_channels: list[tuple[grpc.aio.Channel, asyncio.AbstractEventLoop | None]] = []
+        self._clocks: dict[str, SessionClock] = {}  # by scenario: the clock of the session there
         self._closed = False
 
     # -- choosing what answers ---------------------------------------------------------------------
@@ -570,6 +582,16 @@ class VirtualService:
     @property
     def address(self) -> str:
         return self._backend.address
+
+    @property
+    def clock(self) -> SessionClock:
+        """The session's virtual clock; the first use switches the session to virtual time (see
+        ``virtsvc.testing.clock``). Choose the scenario (``use``) first: the clock is that session's."""
+        home = self._home
+        clock = self._clocks.get(home)
+        if clock is None:
+            clock = self._clocks[home] = self._backend.clock(home, self.session)
+        return clock
 
     def use(self, name: str) -> VirtualService:
         """Answers this session's calls from scenario ``name``; inline rules declared so far follow it."""
