@@ -22,6 +22,7 @@ def test_exported_names() -> None:
         "VirtsvcError",
         "VirtualServer",
         "__version__",
+        "data",
         "serve_in_process",
         "session",
     ]

@@ -276,3 +276,28 @@ def test_unsubscribed_and_raising_listeners(store: Store) -> None:
     store.reset("shop", "b")
     assert heard == ["gone:a", "kept:a", "kept:b"]
     assert store.find("shop", "b") is None
+
+
+def test_records_are_a_session_s_own_changes_in_first_change_order(store: Store) -> None:
+    """put_record keeps each key where it was first changed (None removes); other sessions see nothing."""
+    a = store.session("shop", "a")
+    assert a.records() == {}
+    a.put_record("items", "k:1", {"sku": "k:1", "n": 1})
+    a.put_record("items", "b", {"sku": "b"})
+    a.put_record("orders", "o-1", {"order_id": "o-1"})
+    a.put_record("items", "k:1", {"sku": "k:1", "n": 2})
+    a.put_record("items", "b", None)
+    again = store.session("shop", "a").records()
+    assert again == {
+        "items": {"k:1": {"sku": "k:1", "n": 2}, "b": None},
+        "orders": {"o-1": {"order_id": "o-1"}},
+    }
+    assert list(again["items"]) == ["k:1", "b"]
+    assert store.session("shop", "other").records() == {}
+
+
+def test_reset_drops_a_session_s_records(store: Store) -> None:
+    """A reset session starts again from no changes."""
+    store.session("shop", "a").put_record("items", "x", {"sku": "x"})
+    assert store.reset("shop", "a")
+    assert store.session("shop", "a").records() == {}

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from virtsvc.contracts.catalog import Catalog, MethodSpec
+    from virtsvc.engine.pipeline import current_data as data
     from virtsvc.engine.pipeline import current_session as session
     from virtsvc.errors import ConfigError, DescriptorError, Problem, ProtoError, ScenarioError, VirtsvcError
     from virtsvc.scenarios.builder import Scenario
@@ -32,6 +33,7 @@ __all__ = [
     "VirtsvcError",
     "VirtualServer",
     "__version__",
+    "data",
     "serve_in_process",
     "session",
 ]
@@ -49,6 +51,7 @@ _WHERE = {
     "VirtualServer": ("virtsvc.server.virtual_server", "VirtualServer"),
     "serve_in_process": ("virtsvc.server.assembly", "serve_in_process"),
     "session": ("virtsvc.engine.pipeline", "current_session"),
+    "data": ("virtsvc.engine.pipeline", "current_data"),
 }
 
 

@@ -60,6 +60,7 @@ from virtsvc.engine.store import DEFAULT_SESSION, SessionState
 from virtsvc.engine.streams import HeldStream, HeldStreams
 from virtsvc.errors import Refusal, RuleFailure, VirtsvcError
 from virtsvc.scenarios.answers import Answer, Plan, answer_message, metadata_value
+from virtsvc.scenarios.data import session_data
 from virtsvc.scenarios.latency import LONGEST, draw
 from virtsvc.scenarios.model import Call, CompiledScenario, Delay, Fault, Rule, Step
 
@@ -67,6 +68,7 @@ __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "Dispatcher",
     "Exchange",
+    "current_data",
     "current_session",
     "server_stopping_message",
 ]
@@ -88,12 +90,27 @@ _current: contextvars.ContextVar[SessionState | None] = contextvars.ContextVar(
 )
 
 
+# The call a handler is answering, for virtsvc.data() (set beside _current).
+_current_call: contextvars.ContextVar[Call | None] = contextvars.ContextVar("virtsvc_call", default=None)
+
+
 def current_session() -> Any:
     """The per-session dict a Python scenario handler may keep state in (``virtsvc.session()``)."""
     session = _current.get()
     if session is None:
         raise RuntimeError("virtsvc.session() is only available inside a scenario handler")
     return session.data
+
+
+def current_data(collection: str | None = None) -> Any:
+    """The session's data collections (``virtsvc.data()``), or one of them (``virtsvc.data("items")``), as a
+    Python handler reads and changes them: ``.get(key)``, ``[key]``, iteration, ``.put(record)``,
+    ``.remove(key)``. Changes are the session's own; a reset drops them."""
+    call = _current_call.get()
+    if call is None:
+        raise RuntimeError("virtsvc.data() is only available inside a scenario handler")
+    view = session_data(call, for_code=True)
+    return view if collection is None else view.collection(collection)
 
 
 class _Ended(Exception):
@@ -264,7 +281,14 @@ class Exchange:
         if call is None:
             session = self.session
             assert session is not None
-            call = self._call = Call(self.spec, session.scenario, session, self.metadata, self._requests)
+            call = self._call = Call(
+                self.spec,
+                session.scenario,
+                session,
+                self.metadata,
+                self._requests,
+                datasets=self.dispatcher.router.registry.data_of(session.scenario),
+            )
         return call
 
     def candidates(self) -> tuple[Rule, ...]:
@@ -462,7 +486,7 @@ class Exchange:
         spec = self.spec
         session = call.session
         for position, (raw, msg) in enumerate(self._stream(call)):
-            one = Call(spec, call.scenario, session, call.metadata, [raw])
+            one = Call(spec, call.scenario, session, call.metadata, [raw], datasets=call.datasets)
             one.set_messages([msg])
             yield one, position
 
@@ -785,6 +809,7 @@ class Exchange:
         assert session is not None
         hctx = HandlerContext(self.context, session)
         token = _current.set(session)
+        call_token = _current_call.set(self.call)
         handler = rule.handler
         assert handler is not None
         try:
@@ -795,12 +820,14 @@ class Exchange:
         except Exception as exc:
             raise self._handler_failed(rule, hctx, exc) from None
         finally:
+            _current_call.reset(call_token)
             _current.reset(token)
 
     def _handler_stream(self, rule: Rule, hctx: HandlerContext, result: Any) -> Iterator[bytes]:
         session = self.session
         assert session is not None
         token = _current.set(session)
+        call_token = _current_call.set(self.call)
         try:
             if result is None:
                 return
@@ -812,6 +839,8 @@ class Exchange:
             raise self._handler_failed(rule, hctx, exc) from None
         finally:
             with contextlib.suppress(ValueError):  # a generator resumed in another context
+                _current_call.reset(call_token)
+            with contextlib.suppress(ValueError):
                 _current.reset(token)
 
     def _handler_failed(self, rule: Rule, hctx: HandlerContext, exc: Exception) -> BaseException:

@@ -7,6 +7,8 @@ tag ``{scenario|session}`` (names percent-encoded), so every key of a session li
 scripts run on a Redis Cluster. What cannot be shared stays in this process, looked up by key: compiled
 session rules (Redis holds their source and a version; a process compiles a version once), the random
 generators (seeded from the names, as in memory) and a handler's ``session()`` dict.
+A session's changes to its scenario's data (a handler's ``put`` and ``remove``) are fields of its hash, so
+every replica reads them and a reset drops them with the session.
 
 When Redis cannot be reached, every operation raises a :class:`Refusal` with ``UNAVAILABLE`` naming the
 store (its URL without the password), never an answer from stale state; ``healthy`` says how the last
@@ -162,7 +164,31 @@ redis.call('DEL', unpack(KEYS))
 return 1
 """
 
+# ARGV: the record's field, its JSON ("null": removed), expiry (ms). A record keeps the place (the sequence
+# number before its JSON) it got when its key was first changed, so every replica lists records alike.
+_PUT_RECORD = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+local seq
+if old then seq = string.match(old, '^%d+') else seq = redis.call('HINCRBY', KEYS[1], 'dseq', 1) end
+redis.call('HSET', KEYS[1], ARGV[1], seq .. ' ' .. ARGV[2])
+if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+return 1
+"""
+
+# The session's record fields and values, in one round trip.
+_RECORDS = """
+local out = {}
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  if string.sub(all[i], 1, 2) == 'd:' then out[#out + 1] = all[i]; out[#out + 1] = all[i + 1] end
+end
+return out
+"""
+
 _COUNTER = "c:"  # hash fields of counters are prefixed: they never clash with the session's own fields
+_RECORD = (
+    "d:"  # a data record's field: d:COLLECTION:KEY (collection names are words, so the first ':' ends it)
+)
 
 
 def redact_url(url: str) -> str:
@@ -265,6 +291,27 @@ class RedisSession:
         with store._reach():
             store.client.hincrby(self._key, "inflight", -1)
 
+    def records(self) -> dict[str, dict[str, Any]]:
+        store = self._store
+        with store._reach():
+            flat = store._records(keys=[self._key])
+        found = []
+        for i in range(0, len(flat), 2):
+            field, value = (x.decode() if isinstance(x, bytes) else x for x in flat[i : i + 2])
+            collection, _, key = field[len(_RECORD) :].partition(":")
+            seq, _, text = value.partition(" ")
+            found.append((int(seq), collection, key, json.loads(text)))
+        out: dict[str, dict[str, Any]] = {}
+        for _seq, collection, key, record in sorted(found, key=lambda f: f[0]):
+            out.setdefault(collection, {})[key] = record
+        return out
+
+    def put_record(self, collection: str, key: str, record: dict[str, Any] | None) -> None:
+        store = self._store
+        field = f"{_RECORD}{collection}:{key}"
+        with store._reach():
+            store._put_record(keys=[self._key], args=[field, json.dumps(record), store._expiry_ms])
+
 
 class RedisStore:
     """Sessions in Redis (a single server or a Cluster, found out on connecting), idle ones expiring after
@@ -323,6 +370,8 @@ class RedisStore:
         self._clear_rules = self.client.register_script(_CLEAR_RULES)
         self._change_rules = self.client.register_script(_CHANGE_RULES)
         self._drop_if_idle = self.client.register_script(_DROP_IF_IDLE)
+        self._put_record = self.client.register_script(_PUT_RECORD)
+        self._records = self.client.register_script(_RECORDS)
 
     # -- keys ------------------------------------------------------------------------------------
 

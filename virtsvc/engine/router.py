@@ -21,6 +21,7 @@ from virtsvc import _text
 from virtsvc.engine.store import DEFAULT_SESSION, PutRule, RuleChange, RuleSet, SessionState, Store
 from virtsvc.errors import Refusal, RuleFailure, VirtsvcError
 from virtsvc.scenarios.answers import Answer, Plan
+from virtsvc.scenarios.data import EMPTY_DATA, DataSets
 from virtsvc.scenarios.model import (
     Call,
     CompiledScenario,
@@ -56,6 +57,31 @@ NO_SCENARIO = ""  # sessions that hold only session-scoped rules live under the 
 class _Snapshot:
     scenarios: Mapping[str, CompiledScenario]
     index: Mapping[str, Mapping[str, tuple[Rule, ...]]]  # scenario -> method -> rules, best first
+    data: Mapping[str, DataSets]  # scenario -> its data collections, an extended scenario's included
+
+
+def _snapshot(scenarios: Mapping[str, CompiledScenario]) -> _Snapshot:
+    return _Snapshot(scenarios, _build_index(scenarios), _build_data(scenarios))
+
+
+def _build_data(scenarios: Mapping[str, CompiledScenario]) -> dict[str, DataSets]:
+    """Each scenario's collections over those of the scenarios it extends (its own win by name)."""
+    out: dict[str, DataSets] = {}
+
+    def resolve(name: str, trail: tuple[str, ...]) -> DataSets:
+        if name in out:
+            return out[name]
+        scenario = scenarios[name]
+        own = scenario.data or EMPTY_DATA
+        parent = scenario.extends
+        if parent and parent in scenarios and parent not in trail:
+            own = own.merged(resolve(parent, (*trail, name)))
+        out[name] = own
+        return own
+
+    for name in scenarios:
+        resolve(name, ())
+    return {k: v for k, v in out.items() if v}
 
 
 def _build_index(scenarios: Mapping[str, CompiledScenario]) -> dict[str, dict[str, tuple[Rule, ...]]]:
@@ -87,25 +113,25 @@ class Registry:
 
     def __init__(self, scenarios: Iterable[CompiledScenario] = ()) -> None:
         self._lock = threading.Lock()
-        self._snapshot = _Snapshot({}, {})
+        self._snapshot = _Snapshot({}, {}, {})
         self.replace_all(scenarios)
 
     def replace_all(self, scenarios: Iterable[CompiledScenario]) -> None:
         by_name = {s.name: s for s in scenarios}
         with self._lock:
-            self._snapshot = _Snapshot(by_name, _build_index(by_name))
+            self._snapshot = _snapshot(by_name)
 
     def put(self, scenario: CompiledScenario) -> None:
         with self._lock:
             by_name = {**self._snapshot.scenarios, scenario.name: scenario}
-            self._snapshot = _Snapshot(by_name, _build_index(by_name))
+            self._snapshot = _snapshot(by_name)
 
     def delete(self, name: str) -> bool:
         with self._lock:
             if name not in self._snapshot.scenarios:
                 return False
             by_name = {k: v for k, v in self._snapshot.scenarios.items() if k != name}
-            self._snapshot = _Snapshot(by_name, _build_index(by_name))
+            self._snapshot = _snapshot(by_name)
             return True
 
     def get(self, name: str) -> CompiledScenario | None:
@@ -119,6 +145,10 @@ class Registry:
 
     def rules_for(self, scenario: str, method: str) -> tuple[Rule, ...]:
         return self._snapshot.index.get(scenario, {}).get(method, ())
+
+    def data_of(self, scenario: str) -> DataSets | None:
+        """The scenario's data collections (an extended scenario's included); None when it has none."""
+        return self._snapshot.data.get(scenario)
 
     def methods_of(self, scenario: str) -> list[str]:
         return sorted(self._snapshot.index.get(scenario, {}))

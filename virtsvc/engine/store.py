@@ -178,6 +178,14 @@ class SessionState(Protocol):
 
     def leave(self) -> None: ...
 
+    def records(self) -> dict[str, dict[str, Any]]:
+        """The session's changes to its scenario's data: collection -> key -> the record put (JSON data) or
+        None where one was removed, in the order the keys were first changed."""
+        ...
+
+    def put_record(self, collection: str, key: str, record: dict[str, Any] | None) -> None:
+        """Puts a record (None: removes it) for this session; a key changed again keeps its place."""
+
 
 class Store(Protocol):
     """Where sessions live. Look-ups cost the same however many sessions exist."""
@@ -230,6 +238,7 @@ class MemorySession:
     __slots__ = (
         "_counters",
         "_lock",
+        "_records",
         "_rng",
         "calls",
         "clock",
@@ -253,6 +262,7 @@ class MemorySession:
         self.data: dict[str, Any] = {}
         self.rules: RuleSet = EMPTY_RULES
         self.clock: Any = None  # its VirtualClock (virtsvc.engine.clock) once switched to virtual time
+        self._records: dict[str, dict[str, Any]] | None = None  # most sessions never change their data
 
     @property
     def rng(self) -> random.Random:
@@ -294,6 +304,16 @@ class MemorySession:
             pos = self._counters.get(counter, 0)
             self._counters[counter] = pos + 1
             return pos
+
+    def records(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return {c: dict(keys) for c, keys in (self._records or {}).items()}
+
+    def put_record(self, collection: str, key: str, record: dict[str, Any] | None) -> None:
+        with self._lock:
+            if self._records is None:
+                self._records = {}
+            self._records.setdefault(collection, {})[key] = record
 
     def _forget(self, counters: set[str]) -> None:
         with self._lock:

@@ -53,7 +53,8 @@ class Scenario:
 
     ``name`` follows the file format's pattern (``[a-z0-9][a-z0-9._-]*``); ``extends`` names (or is) a
     scenario whose rules apply after this one's own; ``unmatched`` is the status of calls no rule answers
-    (a code, or ``status(code, message)``); ``clock="virtual"`` runs its sessions on virtual time.
+    (a code, or ``status(code, message)``); ``clock="virtual"`` runs its sessions on virtual time;
+    ``data`` its data collections, as under ``data:`` in a file.
     """
 
     def __init__(
@@ -65,9 +66,11 @@ class Scenario:
         extends: str | Scenario | None = None,
         unmatched: Any = None,
         clock: str = "wall",
+        data: Mapping[str, Any] | None = None,
     ) -> None:
         self.name = name
         self.clock = clock
+        self.data = None if data is None else _plain(data)
         self.unmatched = None if unmatched is None else _status_value(unmatched)
         self.version = version
         self.description = description
@@ -152,6 +155,8 @@ class Scenario:
             doc["unmatched"] = self.unmatched
         if self.clock != "wall":
             doc["clock"] = self.clock
+        if self.data is not None:
+            doc["data"] = self.data
         if locations:
             doc["$location"] = str(self.location)
         doc["rules"] = self.rules_data(handlers=handlers, locations=locations)

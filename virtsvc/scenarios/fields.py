@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import datetime as _dt
 import json
 import math
@@ -541,6 +542,10 @@ class _View(dict[str, Any]):
     def __init__(self, info: MessageInfo, data: Mapping[str, Any]) -> None:
         super().__init__(data)
         self.info = info
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _View:
+        # the message's info is shared and never changed; only the values are copied
+        return _View(self.info, copy.deepcopy(dict(self), memo))
 
     def __missing__(self, key: Any) -> Any:
         field = self.info.fields.get(key) if isinstance(key, str) else None

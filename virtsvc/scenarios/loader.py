@@ -37,6 +37,7 @@ from google.protobuf.descriptor_pool import DescriptorPool
 from virtsvc import _text
 from virtsvc.contracts.catalog import Catalog, MethodSpec
 from virtsvc.errors import ConfigError, ConversionError, Problem, ScenarioError
+from virtsvc.scenarios import datasets as _datasets
 from virtsvc.scenarios import fields, latency, synthetic, templates
 from virtsvc.scenarios import yamltree as _yaml
 from virtsvc.scenarios.builder import Scenario
@@ -546,17 +547,23 @@ class _Compiler:
                 doc, "clock", _unknown_value("clock", clock, CLOCKS, "wall (the default)", noun="clock")
             )
             clock = "wall"
+        datasets = None
+        if doc.get("data") is not None:
+            datasets = _datasets.compile_data(doc, site, self.catalog, name or "")
         rules: tuple[Rule, ...] = ()
         nodes = doc.get("rules")
-        if "rules" not in doc:
-            if extends is None and passthrough is None:
-                site.error(doc, None, 'missing "rules:" (the list of rules)')
-        elif nodes is None:
-            pass  # `rules:` with nothing under it: no rules of its own
-        elif not isinstance(nodes, list):
-            site.error(doc, "rules", f"rules: expected a list of rules, got {_kind(nodes)}")
-        else:
-            rules = self.rules(nodes, site, name or "", "")
+        with templates.data_uses() as uses:
+            if "rules" not in doc:
+                if extends is None and passthrough is None:
+                    site.error(doc, None, 'missing "rules:" (the list of rules)')
+            elif nodes is None:
+                pass  # `rules:` with nothing under it: no rules of its own
+            elif not isinstance(nodes, list):
+                site.error(doc, "rules", f"rules: expected a list of rules, got {_kind(nodes)}")
+            else:
+                rules = self.rules(nodes, site, name or "", "")
+        if datasets is not None or doc.get("data") is None:
+            _datasets.check_uses(datasets, uses, site, inherits=extends is not None)
         ids, removes, open_ids = frozenset(self.ids), tuple(self.removes), self.open_ids
         location = Location(site.file, site.line_of(doc, "scenario"))
         extends_at = Location(site.file, site.line_of(doc, "extends"))
@@ -574,6 +581,7 @@ class _Compiler:
                 passthrough_at=Location(site.file, site.line_of(doc, "passthrough")) if passthrough else None,
                 unmatched=unmatched,
                 clock=clock,
+                data=datasets or None,
             )
         if "rules" not in doc or not isinstance(nodes, list):
             ids, removes, open_ids = frozenset(), (), False

@@ -23,6 +23,7 @@ from virtsvc.scenarios.protojson import message_to_json
 if TYPE_CHECKING:
     from virtsvc.contracts.catalog import MethodSpec
     from virtsvc.scenarios.answers import Answer, Plan
+    from virtsvc.scenarios.data import DataSets
 
 __all__ = [
     "After",
@@ -274,6 +275,7 @@ class CompiledScenario:
     # The status of calls no rule answers (``unmatched:``); None: UNIMPLEMENTED with the near-miss text.
     unmatched: Status | None = None
     clock: Literal["wall", "virtual"] = "wall"  # ``clock: virtual``: its sessions run on virtual time
+    data: DataSets | None = None  # its own ``data:`` collections (the registry adds an extended one's)
 
     @cached_property
     def fallback(self) -> Rule | None:
@@ -304,6 +306,7 @@ class Call:
     metadata: Mapping[str, str]
     raw_requests: list[bytes] = field(default_factory=list)
     position: int | None = None  # one message of a bidi stream answered on its own: its index
+    datasets: Any = None  # the scenario's data collections (virtsvc.scenarios.data.DataSets), if any
 
     @cached_property
     def request_messages(self) -> list[Message]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import operator
+import random
 import re
 import string
 import threading
@@ -45,7 +46,8 @@ from jinja2.runtime import Context, StrictUndefined, Undefined
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from virtsvc import _text
-from virtsvc.errors import ConversionError, TemplateError
+from virtsvc.errors import ConversionError, Refusal, TemplateError
+from virtsvc.scenarios.data import DataUse, pick, session_data
 from virtsvc.scenarios.fields import (
     EMPTY,
     INT64_TYPES,
@@ -102,7 +104,9 @@ MAX_STEPS = 1_000_000  # loop iterations + calls per render: bounds the time a r
 MAX_SECONDS = 1.0  # wall-clock bound of one render, checked at every loop iteration and call
 MAX_INT_BITS = 1 << 16  # integers built by * and ** (Python would happily start on 2 ** 1000000000)
 
-CONTEXT_NAMES = frozenset({"request", "requests", "metadata", "session", "index", "uuid", "now", "randint"})
+CONTEXT_NAMES = frozenset(
+    {"request", "requests", "metadata", "session", "index", "uuid", "now", "randint", "data", "pick"}
+)
 _REQUEST_NAMES = frozenset({"request", "requests"})
 
 
@@ -171,6 +175,21 @@ def _context(call: Call, index: int, names: frozenset[str]) -> dict[str, Any]:
             )
         else:
             ctx["now"] = lambda: rfc3339(clock.now())
+    if "data" in names:
+        ctx["data"] = session_data(call)
+    if "pick" in names:
+        ctx["pick"] = pick(call.session.rng)
+    return ctx
+
+
+def generation_context(rng: random.Random, index: int, data: Any) -> dict[str, Any]:
+    """The variables of a generated data set's override templates: no call, the record's own generator."""
+    ctx: dict[str, Any] = dict(_GLOBALS)
+    ctx["data"] = data
+    ctx["index"] = index
+    ctx["pick"] = pick(rng)
+    ctx["uuid"] = lambda: str(_uuid.UUID(int=rng.getrandbits(128), version=4))
+    ctx["randint"] = lambda a, b: rng.randint(a, b)
     return ctx
 
 
@@ -515,7 +534,7 @@ class _Evaluator:
 class _Compiled(_Evaluator):
     """One template string: a single ``{{ expr }}`` yields the value itself, anything else yields text."""
 
-    __slots__ = ("lookups", "names", "native", "source", "template")
+    __slots__ = ("collections", "lookups", "names", "native", "records_of", "source", "template")
 
     def __init__(
         self,
@@ -524,12 +543,16 @@ class _Compiled(_Evaluator):
         native: bool,
         names: frozenset[str],
         lookups: tuple[_Lookup, ...] = (),
+        collections: tuple[str, ...] = (),
+        records_of: str | None = None,
     ) -> None:
         self.source = source
         self.template = template  # native: a template that stores the expression's value as "result"
         self.native = native
         self.names = names
         self.lookups = lookups  # the request fields it names, checked against a method's input at load
+        self.collections = collections  # the data collections it names (data.items)
+        self.records_of = records_of  # the collection whose records the one expression yields, if any
 
     def evaluate(self, ctx: dict[str, Any]) -> Any:
         t = self.template
@@ -595,12 +618,14 @@ def _compile_source(source: str) -> _Compiled | _Fast:
     # Before compiling: the code generator rewrites the loops of the tree it is given.
     lookups = _request_lookups(ast) if names & _REQUEST_NAMES else ()
     expr = _single_expression(ast)
+    collections, records_of = _data_refs(ast, expr) if "data" in names else ((), None)
     if expr is not None:
         # what Environment.compile_expression does, from the expression already parsed
         body = [nodes.Assign(nodes.Name("result", "store"), expr, lineno=1)]
-        compiled = _Compiled(source, ENV.from_string(nodes.Template(body, lineno=1)), True, names, lookups)
+        template = ENV.from_string(nodes.Template(body, lineno=1))
+        compiled = _Compiled(source, template, True, names, lookups, collections, records_of)
     else:
-        compiled = _Compiled(source, ENV.from_string(ast), False, names, lookups)
+        compiled = _Compiled(source, ENV.from_string(ast), False, names, lookups, collections)
     return _fast_path(ast, compiled) or compiled
 
 
@@ -625,7 +650,7 @@ class _Fast(_Evaluator):
     Jinja's own.
     """
 
-    __slots__ = ("fallback", "lookups", "names", "native", "parts")
+    __slots__ = ("collections", "fallback", "lookups", "names", "native", "parts", "records_of")
 
     def __init__(self, parts: tuple[str | _Fn, ...], fallback: _Compiled) -> None:
         self.parts = parts
@@ -633,6 +658,8 @@ class _Fast(_Evaluator):
         self.names = fallback.names
         self.native = fallback.native
         self.lookups = fallback.lookups
+        self.collections = fallback.collections
+        self.records_of = fallback.records_of
 
     def evaluate(self, ctx: dict[str, Any]) -> Any:
         try:
@@ -890,6 +917,10 @@ def _compile_at(source: str, site: Site, node: Any, key: Any, path: str) -> _Com
     except (JinjaError, SecurityError, ValueError, RecursionError) as exc:
         site.error(node, key, f"{path}: template error: {_error_text(exc)}")
     else:
+        uses = _data_uses.get()
+        if uses is not None:
+            line = site.line_of(node, key)
+            uses.extend(DataUse(name, site.file, line, path=path) for name in compiled.collections)
         desc = _request_type.get()
         if desc is None or not compiled.lookups:
             return compiled
@@ -908,7 +939,7 @@ def _run(path: str, fn: Callable[..., Any], *args: Any) -> Any:
         _budget.deadline = time.monotonic() + MAX_SECONDS
     try:
         return fn(*args)
-    except TemplateError:
+    except (TemplateError, Refusal):  # a refusal: a record looked up by a key that is not there
         raise
     except ConversionError as exc:
         raise TemplateError(str(exc) if exc.path else f"{path}: {exc.message}") from None
@@ -935,6 +966,92 @@ def request_type(descriptor: Descriptor | None) -> Iterator[None]:
         yield
     finally:
         _request_type.reset(token)
+
+
+# -- data collections named by templates, and the message types their records fill (for virtsvc check)
+
+_data_uses: ContextVar[list[DataUse] | None] = ContextVar("virtsvc_data_uses", default=None)
+
+
+@contextmanager
+def data_uses() -> Iterator[list[DataUse]]:
+    """Collects, for templates compiled inside, every ``data.<collection>`` they name and the message type
+    a template that yields records fills (``reply: "{{ data.items[request.sku] }}"`` fills the output)."""
+    found: list[DataUse] = []
+    token = _data_uses.set(found)
+    try:
+        yield found
+    finally:
+        _data_uses.reset(token)
+
+
+# Filters after which a value is still made of the collection's records.
+_RECORD_FILTERS = frozenset(
+    {"list", "first", "last", "sort", "unique", "reject", "rejectattr", "select", "selectattr", "reverse",
+     "random"}
+)  # fmt: skip
+
+
+def _collection_named(node: nodes.Node) -> str | None:
+    """``data.items`` or ``data["items"]``: the collection's name."""
+    if isinstance(node, nodes.Getattr) and isinstance(node.node, nodes.Name) and node.node.name == "data":
+        return node.attr
+    if (
+        isinstance(node, nodes.Getitem)
+        and isinstance(node.node, nodes.Name)
+        and node.node.name == "data"
+        and isinstance(node.arg, nodes.Const)
+        and isinstance(node.arg.value, str)
+    ):
+        return node.arg.value
+    return None
+
+
+def _data_refs(ast: nodes.Template, expr: nodes.Expr | None) -> tuple[tuple[str, ...], str | None]:
+    """The collections a template names, and the one whose records its single expression yields."""
+    if any(n.name == "data" and n.ctx != "load" for n in ast.find_all(nodes.Name)):
+        return (), None  # a template that assigns ``data`` itself means something else by it
+    names = [c for n in ast.find_all((nodes.Getattr, nodes.Getitem)) if (c := _collection_named(n))]
+    records_of = None
+    node: Any = expr
+    while node is not None:
+        named = _collection_named(node)
+        if named is not None:
+            records_of = named
+            break
+        if isinstance(node, nodes.Filter) and node.name in _RECORD_FILTERS:
+            node = node.node
+        elif isinstance(node, nodes.Getitem):
+            node = node.node  # data.items[key], (data.items|list)[0], data.items[:3]
+        elif isinstance(node, nodes.Call) and isinstance(node.node, nodes.Name) and node.node.name == "pick":
+            node = node.args[0] if node.args else None
+        elif (
+            isinstance(node, nodes.Call) and isinstance(node.node, nodes.Getattr) and node.node.attr == "get"
+        ):
+            node = node.node.node  # data.items.get(key)
+        else:
+            node = None
+    return tuple(dict.fromkeys(names)), records_of
+
+
+def _fills(ev: Any, desc: Descriptor | None, site: Site, node: Any, key: Any, path: str) -> None:
+    """Notes that a template yielding records of a collection fills a message of type ``desc``."""
+    uses = _data_uses.get()
+    records_of = getattr(ev, "records_of", None)
+    if uses is None or records_of is None or desc is None or desc.full_name in SPECIAL_TYPES:
+        return
+    uses.append(DataUse(records_of, site.file, site.line_of(node, key), desc, path))
+
+
+def compile_tree(value: Any, site: Site, node: Any, key: Any, path: str) -> Any:
+    """A JSON tree whose strings may be templates (a generated data set's override): an evaluator with
+    ``names``, False when it holds no template, None (with located problems) when one is wrong."""
+    return _Builder(site).evaluator(value, True, node, key, path)
+
+
+def evaluate_tree(evaluator: Any, ctx: dict[str, Any], path: str) -> Any:
+    """The tree's value in ``ctx`` (see :func:`generation_context`); TemplateError naming ``path``."""
+    return _run(path, evaluator.evaluate, ctx)
 
 
 # One step of a look-up: ("attr", name) for .name, ("key", name) for ["name"], ("index", text) for any
@@ -1169,7 +1286,7 @@ class _Leaf:
         try:
             value = self.evaluator.evaluate(ctx)
             self.assign(target, value)
-        except TemplateError:
+        except (TemplateError, Refusal):
             raise
         except ConversionError as exc:
             raise TemplateError(str(exc) if exc.path else f"{self.path}: {exc.message}") from None
@@ -1327,6 +1444,7 @@ class _Builder:
         if ev is not False:
             if ev is not None:
                 assert isinstance(ev, _Evaluator)
+                _fills(ev, field.message_type, self.site, node, key, path)
                 self.leaves.append(_Leaf(steps, _assign_field(field, path), ev, path))
             return
         if is_map(field):
@@ -1359,6 +1477,7 @@ class _Builder:
                 container.add() if is_msg else container.append(_placeholder(field))
                 if ev is not None:
                     assert isinstance(ev, _Evaluator)
+                    _fills(ev, field.message_type, self.site, v, i, ipath)
                     self.leaves.append(_Leaf(steps, _assign_element(field, i, ipath), ev, ipath))
             elif is_msg and special is None and isinstance(item, Mapping):
                 self.message(container.add(), item, ipath, (*steps, _step_index(field.name, i)))
@@ -1529,6 +1648,7 @@ def compile_message(
                     '"{{ record }}", not text',
                 )
             else:
+                _fills(compiled, descriptor, site, value, None, path)
                 builder.leaves.append(_Leaf((), _assign_root(path), compiled, path))
     elif value is None:
         pass

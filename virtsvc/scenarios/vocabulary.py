@@ -31,6 +31,7 @@ SCENARIO_KEYS = (
     "passthrough",
     "unmatched",
     "clock",
+    "data",
     "rules",
 )
 RULE_KEYS = (
