@@ -328,7 +328,8 @@ def test_backoff_costs_no_round_trip_where_a_counter_moves_anyway(
             for _ in range(10):
                 call()
             sent[name] = (Counting.sent - before) / 10
-    assert sent == {"times": 3, "times+backoff": 3, "sequence+backoff": 3, "plain": 2, "plain+backoff": 3}
+    # the session look-up counts the call in the same script: a plain call is one round trip
+    assert sent == {"times": 2, "times+backoff": 2, "sequence+backoff": 2, "plain": 1, "plain+backoff": 2}
 
 
 def test_draws_repeat_by_session(

@@ -226,7 +226,7 @@ class Exchange:
             self._open_unrouted()
             raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, server_busy_message(gauge.limit))
         try:
-            compiled, session = d.router.route(metadata)
+            compiled, session = d.router.route(metadata, calling=True)
         except Refusal:
             self._open_unrouted()
             if gauge is not None:

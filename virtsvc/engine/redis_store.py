@@ -40,7 +40,8 @@ log = _logs.get_logger("virtsvc.store")
 RuleCompiler = Callable[[str, Any], RuleSet]  # (scenario, source) -> the compiled rules
 
 # KEYS[1] the session's hash, KEYS[2] (on a single server) the log of admin changes. ARGV: now (wall
-# seconds), expiry (ms), the rules version this process holds. Makes the session if needed; returns whether it
+# seconds), expiry (ms), the rules version this process holds, '1' to count a call (what _TOUCH does, in the
+# same round trip: a call's look-up and its count). Makes the session if needed; returns whether it
 # was made, its calls, the admin log's length (-1 without KEYS[2]), its rules version and, when that differs,
 # its rules' source and the changes effects made to them (either may be missing).
 _SESSION = """
@@ -49,6 +50,11 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('HSET', KEYS[1], 'calls', 0, 'last', ARGV[1])
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   made = 1
+end
+if ARGV[4] == '1' then
+  redis.call('HINCRBY', KEYS[1], 'calls', 1)
+  redis.call('HSET', KEYS[1], 'last', ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 local changes = -1
 if KEYS[2] then changes = redis.call('LLEN', KEYS[2]) end
@@ -229,12 +235,20 @@ class _Local:
 class RedisSession:
     """A session in Redis, as one call sees it; every change is one script run by Redis."""
 
-    __slots__ = ("_key", "_local", "_store", "calls", "id", "rules", "scenario")
+    __slots__ = ("_counted", "_key", "_local", "_store", "calls", "id", "rules", "scenario")
 
     def __init__(
-        self, store: RedisStore, scenario: str, session_id: str, key: str, local: _Local, calls: int
+        self,
+        store: RedisStore,
+        scenario: str,
+        session_id: str,
+        key: str,
+        local: _Local,
+        calls: int,
+        counted: bool = False,
     ):
         self._store = store
+        self._counted = counted  # the look-up counted the call already: the next touch() is free
         self._key = key
         self._local = local
         self.scenario = scenario
@@ -259,6 +273,9 @@ class RedisSession:
         return local.rng
 
     def touch(self) -> int:
+        if self._counted:
+            self._counted = False
+            return self.calls
         store = self._store
         with store._reach():
             n = int(store._touch(keys=[self._key], args=[time.time(), store._expiry_ms]))
@@ -466,7 +483,14 @@ class RedisStore:
         return local
 
     def _opened(
-        self, scenario: str, session_id: str, key: str, local: _Local, reply: list[Any], held: str
+        self,
+        scenario: str,
+        session_id: str,
+        key: str,
+        local: _Local,
+        reply: list[Any],
+        held: str,
+        counted: bool = False,
     ) -> RedisSession:
         """The session from a _SESSION/_FIND reply to a look-up that sent the rules version ``held`` (the
         local one may have moved since, by another thread of this process)."""
@@ -480,7 +504,7 @@ class RedisStore:
             rules = EMPTY_RULES if not version else self._compile(scenario, _text(reply[4]), _text(reply[5]))
             with self._lock:
                 local.rules, local.rules_version = rules, version
-        return RedisSession(self, scenario, session_id, key, local, calls)
+        return RedisSession(self, scenario, session_id, key, local, calls, counted)
 
     def _compile(self, scenario: str, source: str | None, effects: str | None = None) -> RuleSet:
         """The session's rules from their source and the changes effects made (both as Redis keeps them)."""
@@ -503,18 +527,19 @@ class RedisStore:
         # On a Cluster the admin log lives in another slot than the session: it is read on its own.
         return [key] if self.cluster else [key, self.changes_key]
 
-    def session(self, scenario: str, session_id: str) -> RedisSession:
+    def session(self, scenario: str, session_id: str, *, calling: bool = False) -> RedisSession:
         key = self.key(scenario, session_id)
         local = self._local_of(scenario, session_id)
         held = local.rules_version
         with self._reach():
-            reply = self._session(keys=self._keys(key), args=[time.time(), self._expiry_ms, held])
+            args = [time.time(), self._expiry_ms, held, "1" if calling else "0"]
+            reply = self._session(keys=self._keys(key), args=args)
             if self.cluster:
                 reply[2] = self.client.llen(self.changes_key)
         now = time.monotonic()
         if now >= self._next_sweep:
             self.expire(now)
-        return self._opened(scenario, session_id, key, local, reply, held)
+        return self._opened(scenario, session_id, key, local, reply, held, counted=calling)
 
     def find(self, scenario: str, session_id: str) -> RedisSession | None:
         key = self.key(scenario, session_id)

@@ -226,9 +226,12 @@ class Router:
         # A shared store's check for admin changes made by other processes (None: this process alone).
         self._check_changes = getattr(store, "check_changes", None)
 
-    def route(self, metadata: Mapping[str, str]) -> tuple[CompiledScenario | None, SessionState]:
+    def route(
+        self, metadata: Mapping[str, str], *, calling: bool = False
+    ) -> tuple[CompiledScenario | None, SessionState]:
         """The scenario and session named by the call's metadata (explicit headers win over baggage); no
-        scenario (None) for a session that holds only session-scoped rules. Refusal when there is none."""
+        scenario (None) for a session that holds only session-scoped rules. Refusal when there is none.
+        ``calling``: for the call itself, which touches the session next (see ``Store.session``)."""
         scenario = metadata.get(SCENARIO_HEADER)
         session_id = metadata.get(SESSION_HEADER)
         if (scenario is None or session_id is None) and "baggage" in metadata:
@@ -238,10 +241,11 @@ class Router:
         session_id = session_id or DEFAULT_SESSION
         if self.forward_all:
             # Everything is real: the scenario named (if any) only files the call in the journal.
-            return None, self.store.session(scenario or NO_SCENARIO, session_id)
+            return None, self.store.session(scenario or NO_SCENARIO, session_id, calling=calling)
         if not scenario:
             if self._mode_rule is not None and not self.default_scenario:
-                return None, self.store.session(NO_SCENARIO, session_id)  # spy: nothing to match, real
+                # spy: nothing to match, everything real
+                return None, self.store.session(NO_SCENARIO, session_id, calling=calling)
             if self.default_scenario:
                 scenario = self.default_scenario
             else:
@@ -257,7 +261,7 @@ class Router:
             self._check_changes()  # put through another replica's admin API a moment ago?
         if scenario not in registry:
             raise self._unknown(scenario)
-        session = self.store.session(scenario, session_id)
+        session = self.store.session(scenario, session_id, calling=calling)
         # Looked up after the store answered: a shared store applies other replicas' admin changes then.
         compiled = registry.get(scenario)
         if compiled is None:

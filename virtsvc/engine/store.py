@@ -190,8 +190,9 @@ class SessionState(Protocol):
 class Store(Protocol):
     """Where sessions live. Look-ups cost the same however many sessions exist."""
 
-    def session(self, scenario: str, session_id: str) -> SessionState:
-        """The session, made on first use."""
+    def session(self, scenario: str, session_id: str, *, calling: bool = False) -> SessionState:
+        """The session, made on first use. ``calling``: for a call, whose next step is ``touch()``; a store
+        may count the call in the same round trip."""
         ...
 
     def find(self, scenario: str, session_id: str) -> SessionState | None: ...
@@ -341,7 +342,7 @@ class MemoryStore:
         self._listeners: list[DropListener] = []
         self._next_sweep = time.monotonic() + min(ttl, 60.0)
 
-    def session(self, scenario: str, session_id: str) -> MemorySession:
+    def session(self, scenario: str, session_id: str, *, calling: bool = False) -> MemorySession:
         key = (scenario, session_id)
         session = self._sessions.get(key)
         if session is None:
