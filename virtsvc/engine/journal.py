@@ -339,6 +339,11 @@ class Journal:
             self._subscribers = [*self._subscribers, subscriber]
         return lambda: self.unsubscribe(subscriber)
 
+    def watch(self, subscriber: Subscriber) -> Callable[[], None]:
+        """Like :meth:`subscribe`, for readers that follow every replica's calls (WatchJournal): in one
+        process, the same thing."""
+        return self.subscribe(subscriber)
+
     def unsubscribe(self, subscriber: Subscriber) -> None:
         with self._lock:
             self._subscribers = [s for s in self._subscribers if s is not subscriber]

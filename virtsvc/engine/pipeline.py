@@ -664,7 +664,15 @@ class Exchange:
             entry.duration = time.perf_counter() - self.t0 or 1e-9
             if len(entry.raw_requests) > MAX_JOURNALED_MESSAGES:  # a long client stream: keep it bounded
                 entry.raw_requests = entry.raw_requests[:MAX_JOURNALED_MESSAGES]
-            self.dispatcher.journal.record(entry)
+            try:
+                self.dispatcher.journal.record(entry)
+            except Refusal:
+                # A shared journal out of reach: an answer must not go out unjournaled (the caller turns
+                # this into the store's UNAVAILABLE); a failure is still told as it was.
+                if code is _OK:
+                    next(self.dispatcher.in_flight.ended)
+                    raise
+                log.warning("journal.unrecorded", method=self.spec.full_name, code=code.name)
         next(self.dispatcher.in_flight.ended)
         observed = self._observed
         if observed is not None:
@@ -763,7 +771,10 @@ class Exchange:
             if outcome is None:
                 return None
             self.context.abort(*outcome)
-        self.finish(_OK)
+        try:
+            self.finish(_OK)
+        except Refusal as exc:
+            self.context.abort(exc.code, exc.message)
         return reply
 
     def run_stream(self, answer: Callable[[Exchange], Iterator[bytes]]) -> Iterator[bytes]:
@@ -788,7 +799,10 @@ class Exchange:
             if outcome is None:
                 return
             self.context.abort(*outcome)
-        self.finish(_OK)
+        try:
+            self.finish(_OK)
+        except Refusal as exc:
+            self.context.abort(exc.code, exc.message)
 
     def client_stream(self) -> Iterator[bytes]:
         """The client's stream of raw requests (client-streaming and bidi calls)."""

@@ -347,7 +347,7 @@ class AdminService:
                     behind.set()
 
         journal = self.vserver.journal
-        unsubscribe = journal.subscribe(hear)  # before reading the backlog, so no entry falls between
+        unsubscribe = journal.watch(hear)  # before reading the backlog, so no entry falls between
         context.add_callback(lambda: _wake(finished))
         log.info("admin.journal.watch", **wanted._asdict())
         try:

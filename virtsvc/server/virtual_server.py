@@ -144,9 +144,9 @@ class VirtualServer:
         self.host = options.host
         self.requested_port = options.port
         self.port = 0
-        self.journal = Journal(options.journal_size, options.journal_total)
         self._owns_store = store is None
         self.store: Store = store if store is not None else self._make_store(options)
+        self.journal = self._make_journal(options, catalog)
         #: the store as logs name it (a Redis URL without its password)
         self.store_name: str = getattr(self.store, "name", "memory")
         self.store.subscribe(self.journal.drop_session)  # a dropped session's journal goes with it
@@ -374,6 +374,16 @@ class VirtualServer:
         from virtsvc.engine.redis_store import RedisStore
 
         return RedisStore(options.store, ttl=options.session_ttl)
+
+    def _make_journal(self, options: ServeOptions, catalog: Catalog) -> Journal:
+        """With a Redis store the journal lives there too, so every replica reads every replica's calls."""
+        from virtsvc.engine.redis_store import RedisStore
+
+        if isinstance(self.store, RedisStore):
+            from virtsvc.engine.redis_journal import RedisJournal
+
+            return RedisJournal(self.store, catalog, options.journal_size)
+        return Journal(options.journal_size, options.journal_total)
 
     def compile_session_rules(self, scenario: str, source: Any) -> RuleSet:
         """A session's rules from the source a shared store kept: admin text (``PutSessionRules``), the
