@@ -4,6 +4,7 @@ mid-run loses no entry of a call whose reply its client received."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -14,9 +15,9 @@ from typing import Any
 
 import grpc
 import redis
-from google.protobuf import json_format
 from _redis import RedisServer
 from _workers import Served
+from google.protobuf import json_format
 from test_redis_store import _meta, _scenario
 from test_replicas import _serve
 
@@ -68,8 +69,8 @@ def test_replica_b_reads_and_watches_the_calls_replica_a_answered(
                     heard.append(entry)
                     if len(heard) == 2:
                         calls.cancel()
-            except grpc.RpcError:
-                pass  # cancelled once two were heard
+            except grpc.RpcError:  # cancelled once two were heard
+                return
 
         reader = threading.Thread(target=read)
         reader.start()
@@ -139,10 +140,8 @@ def test_a_replica_killed_mid_run_loses_no_entry_of_a_call_it_answered(
         running = [pool.submit(drive, s) for s in sessions]
         assert enough.wait(60)
         for pid in [*a.worker_pids, a.process.pid]:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         for job in running:
             job.result(60)
     with grpc.insecure_channel(b.address) as cb:

@@ -52,7 +52,8 @@ def _unpairs(pairs: Any) -> tuple[tuple[str, str | bytes], ...]:
 
 
 class RedisJournal(Journal):
-    """A :class:`Journal` whose entries live in Redis, per session, bounded by ``size`` and the session TTL."""
+    """A :class:`Journal` whose entries live in Redis, per session, bounded by ``size`` and the session's TTL
+    (``--journal-total`` does not apply: Redis holds them)."""
 
     def __init__(self, store: RedisStore, catalog: Catalog, size: int = 500) -> None:
         super().__init__(size)
