@@ -1,6 +1,6 @@
-"""The journal on Redis: separate replicas (real `virtsvc serve` processes) on one real redis-server read each
-other's entries, watch each other's calls, keep the per-session cap and TTL, and a replica killed with SIGKILL
-mid-run loses no entry of a call whose reply its client received."""
+"""The journal on Redis: separate replicas (real `virtsvc serve` processes) on one real redis-server (and
+on a Redis Cluster) read each other's entries, watch each other's calls, keep the per-session cap and TTL,
+and a replica killed with SIGKILL mid-run loses no entry of a call whose reply its client received."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import grpc
+import pytest
 import redis
 from _redis import RedisServer
 from _workers import Served
@@ -47,12 +48,14 @@ def _reply(entry: Any) -> str:
     return str(json_format.MessageToDict(entry.reply).get("reservationId"))
 
 
+@pytest.mark.parametrize("redis_kind", ["server", "cluster"])
 def test_replica_b_reads_and_watches_the_calls_replica_a_answered(
-    launch: Any, tmp_path: Path, redis_url: str, pb: SimpleNamespace
+    launch: Any, tmp_path: Path, redis_kind: str, request: pytest.FixtureRequest, pb: SimpleNamespace
 ) -> None:
     """Calls answered by A are in B's GetJournal, in order with their replies, and B's WatchJournal hears
-    A's calls as they finish."""
-    a, b = _two(launch, tmp_path, redis_url)
+    A's calls as they finish; on one redis-server and on a three-node Redis Cluster."""
+    url = request.getfixturevalue("redis_url" if redis_kind == "server" else "redis_cluster_url")
+    a, b = _two(launch, tmp_path, url)
     with grpc.insecure_channel(a.address) as ca, grpc.insecure_channel(b.address) as cb:
         replies = [_reserve(pb, ca, "s1") for _ in range(3)]
         entries = _journal(cb, "s1")
