@@ -39,8 +39,20 @@ pytestmark = [
     pytest.mark.skipif(not _has_importer(), reason="this build has no `virtsvc import gripmock` command yet"),
 ]
 
+_NO_MATCH_TEXT = (
+    "asserts GripMock's own no-match text word for word (its dump of the request and of the closest stub); "
+    "the import answers NOT_FOUND 'No matching stub found' with virtsvc's near miss as a DebugInfo detail"
+)
 # case (project/path under it) -> why it does not pass
-KNOWN: dict[str, str] = {}
+KNOWN: dict[str, str] = {
+    "chat/case_client_streaming.gctf": (
+        "GripMock answers a client stream by the stub matching its LATEST message ([Hello, How are you?] "
+        "gets the 'How are you?' stub); the imported any_request rules are tried in rank and file order, "
+        "so the 'Hello' stub answers"
+    ),
+    "tasktracker/case_effects_times.gctf": _NO_MATCH_TEXT,
+    "unitconverter/convert_length/case_stub_not_found.gctf": _NO_MATCH_TEXT,
+}
 
 
 def _cases() -> list[object]:

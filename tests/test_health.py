@@ -104,6 +104,7 @@ def test_the_server_keeps_its_own_answers(
             stub.Check, health_pb2.HealthCheckRequest(service="nope"), metadata=metadata, timeout=TIMEOUT
         )
         assert err.code() is grpc.StatusCode.NOT_FOUND  # the real servicer's answer for unknown services
+        assert err.details() == "unknown service"  # as grpc-go's health server words it
     err = fails(stub.Check, health_pb2.HealthCheckRequest(service="payments"), timeout=TIMEOUT)
     assert err.code() is grpc.StatusCode.NOT_FOUND  # no scenario selected: the server answers
     assert _check(stub, "once") == NOT_SERVING

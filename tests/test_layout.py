@@ -28,7 +28,19 @@ ALLOWED = {
     "record": {"contracts", "scenarios", "engine", "admin", "upstream", "server", "observe"},
     "verify": {"contracts", "scenarios", "upstream"},  # a client of the real service: replays and judges
     "testing": {"contracts", "scenarios", "engine", "server", "admin", "observe"},
-    "cli": {"contracts", "scenarios", "engine", "server", "admin", "observe", "upstream", "record", "verify"},
+    "migrate": {"contracts", "scenarios"},  # other tools' stubs -> scenario files
+    "cli": {
+        "contracts",
+        "scenarios",
+        "engine",
+        "server",
+        "admin",
+        "observe",
+        "upstream",
+        "record",
+        "verify",
+        "migrate",
+    },
 }
 
 

@@ -201,6 +201,46 @@ def _cmd_fake(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_import_gripmock(args: argparse.Namespace, settings: Settings) -> int:
+    """virtsvc import gripmock: GripMock stub files -> scenario files, one scenario per PATH."""
+    from virtsvc.migrate import import_gripmock
+
+    try:
+        catalog = _catalog_from(args, settings)
+    except ConfigError:
+        if args.protos is not None or args.descriptors is not None:
+            raise
+        from google.protobuf import descriptor_pb2
+
+        from virtsvc.contracts import Catalog
+
+        catalog = Catalog.from_file_set(descriptor_pb2.FileDescriptorSet())  # health stubs need none
+    imported = import_gripmock(args.paths, catalog, scenario=args.scenario)
+    failed = False
+    for result in imported:
+        for note in result.notes:
+            print(f"{note} (note)", file=sys.stderr)
+        for problem in result.problems:
+            print(str(problem), file=sys.stderr)
+        if result.problems and not args.partial:
+            failed = True
+    if failed:
+        print(
+            f"{PROG} import gripmock: nothing written; fix the stubs above or give --partial to write the "
+            "rest",
+            file=sys.stderr,
+        )
+        return 1
+    for result in imported:
+        path = result.write(args.out)
+        left = f", {_count(len(result.problems), 'problem')} left out" if result.problems else ""
+        print(
+            f"imported {_count(result.stubs, 'stub')} into {path} "
+            f"(scenario {result.scenario}, {_count(result.rules, 'rule')}{left})"
+        )
+    return 0
+
+
 def _cmd_diff(args: argparse.Namespace, settings: Settings) -> int:
     """virtsvc diff: breaking changes from OLD_PROTOS to NEW_PROTOS, and the scenario rules they break."""
     from virtsvc.contracts.diff import diff_catalogs, load_tree
@@ -619,6 +659,31 @@ def build_parser() -> argparse.ArgumentParser:
     fake.add_argument("--seed", type=int, help="the seed (default: a random one, said on stderr)")
     _descriptor_flags(fake)
     fake.set_defaults(handler=_cmd_fake)
+
+    importer = commands.add_parser(
+        "import",
+        help="convert another tool's stubs into scenario files",
+        description="Convert another tool's stubs into virtsvc scenario files.",
+    )
+    tools = importer.add_subparsers(dest="tool", metavar="TOOL", required=True)
+    gripmock = tools.add_parser(
+        "gripmock",
+        help="GripMock stub files (YAML or JSON) -> scenarios",
+        description=(
+            "Convert GripMock stub files into scenario files that answer as GripMock would: one scenario "
+            "per PATH (a directory's stub files, recursively, or one file), named after it, written to "
+            "OUT/NAME.yaml. What cannot be converted is reported as file:line: message and nothing is "
+            "written (exit 1) unless --partial is given."
+        ),
+    )
+    gripmock.add_argument("paths", metavar="PATH", nargs="+", type=Path, help="stub directories or files")
+    gripmock.add_argument("-o", "--out", type=Path, required=True, help="directory the scenarios go to")
+    gripmock.add_argument("--scenario", metavar="NAME", help="one scenario of this name for every PATH")
+    gripmock.add_argument(
+        "--partial", action="store_true", help="write what converts even when some stubs do not"
+    )
+    _descriptor_flags(gripmock)
+    gripmock.set_defaults(handler=_cmd_import_gripmock)
 
     serve = commands.add_parser(
         "serve",

@@ -12,6 +12,7 @@ import copy
 import datetime as _dt
 import json
 import math
+import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -242,7 +243,10 @@ def _float(field: FieldDescriptor, value: Any, strict: bool, path: str) -> float
     if f is None:
         raise ConversionError(path, f"expected a number ({name}), got {show(value)}")
     if name == "float" and math.isfinite(f) and abs(f) > _FLOAT_MAX:
-        raise ConversionError(path, f"{show(value)} is out of range for float")
+        try:  # 3.4028235e38, FLT_MAX as usually written, rounds to it: only what overflows float32 is out
+            struct.pack("<f", f)
+        except OverflowError:
+            raise ConversionError(path, f"{show(value)} is out of range for float") from None
     return f
 
 

@@ -17,7 +17,6 @@ takes the request's ``x-virtsvc-seed`` header) and sends it back in the ``x-virt
 from __future__ import annotations
 
 import random
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +25,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from virtsvc.errors import TemplateError
+from virtsvc.scenarios import fakes
 from virtsvc.scenarios.fields import (
     DURATION,
     EMPTY,
@@ -64,68 +64,10 @@ GENERATE_KEYS = ("seed", "override")
 SEED_HEADER = "x-virtsvc-seed"
 MAX_DEPTH = 4  # nested messages below this depth are left unset: a recursive type ends
 MAX_ITEMS = 3  # repeated fields and maps get 1..MAX_ITEMS elements
-_POOL = 256  # values drawn from Faker per kind
 _EPOCH = 1_735_689_600  # 2025-01-01T00:00:00Z: generated times are fixed for a seed, never "now"
 _YEAR = 365 * 86_400
 
 _Value = Callable[[random.Random, int], Any]  # (rng, depth) -> a value the message constructor takes
-
-
-# --------------------------------------------------------------------------------------------------------
-# pools of realistic words
-
-_pools: dict[str, tuple[Any, ...]] = {}
-_pools_lock = threading.Lock()
-_FAKER_KINDS: dict[str, Callable[[Any], Any]] = {
-    "email": lambda f: f.email(),
-    "name": lambda f: f.name(),
-    "first_name": lambda f: f.first_name(),
-    "last_name": lambda f: f.last_name(),
-    "user_name": lambda f: f.user_name(),
-    "company": lambda f: f.company(),
-    "phone": lambda f: f.phone_number(),
-    "street": lambda f: f.street_address(),
-    "city": lambda f: f.city(),
-    "country": lambda f: f.country(),
-    "country_code": lambda f: f.country_code(),
-    "postcode": lambda f: f.postcode(),
-    "currency_code": lambda f: f.currency_code(),
-    "url": lambda f: f.url(),
-    "title": lambda f: f.catch_phrase(),
-    "sentence": lambda f: f.sentence(nb_words=6),
-    "word": lambda f: f.word(),
-    "color": lambda f: f.color_name(),
-    "ipv4": lambda f: f.ipv4(),
-    "iban": lambda f: f.iban(),
-    "card": lambda f: f.credit_card_number(),
-    "city_slug": lambda f: f.city().lower().replace(" ", "-"),
-}
-
-
-def _pool(kind: str) -> tuple[Any, ...]:
-    pool = _pools.get(kind)
-    if pool is None:
-        with _pools_lock:
-            pool = _pools.get(kind)
-            if pool is None:
-                faker = _faker()
-                faker.seed_instance(sum(map(ord, kind)))  # each pool the same in every process
-                make = _FAKER_KINDS[kind]
-                pool = _pools[kind] = tuple(make(faker) for _ in range(_POOL))
-    return pool
-
-
-_faker_instance: Any = None
-
-
-def _faker() -> Any:
-    """One Faker for the process: making one costs ~20 ms, reseeding it nothing."""
-    global _faker_instance
-    if _faker_instance is None:
-        from faker import Faker
-
-        _faker_instance = Faker("en_US")
-    return _faker_instance
 
 
 def _pick(kind: str) -> _Value:
@@ -133,7 +75,7 @@ def _pick(kind: str) -> _Value:
 
     def pick(rng: random.Random, depth: int) -> Any:
         if not holder:
-            holder.append(_pool(kind))
+            holder.append(fakes.pool(kind))
         pool = holder[0]
         return pool[int(rng.random() * len(pool))]
 

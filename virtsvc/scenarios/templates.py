@@ -47,6 +47,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from virtsvc import _text
 from virtsvc.errors import ConversionError, Refusal, TemplateError
+from virtsvc.scenarios import fakes
 from virtsvc.scenarios.data import DataUse, pick, session_data
 from virtsvc.scenarios.fields import (
     EMPTY,
@@ -105,7 +106,7 @@ MAX_SECONDS = 1.0  # wall-clock bound of one render, checked at every loop itera
 MAX_INT_BITS = 1 << 16  # integers built by * and ** (Python would happily start on 2 ** 1000000000)
 
 CONTEXT_NAMES = frozenset(
-    {"request", "requests", "metadata", "session", "index", "uuid", "now", "randint", "data", "pick"}
+    {"request", "requests", "metadata", "session", "index", "uuid", "now", "randint", "data", "pick", "fake"}
 )
 _REQUEST_NAMES = frozenset({"request", "requests"})
 
@@ -179,6 +180,8 @@ def _context(call: Call, index: int, names: frozenset[str]) -> dict[str, Any]:
         ctx["data"] = session_data(call)
     if "pick" in names:
         ctx["pick"] = pick(call.session.rng)
+    if "fake" in names:
+        ctx["fake"] = fakes.fake(call.session.rng)
     return ctx
 
 
@@ -188,6 +191,7 @@ def generation_context(rng: random.Random, index: int, data: Any) -> dict[str, A
     ctx["data"] = data
     ctx["index"] = index
     ctx["pick"] = pick(rng)
+    ctx["fake"] = fakes.fake(rng)
     ctx["uuid"] = lambda: str(_uuid.UUID(int=rng.getrandbits(128), version=4))
     ctx["randint"] = lambda a, b: rng.randint(a, b)
     return ctx
@@ -476,6 +480,16 @@ def _f_join(
     return result
 
 
+def _f_product(values: Iterable[Any]) -> Any:
+    """``[2, 3]|product``: the numbers multiplied (1 for none), within the bound on integers' size."""
+    result: Any = 1
+    for value in values:
+        result = result * value
+        if isinstance(result, int) and result.bit_length() > MAX_INT_BITS:
+            raise SecurityError(f"integer result larger than {MAX_INT_BITS} bits")
+    return result
+
+
 def _bounded_count(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
     def guarded(value: Any, count: int, fill_with: Any = None) -> Any:
         if isinstance(count, int) and count > MAX_RANGE:
@@ -492,6 +506,7 @@ _GUARDED_FILTERS: dict[str, Callable[..., Any]] = {
     "replace": _f_replace,
     "format": _f_format,
     "join": _f_join,
+    "product": _f_product,
     "batch": _bounded_count("batch", FILTERS["batch"]),
     "slice": _bounded_count("slice", FILTERS["slice"]),
 }

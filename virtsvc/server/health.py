@@ -58,7 +58,10 @@ class ScenarioHealth:
         if self._scenario_answers(self._check, request, raw, context):
             answer: bytes = self._dispatcher.handler_for(self._check).unary_unary(raw, context)
             return answer
-        return self.servicer.Check(request, context).SerializeToString()
+        response = self.servicer.Check(request, context)
+        if context.code() == grpc.StatusCode.NOT_FOUND:
+            context.set_details("unknown service")  # grpcio sends none; grpc-go's health server says this
+        return response.SerializeToString()
 
     def _on_watch(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         request = _request(raw, context)
