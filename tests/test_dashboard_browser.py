@@ -173,7 +173,8 @@ def test_live_calls_details_and_charts(
     # The filter narrows the tail to one session (and says so in the address).
     page.select_option("#f-scenario", "payments-retry")
     page.select_option("#f-session", "retry-2")
-    assert page.locator("#tail tbody tr").count() == 2
+    # The page redraws on its next animation frame, not within the change event.
+    _until(page, "document.querySelectorAll('#tail tbody tr').length === 2")
     assert set(page.locator("#tail tbody tr td:nth-child(5)").all_inner_texts()) == {"UNAVAILABLE", "OK"}
     assert "scenario=payments-retry&session=retry-2" in page.url
     page.select_option("#f-scenario", "")

@@ -124,3 +124,22 @@ def test_example_case(served: _Served, project: str, path: Path) -> None:
     session = path.relative_to(PROJECTS).as_posix()
     failures = gctf.run(gctf.parse(path), catalog.pool, server.address, [("x-virtsvc-session", session)])
     assert not failures, "\n".join(failures)
+
+
+def _projects() -> list[str]:
+    return sorted(p.name for p in PROJECTS.iterdir() if p.is_dir()) if PROJECTS.is_dir() else []
+
+
+@pytest.mark.parametrize("project", _projects())
+def test_every_stub_imports_and_passes_check(
+    project: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each project's stubs convert with no problem, and ``virtsvc check`` passes the scenario written."""
+    directory, out = PROJECTS / project, tmp_path / "out"
+    assert cli.main(["import", "gripmock", str(directory), "-o", str(out), *_contracts(directory)]) == 0
+    captured = capsys.readouterr()
+    stubs = captured.out.split("imported ", 1)[1].split(" stub", 1)[0]
+    assert int(stubs) > 0 and "left out" not in captured.out
+    # the one note GripMock's examples earn: the health project's stub for GripMock's own readiness
+    assert all(line.endswith("(note)") and "gripmock" in line for line in captured.err.splitlines())
+    assert cli.main(["check", str(out), *_contracts(directory)]) == 0

@@ -57,7 +57,11 @@ def test_readme_commands_use_real_flags() -> None:
 
 def _console_sessions() -> list[tuple[str, str]]:
     """The Quick start's ``$ command`` / output pairs (continuation lines joined)."""
-    block = _block("console", "With the server from command 1 running")
+    return _console_pairs(_block("console", "With the server from command 1 running"))
+
+
+def _console_pairs(block: str) -> list[tuple[str, str]]:
+    """A console block's ``$ command`` / output pairs (continuation lines joined)."""
     pairs: list[tuple[str, list[str]]] = []
     lines = iter(block.splitlines())
     for line in lines:
@@ -312,3 +316,45 @@ def test_interop_test_skips_with_a_reason_without_node(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "1 skipped" in run.stdout and "Node.js is not installed" in run.stdout, run.stdout
+
+
+def test_readme_gripmock_import_example(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The 'Coming from GripMock' stubs import as the README says, and the scenario answers both stubs."""
+    from virtsvc import VirtualServer, cli
+    from virtsvc.contracts import Catalog
+    from virtsvc.scenarios import load_scenarios
+
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    (stubs / "reserve.yaml").write_text(_block("yaml", "## Coming from GripMock"))
+    command, printed = next(
+        (c, o) for c, o in _console_pairs(_block("console", "## Coming from GripMock")) if "import" in c
+    )
+    argv = command.split()[1:]
+    out = tmp_path / argv[argv.index("-o") + 1]
+    argv[argv.index("-o") + 1] = str(out)
+    argv[argv.index("stubs")] = str(stubs)
+    assert cli.main([*argv, "--protos", str(ROOT / "protos")]) == 0
+    assert capsys.readouterr().out.strip() == printed.replace(
+        "scenarios/imported/stubs.yaml", str(out / "stubs.yaml")
+    )
+    import grpc
+
+    catalog = Catalog.from_protos(ROOT / "protos")
+    server = VirtualServer(catalog, load_scenarios(out, catalog), default_scenario="stubs").start()
+    try:
+        reserve = catalog.method("shop.v1.Inventory/Reserve")
+        with grpc.insecure_channel(server.address) as channel:
+            call = channel.unary_unary(
+                "/shop.v1.Inventory/Reserve",
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=reserve.output_class.FromString,
+            )
+            reply = call(reserve.input_class(sku="ABC-1"))
+            assert (reply.reservation_id, reply.qty_reserved) == ("r-ABC-1", 3)
+            with pytest.raises(grpc.RpcError) as failed:
+                call(reserve.input_class(sku="OUT-7"))
+            assert failed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert failed.value.details() == "out of stock"
+    finally:
+        server.stop(grace=None)

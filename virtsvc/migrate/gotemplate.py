@@ -22,7 +22,7 @@ __all__ = ["GoTemplateError", "has_actions", "load_time_value", "translate"]
 _ACTION = re.compile(r"\{\{(-\s)?(.*?)(\s-)?\}\}", re.S)
 _TOKEN = re.compile(
     r"""\s*(?:
-      (?P<open>\()|(?P<close>\))|(?P<pipe>\|)
+      (?P<open>\()|(?P<close>\))|(?P<pipe>\|)|(?P<assign>:?=)
     | (?P<str>"(?:[^"\\]|\\.)*")|(?P<raw>`[^`]*`)
     | (?P<num>-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)
     | (?P<field>(?:\.[A-Za-z_][A-Za-z0-9_]*)+|\.)

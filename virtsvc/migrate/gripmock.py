@@ -149,9 +149,15 @@ class _Importer:
                 self.problem(str(source), 0, "no GripMock stub files (*.yaml, *.yml, *.json) here")
             for path in files:
                 rules.extend(self.file(path))
+        # A rule virtsvc's loader refuses is left out and the rest written again, so that what --partial
+        # writes always loads; a problem outside any rule (or a loop that does not settle) stays a problem.
+        for _ in range(3):
+            self.result.text = self.render(rules)
+            refused = self.verify()
+            if not refused:
+                break
+            rules = [r for r in rules if id(r) not in refused]
         self.result.rules = len(rules)
-        self.result.text = self.render(rules)
-        self.verify(rules)
         return self.result
 
     def problem(self, file: str, line: int, message: str) -> None:
@@ -196,9 +202,9 @@ class _Importer:
         lines = [
             f"# imported from GripMock stubs ({sources}) by `virtsvc import gripmock`",
             "# each rule names the stub it came from; priorities reproduce GripMock's choice among stubs",
-            _dump(head).rstrip(),
+            *_dump(head).rstrip().splitlines(),
             # GripMock answers a call no stub matches with NOT_FOUND; the near miss travels as a detail
-            _dump({"unmatched": {"code": "NOT_FOUND", "message": NOT_FOUND_MESSAGE}}).rstrip(),
+            *_dump({"unmatched": {"code": "NOT_FOUND", "message": NOT_FOUND_MESSAGE}}).rstrip().splitlines(),
             "rules:",
         ]
         ordered = sorted(rules, key=lambda r: (r.method, -r.data.get("priority", 0), r.order))
@@ -214,19 +220,23 @@ class _Importer:
             self.spans.append((start, len(lines), rule))
         return "\n".join(lines) + "\n"
 
-    def verify(self, rules: list[_Rule]) -> None:
-        """Loads the scenario as ``virtsvc serve`` would; a problem is reported at the stub it came from."""
+    def verify(self) -> set[int]:
+        """Loads the scenario as ``virtsvc serve`` would; a problem is reported at the stub it came from.
+        Returns the ids of the rules refused."""
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"{self.result.scenario}.yaml"
             path.write_text(self.result.text, encoding="utf-8")
             problems, _ = check_scenarios([path], self.catalog)
+        refused: set[int] = set()
         for p in problems:
             span = next(((s, e, r) for s, e, r in self.spans if s <= p.line <= e), None)
             if span is None or not span[2].file:
                 self.problem(self.result.scenario, p.line, f"the imported scenario: {p.message}")
             else:
                 rule = span[2]
+                refused.add(id(rule))
                 self.problem(rule.file, rule.line, f"imported as {p.message}")
+        return refused
 
 
 class _Dumper(yaml.SafeDumper):
@@ -413,9 +423,12 @@ class _Stub:
             s for s in names if s.rsplit(".", 1)[-1] == service or s.endswith("." + service)
         ]
         if not candidates:
-            known = ", ".join(self.importer.catalog.services) or "none: give --protos or --descriptors"
+            known = ", ".join(self.importer.catalog.services) or "none"
             raise self.fail(
-                f"service {service!r} is not in the contracts (services: {known})", stub, "service"
+                f"service {service!r} is not in the contracts (their services: {known}); give the "
+                "contracts that define it with --protos DIR or --descriptors FILE",
+                stub,
+                "service",
             )
         if len(candidates) > 1:
             raise self.fail(
