@@ -60,7 +60,7 @@ class RedisJournal(Journal):
         self.store = store
         self.catalog = catalog
         self.channel = f"{store.namespace}:journal"
-        self._record = store.client.register_script(_RECORD)
+        self._record = store.link.script(_RECORD)
         self._watchers: list[Subscriber] = []
         self._listener: threading.Thread | None = None
         self._stopped = threading.Event()
@@ -79,9 +79,11 @@ class RedisJournal(Journal):
         data = json.dumps(self._dump(entry), separators=(",", ":"))
         store = self.store
         with store._reach():
-            self._record(
-                keys=[self.stream_key(entry.scenario, entry.session)],
-                args=[self.size, store._expiry_ms, data, self.channel],
+            # Written before the reply is released, its own reply read later (see redis_link).
+            store.link.send(
+                self._record,
+                [self.stream_key(entry.scenario, entry.session)],
+                [self.size, store._expiry_ms, data, self.channel],
             )
         rule = entry.rule
         if rule is not None:

@@ -30,6 +30,7 @@ from typing import Any
 import grpc
 
 from virtsvc import _logs
+from virtsvc.engine.redis_link import Link
 from virtsvc.engine.store import EMPTY_RULES, DropListener, PutRule, RuleChange, RuleSet, seeded_rng
 from virtsvc.errors import ConfigError, Refusal
 
@@ -278,35 +279,35 @@ class RedisSession:
             return self.calls
         store = self._store
         with store._reach():
-            n = int(store._touch(keys=[self._key], args=[time.time(), store._expiry_ms]))
+            n = int(store.link.run(store._touch, [self._key], [time.time(), store._expiry_ms]))
         self.calls = n
         return n
 
     def take(self, counter: str, limit: int) -> int:
         store = self._store
         with store._reach():
-            return int(store._take(keys=[self._key], args=[_COUNTER + counter, limit]))
+            return int(store.link.run(store._take, [self._key], [_COUNTER + counter, limit]))
 
     def advance(self, counter: str) -> int:
         store = self._store
         with store._reach():
-            return int(store.client.hincrby(self._key, _COUNTER + counter, 1)) - 1
+            return int(store.link.command("HINCRBY", self._key, _COUNTER + counter, 1)) - 1
 
     def used(self, counter: str) -> int:
         store = self._store
         with store._reach():
-            value = store.client.hget(self._key, _COUNTER + counter)
+            value = store.link.command("HGET", self._key, _COUNTER + counter)
         return int(value or 0)
 
     def enter(self, limit: int) -> bool:
         store = self._store
         with store._reach():
-            return bool(store._enter(keys=[self._key], args=[limit]))
+            return bool(store.link.run(store._enter, [self._key], [limit]))
 
     def leave(self) -> None:
         store = self._store
         with store._reach():
-            store.client.hincrby(self._key, "inflight", -1)
+            store.link.command("HINCRBY", self._key, "inflight", -1)
 
     def records(self) -> dict[str, dict[str, Any]]:
         store = self._store
@@ -378,11 +379,13 @@ class RedisStore:
         #: how many of them this process has applied (its listener moves it on)
         self.changes_seen = 0
         self._changes_listener: Callable[[int], None] | None = None
-        self._session = self.client.register_script(_SESSION)
-        self._find = self.client.register_script(_FIND)
-        self._touch = self.client.register_script(_TOUCH)
-        self._take = self.client.register_script(_TAKE)
-        self._enter = self.client.register_script(_ENTER)
+        #: the round trips calls make (the admin API and sweeps use the client's own pool)
+        self.link = Link(self.client, self.cluster)
+        self._session = self.link.script(_SESSION)
+        self._find = self.link.script(_FIND)
+        self._touch = self.link.script(_TOUCH)
+        self._take = self.link.script(_TAKE)
+        self._enter = self.link.script(_ENTER)
         self._put_rules = self.client.register_script(_PUT_RULES)
         self._clear_rules = self.client.register_script(_CLEAR_RULES)
         self._change_rules = self.client.register_script(_CHANGE_RULES)
@@ -428,6 +431,7 @@ class RedisStore:
         try:
             yield
         except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterError, OSError) as exc:
+            self.link.reset()  # the idle connections are as dead as the one that failed
             self._set_health(False)
             raise Refusal(grpc.StatusCode.UNAVAILABLE, self.unreachable_message(exc)) from None
         except redis.exceptions.ResponseError as exc:
@@ -533,7 +537,7 @@ class RedisStore:
         held = local.rules_version
         with self._reach():
             args = [time.time(), self._expiry_ms, held, "1" if calling else "0"]
-            reply = self._session(keys=self._keys(key), args=args)
+            reply = self.link.run(self._session, self._keys(key), args)
             if self.cluster:
                 reply[2] = self.client.llen(self.changes_key)
         now = time.monotonic()
@@ -546,7 +550,7 @@ class RedisStore:
         local = self._local.get((scenario, session_id)) or _Local()
         held = local.rules_version
         with self._reach():
-            reply = self._find(keys=self._keys(key), args=[held])
+            reply = self.link.run(self._find, self._keys(key), [held])
             if self.cluster:
                 reply[0 if len(reply) == 1 else 2] = self.client.llen(self.changes_key)
         if len(reply) == 1:
@@ -691,6 +695,7 @@ class RedisStore:
         return len(self.keys())
 
     def close(self) -> None:
+        self.link.close()
         self.client.close()
 
 
