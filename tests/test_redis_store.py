@@ -179,3 +179,59 @@ def test_session_rules_put_by_one_replica_are_compiled_by_another(redis_url: str
     rules = second.store.session("shop", "a").rules
     assert isinstance(rules, RuleSet) and rules.source == text
     assert [r.method for r in rules.rules()] == ["shop.v1.Inventory/Reserve"]
+
+
+def _in_process(catalog: Any, tmp_path: Path, url: str) -> Any:
+    from virtsvc.scenarios import load_scenarios
+    from virtsvc.server import VirtualServer
+
+    return VirtualServer(
+        catalog, load_scenarios([_scenario(tmp_path)], catalog), port=0, store=RedisStore(url)
+    )
+
+
+def test_connections_redis_closed_are_replaced_without_failing_a_call(
+    catalog: Any, tmp_path: Path, redis_url: str, pb: SimpleNamespace, channel_to: Any
+) -> None:
+    """Redis closing every client connection (as a restart or a proxy's idle timeout does) fails no call:
+    the next calls go on new connections, the sequence goes on where it was and every entry is journaled."""
+    import redis
+
+    with _in_process(catalog, tmp_path, redis_url) as srv:
+        stub = pb.inv_grpc.InventoryStub(channel_to(srv.address))
+
+        def reserve() -> str:
+            reply = stub.Reserve(pb.inv.ReserveRequest(sku="A"), metadata=_meta("k"), timeout=10)
+            return str(reply.reservation_id)
+
+        assert [reserve() for _ in range(3)] == ["r0", "r1", "r2"]
+        admin = redis.Redis.from_url(redis_url)
+        try:
+            killed = admin.client_kill_filter(_type="normal", skipme=True)
+        finally:
+            admin.close()
+        assert killed >= 1
+        assert [reserve() for _ in range(3)] == ["r3", "r4", "r5"]
+        entries = srv.journal.entries(scenario="shared", session="k")
+        assert [e.code for e in entries] == [grpc.StatusCode.OK] * 6
+
+
+def test_a_step_moved_in_the_look_up_waits_for_the_session_s_own_rules(
+    catalog: Any, tmp_path: Path, redis_url: str, pb: SimpleNamespace, channel_to: Any
+) -> None:
+    """The sequence step of a rule that answers every call moves in the session's look-up, but not while
+    the session has rules of its own for the method: they answer, and the sequence goes on after them from
+    where it was, no step skipped."""
+    with _in_process(catalog, tmp_path, redis_url) as srv:
+        stub = pb.inv_grpc.InventoryStub(channel_to(srv.address))
+
+        def reserve() -> str:
+            reply = stub.Reserve(pb.inv.ReserveRequest(sku="A"), metadata=_meta("own"), timeout=10)
+            return str(reply.reservation_id)
+
+        assert [reserve() for _ in range(2)] == ["r0", "r1"]
+        text = "rules:\n  - method: shop.v1.Inventory/Reserve\n    reply: {reservationId: own}\n"
+        srv.store.put_rules("shared", "own", srv.compile_session_rules("shared", text))
+        assert [reserve() for _ in range(3)] == ["own"] * 3
+        assert srv.store.clear_rules("shared", "own") == 1
+        assert [reserve() for _ in range(2)] == ["r2", "r3"]

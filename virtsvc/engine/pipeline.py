@@ -226,7 +226,12 @@ class Exchange:
             self._open_unrouted()
             raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, server_busy_message(gauge.limit))
         try:
-            compiled, session = d.router.route(metadata, calling=True)
+            # A unary or server-streaming call has its request: its rule is chosen next, unless a
+            # per-session limit refuses it first (a step moved in the look-up would then be lost).
+            sure = not self.spec.client_streaming and d.max_concurrency_per_session is None
+            compiled, session = d.router.route(
+                metadata, calling=True, method=self.spec.full_name if sure else None
+            )
         except Refusal:
             self._open_unrouted()
             if gauge is not None:

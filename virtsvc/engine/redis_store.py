@@ -42,9 +42,11 @@ RuleCompiler = Callable[[str, Any], RuleSet]  # (scenario, source) -> the compil
 
 # KEYS[1] the session's hash, KEYS[2] (on a single server) the log of admin changes. ARGV: now (wall
 # seconds), expiry (ms), the rules version this process holds, '1' to count a call (what _TOUCH does, in the
-# same round trip: a call's look-up and its count). Makes the session if needed; returns whether it
-# was made, its calls, the admin log's length (-1 without KEYS[2]), its rules version and, when that differs,
-# its rules' source and the changes effects made to them (either may be missing).
+# same round trip: a call's look-up and its count), a counter field to move (what advance() does) if the
+# session has no rules of its own and the log's length is ARGV[6] (the changes this process applied: its
+# rules are current), else ''. Makes the session if needed; returns whether it was made, its calls, the
+# admin log's length (-1 without KEYS[2]), its rules version, the step moved (-1: none) and, when the
+# version differs, its rules' source and the changes effects made to them (either may be missing).
 _SESSION = """
 local made = 0
 if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -61,14 +63,19 @@ local changes = -1
 if KEYS[2] then changes = redis.call('LLEN', KEYS[2]) end
 local got = redis.call('HMGET', KEYS[1], 'calls', 'rv')
 local rv = got[2] or ''
+local step = -1
+if ARGV[5] ~= '' and rv == '' and ARGV[3] == '' and changes == tonumber(ARGV[6]) then
+  step = redis.call('HINCRBY', KEYS[1], ARGV[5], 1) - 1
+end
 if rv ~= '' and rv ~= ARGV[3] then
   local src = redis.call('HMGET', KEYS[1], 'rules', 'fx')
-  return {made, got[1], changes, rv, src[1], src[2]}
+  return {made, got[1], changes, rv, step, src[1], src[2]}
 end
-return {made, got[1], changes, rv}
+return {made, got[1], changes, rv, step}
 """
 
-# Like _SESSION without making it: an empty reply when the session does not exist. ARGV: the rules version.
+# Like _SESSION without making it (nor moving a step): an empty reply when the session does not exist.
+# ARGV: the rules version.
 _FIND = """
 local changes = -1
 if KEYS[2] then changes = redis.call('LLEN', KEYS[2]) end
@@ -77,9 +84,9 @@ local got = redis.call('HMGET', KEYS[1], 'calls', 'rv')
 local rv = got[2] or ''
 if rv ~= '' and rv ~= ARGV[1] then
   local src = redis.call('HMGET', KEYS[1], 'rules', 'fx')
-  return {0, got[1], changes, rv, src[1], src[2]}
+  return {0, got[1], changes, rv, -1, src[1], src[2]}
 end
-return {0, got[1], changes, rv}
+return {0, got[1], changes, rv, -1}
 """
 
 # ARGV: now, expiry (ms). Counts a call and keeps the session alive for another TTL.
@@ -236,7 +243,7 @@ class _Local:
 class RedisSession:
     """A session in Redis, as one call sees it; every change is one script run by Redis."""
 
-    __slots__ = ("_counted", "_key", "_local", "_store", "calls", "id", "rules", "scenario")
+    __slots__ = ("_counted", "_key", "_local", "_step", "_store", "calls", "id", "rules", "scenario")
 
     def __init__(
         self,
@@ -247,9 +254,11 @@ class RedisSession:
         local: _Local,
         calls: int,
         counted: bool = False,
+        step: tuple[str, int] | None = None,
     ):
         self._store = store
         self._counted = counted  # the look-up counted the call already: the next touch() is free
+        self._step = step  # (counter, step) the look-up moved already: the next advance() of it is free
         self._key = key
         self._local = local
         self.scenario = scenario
@@ -289,6 +298,10 @@ class RedisSession:
             return int(store.link.run(store._take, [self._key], [_COUNTER + counter, limit]))
 
     def advance(self, counter: str) -> int:
+        step = self._step
+        if step is not None and step[0] == counter:
+            self._step = None
+            return step[1]
         store = self._store
         with store._reach():
             return int(store.link.command("HINCRBY", self._key, _COUNTER + counter, 1)) - 1
@@ -495,9 +508,10 @@ class RedisStore:
         reply: list[Any],
         held: str,
         counted: bool = False,
+        step: str | None = None,
     ) -> RedisSession:
         """The session from a _SESSION/_FIND reply to a look-up that sent the rules version ``held`` (the
-        local one may have moved since, by another thread of this process)."""
+        local one may have moved since, by another thread of this process) and asked to move ``step``."""
         made, calls, changes = int(reply[0]), int(reply[1] or 0), int(reply[2])
         if made and (local.rng is not None or local.data):
             # Reset (or expired) through another process: what this one kept of the old session goes too.
@@ -505,10 +519,12 @@ class RedisStore:
         self._heard(changes)
         version = reply[3].decode() if isinstance(reply[3], bytes) else (reply[3] or "")
         if version != held:  # Redis holds other rules than this process did: the reply has their source
-            rules = EMPTY_RULES if not version else self._compile(scenario, _text(reply[4]), _text(reply[5]))
+            rules = EMPTY_RULES if not version else self._compile(scenario, _text(reply[5]), _text(reply[6]))
             with self._lock:
                 local.rules, local.rules_version = rules, version
-        return RedisSession(self, scenario, session_id, key, local, calls, counted)
+        moved = int(reply[4])
+        taken = (step, moved) if step is not None and moved >= 0 else None
+        return RedisSession(self, scenario, session_id, key, local, calls, counted, taken)
 
     def _compile(self, scenario: str, source: str | None, effects: str | None = None) -> RuleSet:
         """The session's rules from their source and the changes effects made (both as Redis keeps them)."""
@@ -531,19 +547,31 @@ class RedisStore:
         # On a Cluster the admin log lives in another slot than the session: it is read on its own.
         return [key] if self.cluster else [key, self.changes_key]
 
-    def session(self, scenario: str, session_id: str, *, calling: bool = False) -> RedisSession:
+    def session(
+        self,
+        scenario: str,
+        session_id: str,
+        *,
+        calling: bool = False,
+        step: Callable[[], str | None] | None = None,
+    ) -> RedisSession:
         key = self.key(scenario, session_id)
         local = self._local_of(scenario, session_id)
         held = local.rules_version
+        # Read before ``step()`` looks at the scenarios: they hold at least these changes (the count moves
+        # once they are applied), so Redis moving the step only if its log is this long proves them current.
+        seen = self.changes_seen
+        counter = step() if step is not None and not held and not self.cluster else None
         with self._reach():
             args = [time.time(), self._expiry_ms, held, "1" if calling else "0"]
+            args += [_COUNTER + counter if counter else "", seen]
             reply = self.link.run(self._session, self._keys(key), args)
             if self.cluster:
                 reply[2] = self.client.llen(self.changes_key)
         now = time.monotonic()
         if now >= self._next_sweep:
             self.expire(now)
-        return self._opened(scenario, session_id, key, local, reply, held, counted=calling)
+        return self._opened(scenario, session_id, key, local, reply, held, counted=calling, step=counter)
 
     def find(self, scenario: str, session_id: str) -> RedisSession | None:
         key = self.key(scenario, session_id)

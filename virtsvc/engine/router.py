@@ -7,6 +7,7 @@ admin change never disturbs calls in flight, and the next call sees it.
 
 from __future__ import annotations
 
+import functools
 import threading
 import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
@@ -227,11 +228,13 @@ class Router:
         self._check_changes = getattr(store, "check_changes", None)
 
     def route(
-        self, metadata: Mapping[str, str], *, calling: bool = False
+        self, metadata: Mapping[str, str], *, calling: bool = False, method: str | None = None
     ) -> tuple[CompiledScenario | None, SessionState]:
         """The scenario and session named by the call's metadata (explicit headers win over baggage); no
         scenario (None) for a session that holds only session-scoped rules. Refusal when there is none.
-        ``calling``: for the call itself, which touches the session next (see ``Store.session``)."""
+        ``calling``: for the call itself, which touches the session next (see ``Store.session``).
+        ``method``: the call's, when nothing may stop it between here and its choice, so the step its rule
+        surely moves may be moved in the look-up (see :meth:`sure_step`)."""
         scenario = metadata.get(SCENARIO_HEADER)
         session_id = metadata.get(SESSION_HEADER)
         if (scenario is None or session_id is None) and "baggage" in metadata:
@@ -261,12 +264,27 @@ class Router:
             self._check_changes()  # put through another replica's admin API a moment ago?
         if scenario not in registry:
             raise self._unknown(scenario)
-        session = self.store.session(scenario, session_id, calling=calling)
+        step = None if method is None else functools.partial(self.sure_step, scenario, method)
+        session = self.store.session(scenario, session_id, calling=calling, step=step)
         # Looked up after the store answered: a shared store applies other replicas' admin changes then.
         compiled = registry.get(scenario)
         if compiled is None:
             raise self._unknown(scenario)
         return compiled, session
+
+    def sure_step(self, scenario: str, method: str) -> str | None:
+        """The counter a call of ``method`` moves whatever it sends, when the session has no rules of its
+        own: that of the scenario's first rule for it, if it has no ``when`` nor ``times`` (it answers every
+        call) and moves one (a sequence, or delays growing with the attempt). None otherwise."""
+        rules = self.registry.rules_for(scenario, method)
+        if not rules:
+            return None
+        rule = rules[0]
+        if rule.when is not None or rule.times is not None or rule.per_message:
+            return None
+        if rule.is_sequence:
+            return rule.sequence_key
+        return rule.attempt_key if rule.counts_attempts else None
 
     def _unknown(self, scenario: str) -> Refusal:
         return Refusal(

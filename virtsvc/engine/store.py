@@ -190,9 +190,18 @@ class SessionState(Protocol):
 class Store(Protocol):
     """Where sessions live. Look-ups cost the same however many sessions exist."""
 
-    def session(self, scenario: str, session_id: str, *, calling: bool = False) -> SessionState:
+    def session(
+        self,
+        scenario: str,
+        session_id: str,
+        *,
+        calling: bool = False,
+        step: Callable[[], str | None] | None = None,
+    ) -> SessionState:
         """The session, made on first use. ``calling``: for a call, whose next step is ``touch()``; a store
-        may count the call in the same round trip."""
+        may count the call in the same round trip. ``step``: gives the counter the call will move with
+        ``advance()`` if the session has no rules of its own (None: none is sure); a shared store may move
+        it in the look-up's round trip, and ``advance()`` then returns that step."""
         ...
 
     def find(self, scenario: str, session_id: str) -> SessionState | None: ...
@@ -342,7 +351,15 @@ class MemoryStore:
         self._listeners: list[DropListener] = []
         self._next_sweep = time.monotonic() + min(ttl, 60.0)
 
-    def session(self, scenario: str, session_id: str, *, calling: bool = False) -> MemorySession:
+    def session(
+        self,
+        scenario: str,
+        session_id: str,
+        *,
+        calling: bool = False,
+        step: Callable[[], str | None] | None = None,
+    ) -> MemorySession:
+        # ``step`` is not needed: an advance here is as cheap as the look-up.
         key = (scenario, session_id)
         session = self._sessions.get(key)
         if session is None:
