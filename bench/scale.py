@@ -16,8 +16,10 @@ proves every call got its answer). Servers, each started once and loaded in turn
 
 CPU per call is the utime + stime over the run of every process of the server (the supervisor and its
 workers) from /proc; the Redis rows also give redis-server's CPU per call beside it. Nothing is pinned:
-two workers need both cores of the reference machine, so h2load (4 connections x 16 streams, one thread)
-shares the cores with the servers, as a load balancer's traffic would on a real host. Read the ratios.
+two workers need both cores of the reference machine, so h2load (16 connections x 4 streams, one thread)
+shares the cores with the servers, as a load balancer's traffic would on a real host. Sixteen
+connections, because the kernel spreads connections (not calls) over the workers of one port: four would
+often leave a worker with one connection or none. Read the ratios.
 """
 
 from __future__ import annotations
@@ -171,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     cpu0, rcpu0 = _cpu(pids), _cpu([redis_pid] if redis_pid else [])
                     result = run_h2load(
                         f"http://{server.target}{SAY}", body, headers,
-                        requests=args.requests, clients=4, streams=16,
+                        requests=args.requests, clients=16, streams=4,
                     )  # fmt: skip
                     cpu1, rcpu1 = _cpu(pids), _cpu([redis_pid] if redis_pid else [])
                     check_h2load(result, len(grpc_frame(reply)), server.name)
@@ -207,7 +209,7 @@ def _ratio(summary: dict[str, dict[str, Any]], a: str, b: str, key: str) -> str:
 
 def _print(summary: dict[str, dict[str, Any]], notes: list[str], args: argparse.Namespace) -> None:
     print(
-        f"stateful call (a sequence step per call), h2load 4x16, {args.requests} calls, {args.repeats} rounds"
+        f"stateful call (a sequence step per call), h2load 16x4, {args.requests} calls, {args.repeats} rounds"
     )
     print("nothing pinned: h2load shares the cores with the servers")
     for name, row in summary.items():

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from virtsvc import _logs
@@ -23,6 +23,13 @@ from virtsvc import _logs
 __all__ = ["Link", "LinkScript"]
 
 log = _logs.get_logger("virtsvc.store")
+
+
+_pack: Callable[[tuple[Any, ...]], bytes] | None
+try:  # hiredis (the client's C parser, installed with virtsvc[redis]) packs a command in C
+    from hiredis import pack_command as _pack
+except ImportError:  # pragma: no cover - the client's own packer then
+    _pack = None
 
 
 class LinkScript:
@@ -79,10 +86,11 @@ class Link:
         import redis
 
         conn, reused = self._take()
+        packed = [_pack(command)] if _pack is not None else conn.pack_command(*command)
         try:
             while True:
                 try:
-                    conn.send_command(*command, check_health=False)
+                    conn.send_packed_command(packed, check_health=False)
                     if not wait:
                         conn.virtsvc_pending = script
                         self._idle.append(conn)
