@@ -126,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5, help="alternating rounds (default 5)")
     parser.add_argument("--requests", type=int, default=20_000, help="calls per h2load run (default 20000)")
+    parser.add_argument("--connections", type=int, default=16, help="h2load connections (default 16)")
+    parser.add_argument("--streams", type=int, default=4, help="streams per connection (default 4)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
 
@@ -173,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     cpu0, rcpu0 = _cpu(pids), _cpu([redis_pid] if redis_pid else [])
                     result = run_h2load(
                         f"http://{server.target}{SAY}", body, headers,
-                        requests=args.requests, clients=16, streams=4,
+                        requests=args.requests, clients=args.connections, streams=args.streams,
                     )  # fmt: skip
                     cpu1, rcpu1 = _cpu(pids), _cpu([redis_pid] if redis_pid else [])
                     check_h2load(result, len(grpc_frame(reply)), server.name)
@@ -209,7 +211,8 @@ def _ratio(summary: dict[str, dict[str, Any]], a: str, b: str, key: str) -> str:
 
 def _print(summary: dict[str, dict[str, Any]], notes: list[str], args: argparse.Namespace) -> None:
     print(
-        f"stateful call (a sequence step per call), h2load 16x4, {args.requests} calls, {args.repeats} rounds"
+        f"stateful call (a sequence step per call), h2load {args.connections}x{args.streams}, "
+        f"{args.requests} calls, {args.repeats} rounds"
     )
     print("nothing pinned: h2load shares the cores with the servers")
     for name, row in summary.items():
