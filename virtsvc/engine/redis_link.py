@@ -27,7 +27,9 @@ log = _logs.get_logger("virtsvc.store")
 
 _pack: Callable[[tuple[Any, ...]], bytes] | None
 try:  # hiredis (the client's C parser, installed with virtsvc[redis]) packs a command in C
-    from hiredis import pack_command as _pack
+    import hiredis
+
+    _pack = hiredis.pack_command
 except ImportError:  # pragma: no cover - the client's own packer then
     _pack = None
 
