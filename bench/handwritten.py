@@ -10,6 +10,10 @@ what a Python grpcio server costs per call.
 ``--mode aio-generic``: the same generic handler on grpc.aio, to choose between the two servers by
 measurement.
 
+``--redis URL`` (servicer mode): ``Say`` also counts the call in Redis first (``INCR`` of a key per
+``x-virtsvc-session``, redis-py with hiredis), as a hand-written service keeping its state in a shared
+Redis would: the floor for a server that makes one Redis round trip per call.
+
 Both use the thread pool size of virtsvc's own server (``VirtualServer``'s ``max_workers`` default).
 The stubs are compiled into a temporary directory at start. Prints ``{"event": "serving", "port": N}``
 on stdout once it accepts calls; stops on SIGTERM/SIGINT.
@@ -50,9 +54,18 @@ def virtsvc_workers() -> int:
     return ServeOptions().max_workers
 
 
-def servicer_server(pb2: Any, pb2_grpc: Any, workers: int) -> grpc.Server:
+def servicer_server(pb2: Any, pb2_grpc: Any, workers: int, redis_url: str | None = None) -> grpc.Server:
+    client = None
+    if redis_url is not None:
+        import redis
+
+        client = redis.Redis.from_url(redis_url)
+
     class Echo(pb2_grpc.EchoServicer):  # type: ignore[misc,name-defined]
         def Say(self, request: Any, context: grpc.ServicerContext) -> Any:
+            if client is not None:
+                session = dict(context.invocation_metadata()).get("x-virtsvc-session", "")
+                client.incr(f"bench:{{{session}}}:calls")
             if request.name == "bob" and request.tenant == "acme":
                 return pb2.SayReply(text=f"hi {request.name}", n=request.n + 1)
             return pb2.SayReply(text="hello", n=1)
@@ -120,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--max-workers", type=int, default=None, help="default: virtsvc's own default")
+    parser.add_argument("--redis", metavar="URL", help="servicer mode: count each call in this Redis first")
     args = parser.parse_args(argv)
+    if args.redis and args.mode != "servicer":
+        parser.error("--redis goes with --mode servicer")
     workers = args.max_workers or virtsvc_workers()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -131,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(_serve_aio(pb2, args.host, args.port, stop))
             return 0
         server = (
-            servicer_server(pb2, pb2_grpc, workers)
+            servicer_server(pb2, pb2_grpc, workers, args.redis)
             if args.mode == "servicer"
             else generic_server(pb2, workers)
         )

@@ -10,16 +10,20 @@ proves every call got its answer). Servers, each started once and loaded in turn
 
 - the hand-written grpcio servicer (``bench/handwritten.py``) answering the static reply: the floor;
 - ``virtsvc serve`` on the memory store, one worker;
+- the same hand-written servicer counting each call in Redis first (``INCR``, redis-py with hiredis):
+  the floor of any sync grpcio server that makes one Redis round trip per call;
 - ``virtsvc serve --store redis://...`` with one worker and with ``--workers 2``, on one redis-server
   started here (when ``serve`` has ``--store`` and ``redis-server`` is installed; otherwise said and left
   out).
 
 CPU per call is the utime + stime over the run of every process of the server (the supervisor and its
-workers) from /proc; the Redis rows also give redis-server's CPU per call beside it. Nothing is pinned:
-two workers need both cores of the reference machine, so h2load (16 connections x 4 streams, one thread)
-shares the cores with the servers, as a load balancer's traffic would on a real host. Sixteen
-connections, because the kernel spreads connections (not calls) over the workers of one port: four would
-often leave a worker with one connection or none. Read the ratios.
+workers) from /proc; the Redis rows also give redis-server's, and every row h2load's (from
+``RUSAGE_CHILDREN``). h2load (16 connections x 4 streams, one thread) is pinned to the load core; the
+servers and redis-server are not pinned: two workers need both cores of the reference machine, so they
+share the load core with h2load, as a load balancer's traffic would on a real host. The sum of the three
+CPU figures gives the calls/s the whole machine could carry, which is what two workers run into on two
+cores. Sixteen connections, because the kernel spreads connections (not calls) over the workers of one
+port: four would often leave a worker with one connection or none. Read the ratios.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
+import resource
 import shutil
 import socket
 import subprocess
@@ -55,6 +61,7 @@ from common import (
     server_processes,
 )
 
+HANDWRITTEN_REDIS = "hand-written + Redis INCR"
 STATEFUL = """\
 scenario: stateful
 description: every call advances the session's sequence (the static reply's bytes at each step)
@@ -83,6 +90,12 @@ def _cpu(pids: Sequence[int]) -> float:
         with contextlib.suppress(OSError):
             total += cpu_seconds(pid)
     return total
+
+
+def _children_cpu() -> float:
+    """The CPU time of this process's reaped children: h2load, once its run returned."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _free_port() -> int:
@@ -158,7 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             notes.append("`virtsvc serve` has no --store yet: the Redis rows are left out")
         else:
             store = ["--store", redis[0]]
+            handwritten = [sys.executable, str(BENCH / "handwritten.py"), "--mode", "servicer"]
             specs += [
+                (HANDWRITTEN_REDIS, [*handwritten, "--redis", redis[0]]),
                 ("redis, 1 worker", [*serve, *flags, *store]),
                 ("redis, 2 workers", [*serve, *flags, *store, "--workers", "2"]),
             ]
@@ -173,13 +188,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                     pids = _family(server.pid)
                     redis_pid = redis[1].pid if redis is not None and "redis" in server.name else None
                     cpu0, rcpu0 = _cpu(pids), _cpu([redis_pid] if redis_pid else [])
+                    load0 = _children_cpu()
                     result = run_h2load(
                         f"http://{server.target}{SAY}", body, headers,
                         requests=args.requests, clients=args.connections, streams=args.streams,
                     )  # fmt: skip
                     cpu1, rcpu1 = _cpu(pids), _cpu([redis_pid] if redis_pid else [])
+                    load = _children_cpu() - load0
                     check_h2load(result, len(grpc_frame(reply)), server.name)
                     run = {"rps": result.rps, "cpu_us": (cpu1 - cpu0) / result.requests * 1e6}
+                    run["load_cpu_us"] = load / result.requests * 1e6
                     if redis_pid:
                         run["redis_cpu_us"] = (rcpu1 - rcpu0) / result.requests * 1e6
                     runs[server.name].append(run)
@@ -195,7 +213,7 @@ def _summary(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, Any
     out: dict[str, dict[str, Any]] = {}
     for name, rs in runs.items():
         row: dict[str, Any] = {}
-        for key in ("rps", "cpu_us", "redis_cpu_us"):
+        for key in ("rps", "cpu_us", "redis_cpu_us", "load_cpu_us"):
             values = [r[key] for r in rs if key in r]
             if values:
                 row[key] = {"median": median(values), "min": min(values), "max": max(values)}
@@ -214,7 +232,7 @@ def _print(summary: dict[str, dict[str, Any]], notes: list[str], args: argparse.
         f"stateful call (a sequence step per call), h2load {args.connections}x{args.streams}, "
         f"{args.requests} calls, {args.repeats} rounds"
     )
-    print("nothing pinned: h2load shares the cores with the servers")
+    print("h2load pinned to the load core; the servers and redis-server share both cores with it")
     for name, row in summary.items():
         rps, cpu = row["rps"], row["cpu_us"]
         line = (
@@ -223,12 +241,32 @@ def _print(summary: dict[str, dict[str, Any]], notes: list[str], args: argparse.
         )
         if "redis_cpu_us" in row:
             line += f"  + redis-server {row['redis_cpu_us']['median']:,.0f} us"
+        line += f"  + h2load {row['load_cpu_us']['median']:,.0f} us"
         print(line)
     print(
         "  redis / memory CPU per call (1 worker):",
         _ratio(summary, "memory, 1 worker", "redis, 1 worker", "cpu_us"),
     )
+    print(
+        "  one Redis round trip per call, hand-written / static servicer CPU per call:",
+        _ratio(summary, "hand-written servicer", HANDWRITTEN_REDIS, "cpu_us"),
+    )
+    print(
+        "  redis store (1 worker) / hand-written + Redis CPU per call:",
+        _ratio(summary, HANDWRITTEN_REDIS, "redis, 1 worker", "cpu_us"),
+    )
     print("  2 / 1 workers (redis) calls/s:", _ratio(summary, "redis, 1 worker", "redis, 2 workers", "rps"))
+    two = summary.get("redis, 2 workers")
+    if two is not None:
+        # Every microsecond of CPU a call costs anywhere on the machine (server, redis-server, h2load).
+        whole = sum(two[key]["median"] for key in ("cpu_us", "redis_cpu_us", "load_cpu_us"))
+        cores = len(os.sched_getaffinity(0))
+        ceiling = cores * 1e6 / whole
+        print(
+            f"  the machine's ceiling for 2 workers: {cores} cores / {whole:,.0f} us per call = "
+            f"{ceiling:,.0f} calls/s ({two['rps']['median'] / ceiling:.0%} reached), "
+            f"{ceiling / summary['redis, 1 worker']['rps']['median']:.2f}x one worker's calls/s"
+        )
     print(
         "  2 / 1 workers (redis) CPU per call:",
         _ratio(summary, "redis, 1 worker", "redis, 2 workers", "cpu_us"),
