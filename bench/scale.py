@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import re
 import resource
 import shutil
@@ -50,6 +49,7 @@ from common import (
     SAY,
     SCENARIO_HEADER,
     SESSION_HEADER,
+    USABLE_CORES,
     BenchError,
     check_h2load,
     compile_stubs,
@@ -186,7 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         headers[SCENARIO_HEADER] = "stateful"
                         headers[SESSION_HEADER] = f"round-{round_}"
                     pids = _family(server.pid)
-                    redis_pid = redis[1].pid if redis is not None and "redis" in server.name else None
+                    uses_redis = "redis" in server.name.lower()
+                    redis_pid = redis[1].pid if redis is not None and uses_redis else None
                     cpu0, rcpu0 = _cpu(pids), _cpu([redis_pid] if redis_pid else [])
                     load0 = _children_cpu()
                     result = run_h2load(
@@ -260,7 +261,7 @@ def _print(summary: dict[str, dict[str, Any]], notes: list[str], args: argparse.
     if two is not None:
         # Every microsecond of CPU a call costs anywhere on the machine (server, redis-server, h2load).
         whole = sum(two[key]["median"] for key in ("cpu_us", "redis_cpu_us", "load_cpu_us"))
-        cores = len(os.sched_getaffinity(0))
+        cores = len(USABLE_CORES)
         ceiling = cores * 1e6 / whole
         print(
             f"  the machine's ceiling for 2 workers: {cores} cores / {whole:,.0f} us per call = "
