@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from virtsvc.contracts import Catalog, MethodSpec
 from virtsvc.engine.store import MemorySession as Session
-from virtsvc.scenarios import templates
+from virtsvc.scenarios import sandbox, templates
 from virtsvc.scenarios.model import Call, to_json
 from virtsvc.scenarios.templates import TemplateError, compile_message, compile_text, static_text
 
@@ -435,14 +435,14 @@ def test_sandbox_bounds_size_and_time(
 ) -> None:
     """Each bound stops its template with its own message (the render clock held off, so a loaded machine
     cannot make the clock trip before the bound under test)."""
-    monkeypatch.setattr(templates, "MAX_SECONDS", 120.0)
+    monkeypatch.setattr(sandbox, "MAX_SECONDS", 120.0)
     spec = shop.method(RESERVE)
     assert failure(spec, {"reservationId": source}, {}) == f"reply.reservationId: {message}"
 
 
 def test_sandbox_render_clock(shop: Catalog, monkeypatch: pytest.MonkeyPatch) -> None:
     """A render that stays within the step budget but outlasts the clock is stopped by the clock."""
-    monkeypatch.setattr(templates, "MAX_SECONDS", 0.05)
+    monkeypatch.setattr(sandbox, "MAX_SECONDS", 0.05)
     spec = shop.method(RESERVE)
     source = "{% for i in range(90000) %}{% for j in range(9) %}{% endfor %}{% endfor %}"
     assert failure(spec, {"reservationId": source}, {}) == (
