@@ -17,7 +17,8 @@ from pathlib import Path
 from virtsvc import _logs
 from virtsvc.contracts.catalog import Catalog
 from virtsvc.errors import ConfigError, ScenarioError
-from virtsvc.scenarios.loader import SUFFIXES, load_scenarios
+from virtsvc.scenarios.loader import load_scenarios
+from virtsvc.scenarios.sources import SUFFIXES
 from virtsvc.server.options import ServeOptions
 from virtsvc.server.virtual_server import VirtualServer
 from virtsvc.server.workers import WorkerLink
